@@ -1,0 +1,15 @@
+"""jmtl: multi-task learning for JAX."""
+
+from jmtl import metrics
+from jmtl import parallel
+from jmtl import sharing
+from jmtl import tasks
+from jmtl import weighting
+from jmtl.tasks import Task
+from jmtl.train import TrainState
+from jmtl.train import compute_metrics
+from jmtl.train import evaluate
+from jmtl.train import make_eval_step
+from jmtl.train import make_train_step
+
+__version__ = "0.1.0"

@@ -1,0 +1,306 @@
+"""The multi-task train and eval steps.
+
+``make_train_step`` returns a pure ``step(state, batch) -> (state, metrics)``
+that the caller jits (or wraps with :mod:`jmtl.parallel`). One step is:
+
+1. per-task losses ``L`` (masked means over the global batch);
+2. weights ``w = weighting.update(L, ...)`` -- seeing the Gramian or Jacobian of
+   the shared parameters when the transform asks for it;
+3. the gradient of ``Σₖ stop_gradient(wₖ) Lₖ + penalty(θ)``, applied by optax;
+4. if any loss, weight or gradient is not finite, nothing changes but the step
+   counter, the rng and the count of skipped steps.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from jmtl import sharing
+from jmtl import tasks as tasks_lib
+from jmtl.weighting import WeightingTransform, equal, gramian_of
+
+Array = jax.Array
+Params = Any
+Batch = Mapping[str, Any]
+
+
+class TrainState(NamedTuple):
+  """Everything a multi-task run carries from step to step.
+
+  Attributes:
+    step: int32 scalar, steps taken (skipped ones included).
+    params: ``{"shared": ..., "tasks": {name: ...}}``.
+    opt_state: the optax optimizer's state.
+    weighting_state: the weighting transform's state.
+    rng: PRNG key; split once per step for stochastic weightings.
+    num_skipped: int32 scalar, steps skipped for a non-finite loss or gradient.
+  """
+
+  step: Array
+  params: Params
+  opt_state: optax.OptState
+  weighting_state: Any
+  rng: Array
+  num_skipped: Array
+
+  @classmethod
+  def create(
+      cls,
+      params: Params,
+      optimizer: optax.GradientTransformation,
+      weighting: WeightingTransform,
+      num_tasks: int,
+      rng: Array,
+  ) -> TrainState:
+    """The state before the first step.
+
+    Examples:
+      >>> import jax, jax.numpy as jnp, optax
+      >>> import jmtl
+      >>> s = jmtl.TrainState.create({"shared": {"w": jnp.zeros(2)}, "tasks": {}},
+      ...                            optax.sgd(0.1), jmtl.weighting.equal(), 2, jax.random.key(0))
+      >>> int(s.step), int(s.num_skipped)
+      (0, 0)
+    """
+    return cls(
+        step=jnp.zeros((), jnp.int32),
+        params=params,
+        opt_state=optimizer.init(params),
+        weighting_state=weighting.init(num_tasks),
+        rng=rng,
+        num_skipped=jnp.zeros((), jnp.int32),
+    )
+
+
+def _apply_fn(model) -> Callable:
+  apply = getattr(model, "apply", model)
+  if not callable(apply):
+    raise TypeError(f"model must be callable or have an .apply, got {type(model).__name__}")
+  return apply
+
+
+def _task_terms(apply, tasks, params, batch):
+  """``(Σ loss, Σ count)`` per task, stacked to ``(K,)`` each."""
+  preds = apply(params, batch["inputs"])
+  terms = [tasks_lib.loss_terms(t, preds, batch) for t in tasks]
+  return jnp.stack([s for s, _ in terms]), jnp.stack([c for _, c in terms])
+
+
+def _psum(x, axis_name):
+  return x if axis_name is None else jax.lax.psum(x, axis_name)
+
+
+def _where_tree(ok, new, old):
+  return jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, old)
+
+
+def gradient_metrics(gramian: Array, names: Sequence[str]) -> dict[str, Array]:
+  """Per-task gradient norms and the cosine matrix, from the Gramian ``J Jᵀ``."""
+  norms = jnp.sqrt(jnp.clip(jnp.diagonal(gramian), 0))
+  # A zero gradient has no direction: report cosine 0 against it, not NaN.
+  safe = jnp.where(norms > 0, norms, 1)
+  cos = gramian / (safe[:, None] * safe[None, :])
+  cos = jnp.where((norms[:, None] > 0) & (norms[None, :] > 0), cos, 0)
+  out = {f"grad_norm/{n}": norms[i] for i, n in enumerate(names)}
+  out["grad_cosine"] = cos
+  return out
+
+
+def make_train_step(
+    model,
+    tasks: Sequence[tasks_lib.Task],
+    optimizer: optax.GradientTransformation,
+    weighting: WeightingTransform | None = None,
+    *,
+    penalty: sharing.Penalty | Sequence[sharing.Penalty] | None = None,
+    axis_name: str | None = None,
+) -> Callable[[TrainState, Batch], tuple[TrainState, dict[str, Array]]]:
+  """Builds the pure multi-task train step.
+
+  The update is ``∇θ [Σₖ stop_gradient(wₖ) Lₖ + penalty(θ)]``. For a
+  loss-level weighting this costs one forward and one backward (a VJP with the
+  weights as cotangent). A weighting that needs the Gramian or Jacobian gets
+  the per-task gradients of ``params["shared"]``, computed with one VJP per
+  task (the general path, correct for any ``apply``).
+
+  Data parallelism: with ``axis_name`` set, the step is meant for
+  ``jax.pmap``/``shard_map``: label counts, losses and gradients are summed
+  over the axis so that every loss is the mean over the *global* batch and
+  every device applies the same update. Under ``jax.jit`` with a sharded batch
+  leave it ``None``: the step is already global.
+
+  Args:
+    model: a :class:`jmtl.models.MultiTaskModel` or any
+      ``apply(params, inputs) -> {task: prediction}``.
+    tasks: the tasks, in weight order.
+    optimizer: any optax optimizer.
+    weighting: a weighting transform (default :func:`jmtl.weighting.equal`).
+    penalty: regularisers from :mod:`jmtl.sharing` (one or a sequence).
+    axis_name: the pmap/shard_map axis to reduce over, or ``None``.
+
+  Returns:
+    ``step(state, batch) -> (state, metrics)``; ``metrics`` holds
+    ``loss/<task>``, ``weight/<task>``, ``loss`` (the weighted objective),
+    ``penalty``, ``grad_norm``, ``skipped`` and ``num_skipped``, and, when a
+    Gramian was computed, ``grad_norm/<task>`` and ``grad_cosine`` (K, K).
+
+  Examples:
+    >>> import jax, jax.numpy as jnp, optax
+    >>> import jmtl
+    >>> tasks = [jmtl.Task("a", jmtl.losses.mse), jmtl.Task("b", jmtl.losses.mse)]
+    >>> def apply(p, x):
+    ...   z = x @ p["shared"]["w"]
+    ...   return {k: z * p["tasks"][k] for k in ("a", "b")}
+    >>> params = {"shared": {"w": jnp.ones((3,))}, "tasks": {"a": 1.0, "b": -1.0}}
+    >>> opt = optax.sgd(0.1)
+    >>> step = jax.jit(jmtl.make_train_step(apply, tasks, opt))
+    >>> state = jmtl.TrainState.create(params, opt, jmtl.weighting.equal(), 2, jax.random.key(0))
+    >>> batch = {"inputs": jnp.ones((4, 3)), "labels": {"a": jnp.ones(4), "b": -jnp.ones(4)}}
+    >>> state, m = step(state, batch)
+    >>> sorted(k for k in m if k.startswith("loss/"))
+    ['loss/a', 'loss/b']
+  """
+  tasks = tasks_lib.check_tasks(tasks)
+  names = tuple(t.name for t in tasks)
+  apply = _apply_fn(model)
+  weighting = equal() if weighting is None else weighting
+  penalty_fn = sharing.as_penalty(penalty)
+
+  def objective_terms(params, batch):
+    sums, counts = _task_terms(apply, tasks, params, batch)
+    pen = penalty_fn(params) if penalty_fn is not None else jnp.zeros((), sums.dtype)
+    return (sums, pen), counts
+
+  def step(state: TrainState, batch: Batch):
+    tasks_lib.check_batch(tasks, batch)
+    rng, key = jax.random.split(state.rng)
+    (sums, pen), vjp_fn, counts = jax.vjp(lambda p: objective_terms(p, batch), state.params, has_aux=True)
+    denom = jnp.maximum(_psum(counts, axis_name), 1)
+    losses = _psum(sums / denom, axis_name)
+    # Every device holds the same parameters, so the penalty's gradient is
+    # split between them and restored exactly by the gradient psum.
+    pen_scale = 1.0 if axis_name is None else 1.0 / jax.lax.psum(1, axis_name)
+    extra = {}
+    if weighting.needs == "losses":
+      weights, wstate = weighting.update(losses, state.weighting_state, key=key)
+      weights = jax.lax.stop_gradient(weights)
+      (grads,) = vjp_fn(((weights / denom).astype(sums.dtype), jnp.asarray(pen_scale, pen.dtype)))
+      grads = _psum(grads, axis_name)
+    else:
+      # General path: one VJP per task, so J holds each task's gradient of all
+      # parameters; the Gramian is of the shared part (DESIGN §1).
+      rows = jnp.diag(1.0 / denom).astype(sums.dtype)
+      (jac,) = jax.vmap(lambda c: vjp_fn((c, jnp.zeros_like(pen))))(rows)
+      jac = _psum(jac, axis_name)
+      gramian = gramian_of(jac["shared"])
+      weights, wstate = weighting.update(
+          losses,
+          state.weighting_state,
+          gramian=gramian,
+          jacobian=jac["shared"] if weighting.needs == "jacobian" else None,
+          key=key,
+      )
+      weights = jax.lax.stop_gradient(weights)
+      grads = jax.tree.map(lambda j: jnp.tensordot(weights.astype(j.dtype), j, 1), jac)
+      if penalty_fn is not None:
+        (pgrads,) = vjp_fn((jnp.zeros_like(sums), jnp.asarray(pen_scale, pen.dtype)))
+        grads = jax.tree.map(jnp.add, grads, _psum(pgrads, axis_name))
+      extra = gradient_metrics(gramian, names)
+
+    grad_norm = optax.tree.norm(grads)
+    ok = jnp.isfinite(grad_norm) & jnp.all(jnp.isfinite(losses)) & jnp.all(jnp.isfinite(weights)) & jnp.isfinite(pen)
+    updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    skipped = jnp.logical_not(ok)
+    new_state = TrainState(
+        step=state.step + 1,
+        params=_where_tree(ok, params, state.params),
+        opt_state=_where_tree(ok, opt_state, state.opt_state),
+        weighting_state=_where_tree(ok, wstate, state.weighting_state),
+        rng=rng,
+        num_skipped=state.num_skipped + skipped.astype(jnp.int32),
+    )
+    metrics = {f"loss/{n}": losses[i] for i, n in enumerate(names)}
+    metrics.update({f"weight/{n}": weights[i] for i, n in enumerate(names)})
+    metrics.update(
+        loss=jnp.vdot(weights, losses) + pen,
+        penalty=pen,
+        grad_norm=grad_norm,
+        skipped=skipped,
+        num_skipped=new_state.num_skipped,
+        **extra,
+    )
+    return new_state, metrics
+
+  return step
+
+
+def make_eval_step(model, tasks: Sequence[tasks_lib.Task], *, axis_name: str | None = None):
+  """Builds ``eval_step(params, batch) -> stats``: summed metric statistics.
+
+  The statistics add across batches (and, with ``axis_name``, across
+  devices), so :func:`evaluate` gets exact metrics over a whole split.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> import jmtl
+    >>> tasks = [jmtl.Task("a", jmtl.losses.mse, {"mae": jmtl.metrics.mae()})]
+    >>> ev = jmtl.make_eval_step(lambda p, x: {"a": x * p}, tasks)
+    >>> stats = ev(2.0, {"inputs": jnp.ones(4), "labels": {"a": jnp.ones(4)}})
+    >>> jmtl.compute_metrics(tasks, stats)
+    {'a/loss': 1.0, 'a/mae': 1.0}
+  """
+  tasks = tasks_lib.check_tasks(tasks)
+  apply = _apply_fn(model)
+
+  def eval_step(params, batch):
+    tasks_lib.check_batch(tasks, batch)
+    preds = apply(params, batch["inputs"])
+    stats = {}
+    for t in tasks:
+      loss_sum, count = tasks_lib.loss_terms(t, preds, batch)
+      mask = tasks_lib.task_mask(t, batch)
+      stats[t.name] = {
+          "loss": (loss_sum, count),
+          **{k: m.stats(preds[t.name], batch["labels"][t.name], mask) for k, m in t.metrics.items()},
+      }
+    return _psum(stats, axis_name)
+
+  return eval_step
+
+
+def compute_metrics(tasks: Sequence[tasks_lib.Task], stats) -> dict[str, float]:
+  """Metric values ``{"<task>/<metric>": float}`` from summed statistics."""
+  out = {}
+  for t in tasks:
+    s, c = stats[t.name]["loss"]
+    out[f"{t.name}/loss"] = float(s) / max(float(c), 1.0)
+    for k, m in t.metrics.items():
+      out[f"{t.name}/{k}"] = float(m.compute(stats[t.name][k]))
+  return out
+
+
+def evaluate(eval_step, params, batches, tasks: Sequence[tasks_lib.Task]) -> dict[str, float]:
+  """Runs ``eval_step`` over ``batches`` and returns the metrics of the whole split.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> import jmtl
+    >>> tasks = [jmtl.Task("a", jmtl.losses.mse, {"mae": jmtl.metrics.mae()})]
+    >>> ev = jmtl.make_eval_step(lambda p, x: {"a": x * p}, tasks)
+    >>> batches = [{"inputs": jnp.full(2, v), "labels": {"a": jnp.zeros(2)}} for v in (1.0, 3.0)]
+    >>> jmtl.evaluate(ev, 1.0, batches, tasks)["a/mae"]
+    2.0
+  """
+  total = None
+  for batch in batches:
+    stats = eval_step(params, batch)
+    total = stats if total is None else jax.tree.map(jnp.add, total, stats)
+  if total is None:
+    raise ValueError("evaluate: no batches")
+  return compute_metrics(tasks, total)

@@ -1,0 +1,64 @@
+"""jit, pmap and mesh wrappers give the single-device parameters."""
+
+import jax
+import numpy as np
+import optax
+import pytest
+
+import jmtl
+from jmtl import parallel
+from jmtl import weighting as W
+from tests.test_train import PENALTIES
+from tests.test_train import TASKS
+from tests.test_train import apply
+from tests.test_train import make_batch
+from tests.test_train import make_params
+
+TRANSFORMS = {
+    "equal": W.equal,
+    "uncertainty": lambda: W.uncertainty(optimizer=optax.adam(1e-2)),
+    "famo": W.famo,
+}
+
+
+def run_single(transform, batches):
+  opt = optax.adam(1e-2)
+  step = parallel.jit(jmtl.make_train_step(apply, TASKS, opt, transform, penalty=PENALTIES))
+  state = jmtl.TrainState.create(make_params(), opt, transform, 3, jax.random.key(0))
+  for b in batches:
+    state, m = step(state, b)
+  return state, m
+
+
+@pytest.mark.parametrize("name", sorted(TRANSFORMS))
+def test_pmap_and_mesh_match_single_device(name):
+  assert jax.device_count() == 4
+  batches = [make_batch(b=16, seed=s) for s in range(5)]
+  single, m_single = run_single(TRANSFORMS[name](), batches)
+
+  opt = optax.adam(1e-2)
+  t = TRANSFORMS[name]()
+  pstep = parallel.pmap(jmtl.make_train_step(apply, TASKS, opt, t, penalty=PENALTIES, axis_name="data"))
+  state = parallel.replicate(jmtl.TrainState.create(make_params(), opt, t, 3, jax.random.key(0)))
+  for b in batches:
+    state, m_pmap = pstep(state, parallel.shard_batch(b))
+  pmapped = parallel.unreplicate(state)
+
+  mesh = parallel.make_mesh(4)
+  t = TRANSFORMS[name]()
+  mstep = parallel.mesh_jit(jmtl.make_train_step(apply, TASKS, opt, t, penalty=PENALTIES), mesh)
+  state = jmtl.TrainState.create(make_params(), opt, t, 3, jax.random.key(0))
+  for b in batches:
+    state, m_mesh = mstep(state, parallel.put_batch(b, mesh))
+  assert len(state.params["shared"]["w1"].sharding.device_set) == 4
+
+  for got in (pmapped.params, state.params):
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-5), got, single.params)
+  for k in ("loss/a", "loss/b", "weight/c"):
+    np.testing.assert_allclose(m_pmap[k][0], m_single[k], rtol=1e-5)
+    np.testing.assert_allclose(m_mesh[k], m_single[k], rtol=1e-5)
+
+
+def test_shard_batch_rejects_uneven_batches():
+  with pytest.raises(ValueError, match=r"\['inputs'\].*\(10, 5\).*4 devices"):
+    parallel.shard_batch({"inputs": np.zeros((10, 5))}, 4)
