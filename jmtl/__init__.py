@@ -1,6 +1,8 @@
 """jmtl: multi-task learning for JAX."""
 
+from jmtl import losses
 from jmtl import metrics
+from jmtl import models
 from jmtl import parallel
 from jmtl import sharing
 from jmtl import tasks

@@ -1,0 +1,5 @@
+"""Datasets and input pipelines."""
+
+from jmtl.data import synthetic
+
+__all__ = ["synthetic"]
