@@ -9,7 +9,9 @@ Every ``stats`` takes ``(predictions, labels, mask=None)``; ``mask`` has shape
 ``(B,)`` and weights every statistic of an example (0 drops an unlabelled
 example; its labels may then hold anything, NaN included). ``stats`` runs under
 ``jax.jit`` and checks shapes statically, raising ``ValueError`` with the
-shapes. An eval loop looks like::
+shapes. Stats are in the predictions' float dtype (float32 by default), whose
+counts are exact up to 2^24 per entry; beyond that the relative error stays
+around 1e-7. An eval loop looks like::
 
     acc = None
     for batch in data:
@@ -47,9 +49,6 @@ class Metric(NamedTuple):
   stats: Callable[[Array, Array, Array], Any]
   compute: Callable[[Any], Array]
   higher_is_better: bool
-
-
-# --------------------------------------------------------------------------- helpers
 
 
 def _dtype(pred: Array):
@@ -94,7 +93,7 @@ def _class_inputs(name: str, logits: Array, labels: Array, num_classes: int | No
     )
   if not jnp.issubdtype(labels.dtype, jnp.integer):
     raise ValueError(f"{name}: labels must be integer class indices, got dtype {labels.dtype}")
-  return logits, labels
+  return logits, labels.astype(jnp.int32)  # uint8 labels: 255 must not wrap onto -1
 
 
 def _confusion(labels: Array, preds: Array, weights: Array, num_classes: int) -> Array:
@@ -110,17 +109,14 @@ def _confusion(labels: Array, preds: Array, weights: Array, num_classes: int) ->
 
 
 def _check_num_classes(name: str, num_classes) -> int:
-  if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
+  if isinstance(num_classes, bool) or not isinstance(num_classes, int | np.integer) or num_classes < 1:
     raise ValueError(f"{name}: num_classes must be a positive int, got {num_classes!r}")
-  return num_classes
+  return int(num_classes)
 
 
 def _mean_over_present(scores: Array, present: Array) -> Array:
   n = jnp.sum(present)
   return jnp.where(n > 0, jnp.sum(jnp.where(present, scores, 0)) / jnp.maximum(n, 1), jnp.nan)
-
-
-# --------------------------------------------------------------------------- classification
 
 
 def accuracy() -> Metric:
@@ -178,9 +174,9 @@ def macro_f1(num_classes: int) -> Metric:
   prediction. The macro average runs over the classes that occur among the
   labels or the predictions of the whole evaluation; a class that never
   occurs has an undefined F1 (0/0) and is left out of the average rather than
-  counted as 0 or 1. NaN when nothing was counted. The stats are the
-  ``(C, C)`` mask-weighted confusion matrix, so summing over batches is exact.
-  Higher is better.
+  counted as 0 or 1. Labels outside ``[0, C)`` are not counted. NaN when
+  nothing was counted. The stats are the ``(C, C)`` mask-weighted confusion
+  matrix, so summing over batches is exact. Higher is better.
 
   Args:
     num_classes: ``C``; logits must have ``C`` columns.
@@ -208,18 +204,16 @@ def macro_f1(num_classes: int) -> Metric:
   return Metric(stats, compute, True)
 
 
-# --------------------------------------------------------------------------- segmentation
-
-
 def miou(num_classes: int, ignore_label: int | None = -1) -> Metric:
   """Mean intersection-over-union for segmentation logits ``(B, H, W, C)``.
 
   Per class ``IoU_c = TP_c / (TP_c + FP_c + FN_c)`` over the pixels of the
   whole evaluation, then the mean over the classes present in the labels or
   the predictions (a class absent from both has IoU 0/0 and is left out).
-  Pixels labelled ``ignore_label`` or outside ``[0, C)`` are not counted; the
-  stats are the ``(C, C)`` confusion matrix weighted by the mask. Higher is
-  better.
+  Pixels labelled ``ignore_label`` or outside ``[0, C)`` are not counted; if
+  ``ignore_label`` is itself a class index (0 = background, say), that class
+  is also left out of the mean. The stats are the ``(C, C)`` confusion matrix
+  weighted by the mask. Higher is better.
 
   Args:
     num_classes: ``C``; logits must have ``C`` channels.
@@ -247,7 +241,8 @@ def miou(num_classes: int, ignore_label: int | None = -1) -> Metric:
     cm = jnp.asarray(s["confusion"])
     tp = jnp.diagonal(cm)
     den = cm.sum(0) + cm.sum(1) - tp  # TP + FP + FN
-    return _mean_over_present(tp / jnp.where(den > 0, den, 1), den > 0)
+    present = (den > 0) & (jnp.arange(num_classes) != (-1 if ignore_label is None else ignore_label))
+    return _mean_over_present(tp / jnp.where(den > 0, den, 1), present)
 
   return Metric(stats, compute, True)
 
@@ -279,9 +274,6 @@ def pixel_accuracy(ignore_label: int | None = -1) -> Metric:
     return {"correct": _weighted_sum(m, correct), "count": _weighted_sum(m, valid)}
 
   return Metric(stats, lambda s: _ratio(s["correct"], s["count"]), True)
-
-
-# --------------------------------------------------------------------------- regression and losses
 
 
 def mean_of(loss_fn: Callable, higher_is_better: bool = False) -> Metric:
@@ -353,9 +345,6 @@ def rmse() -> Metric:
   return Metric(inner.stats, lambda s: jnp.sqrt(inner.compute(s)), False)
 
 
-# --------------------------------------------------------------------------- eval-loop helpers
-
-
 def metric_stats(metrics: Mapping[str, Metric], predictions: Array, labels: Array, mask: Array | None = None) -> dict:
   """The batch stats of every metric of one task: ``{name: metric.stats(...)}``.
 
@@ -402,9 +391,6 @@ def add_stats(a: Any, b: Any) -> Any:
   if a is None:
     return b
   return jax.tree.map(lambda x, y: x + y, a, b)
-
-
-# --------------------------------------------------------------------------- Δm%
 
 
 def _paired(
@@ -455,9 +441,9 @@ def delta_m(
       baseline is zero, or a value is not finite.
 
   Examples:
-    >>> delta_m({"cls/acc": 0.9, "reg/mae": 0.5}, {"cls/acc": 0.8, "reg/mae": 0.4},
-    ...         {"cls/acc": True, "reg/mae": False})   # (12.5 − 25) / 2
-    -6.25
+    >>> delta_m({"cls/acc": 0.75, "reg/mae": 0.3125}, {"cls/acc": 0.5, "reg/mae": 0.25},
+    ...         {"cls/acc": True, "reg/mae": False})   # (+50 − 25) / 2
+    12.5
   """
   terms = []
   for name, mt, st, hib in _paired("delta_m", results, baselines, higher_is_better):

@@ -20,6 +20,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from jmtl import metrics as metrics_lib
 from jmtl import sharing
 from jmtl import tasks as tasks_lib
 from jmtl.weighting import WeightingTransform, equal, gramian_of
@@ -267,7 +268,7 @@ def make_eval_step(model, tasks: Sequence[tasks_lib.Task], *, axis_name: str | N
       mask = tasks_lib.task_mask(t, batch)
       stats[t.name] = {
           "loss": (loss_sum, count),
-          **{k: m.stats(preds[t.name], batch["labels"][t.name], mask) for k, m in t.metrics.items()},
+          **metrics_lib.metric_stats(t.metrics, preds[t.name], batch["labels"][t.name], mask),
       }
     return _psum(stats, axis_name)
 
@@ -280,8 +281,7 @@ def compute_metrics(tasks: Sequence[tasks_lib.Task], stats) -> dict[str, float]:
   for t in tasks:
     s, c = stats[t.name]["loss"]
     out[f"{t.name}/loss"] = float(s) / max(float(c), 1.0)
-    for k, m in t.metrics.items():
-      out[f"{t.name}/{k}"] = float(m.compute(stats[t.name][k]))
+    out.update({f"{t.name}/{k}": v for k, v in metrics_lib.compute_metrics(t.metrics, stats[t.name]).items()})
   return out
 
 
@@ -299,8 +299,7 @@ def evaluate(eval_step, params, batches, tasks: Sequence[tasks_lib.Task]) -> dic
   """
   total = None
   for batch in batches:
-    stats = eval_step(params, batch)
-    total = stats if total is None else jax.tree.map(jnp.add, total, stats)
+    total = metrics_lib.add_stats(total, eval_step(params, batch))
   if total is None:
     raise ValueError("evaluate: no batches")
   return compute_metrics(tasks, total)
