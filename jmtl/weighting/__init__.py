@@ -1,0 +1,56 @@
+"""Task-weighting transforms: per-task losses (and Gramian/Jacobian) -> weights.
+
+Every transform is a :class:`WeightingTransform` (``init``, ``update``,
+``needs``); they compose with :func:`chain`, and a user's own transform built
+with :func:`stateless` or by hand chains with the built-ins.
+"""
+
+from jmtl.weighting._base import NEEDS
+from jmtl.weighting._base import ChainState
+from jmtl.weighting._base import EmptyState
+from jmtl.weighting._base import WeightingTransform
+from jmtl.weighting._base import aggregate
+from jmtl.weighting._base import as_aggregator
+from jmtl.weighting._base import chain
+from jmtl.weighting._base import combine_jacobian
+from jmtl.weighting._base import gramian_of
+from jmtl.weighting._base import needs_of
+from jmtl.weighting._base import stateless
+from jmtl.weighting._learned import FAMOState
+from jmtl.weighting._learned import IMTLLState
+from jmtl.weighting._learned import UncertaintyState
+from jmtl.weighting._learned import famo
+from jmtl.weighting._learned import imtl_l
+from jmtl.weighting._learned import uncertainty
+from jmtl.weighting._loss_level import DWAState
+from jmtl.weighting._loss_level import dwa
+from jmtl.weighting._loss_level import gls
+from jmtl.weighting._loss_level import rlw
+from jmtl.weighting._static import equal
+from jmtl.weighting._static import static
+
+__all__ = [
+    "NEEDS",
+    "ChainState",
+    "DWAState",
+    "EmptyState",
+    "FAMOState",
+    "IMTLLState",
+    "UncertaintyState",
+    "WeightingTransform",
+    "aggregate",
+    "as_aggregator",
+    "chain",
+    "combine_jacobian",
+    "dwa",
+    "equal",
+    "famo",
+    "gls",
+    "gramian_of",
+    "imtl_l",
+    "needs_of",
+    "rlw",
+    "stateless",
+    "static",
+    "uncertainty",
+]

@@ -1,0 +1,283 @@
+"""Learned loss weightings: uncertainty (Kendall), IMTL-L and FAMO.
+
+Each keeps its own parameters and its own optax optimizer state inside the
+weighting state and takes one optimizer step per ``update`` call, from the
+closed-form gradient of its objective with respect to those parameters. The
+losses handed to ``update`` are concrete values; the train step treats the
+returned weights as constants (``∇θ Σₖ stop_gradient(wₖ) Lₖ``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from jmtl.weighting._base import WeightingTransform
+
+Array = jax.Array
+
+
+def _float_dtype():
+  # The learned parameters use JAX's default float (float32, or float64 under
+  # x64) whatever the losses' dtype, so the state's dtypes never depend on the
+  # batch and a jitted step never retraces.
+  return jax.dtypes.canonicalize_dtype(float)
+
+
+class UncertaintyState(NamedTuple):
+  """State of :func:`uncertainty`."""
+
+  log_vars: Array  # (K,) float: sₖ = log σₖ²
+  opt_state: optax.OptState  # the optimizer's state for ``log_vars``
+
+
+class IMTLLState(NamedTuple):
+  """State of :func:`imtl_l`."""
+
+  log_scales: Array  # (K,) float: sₖ, the task weight is exp(sₖ)
+  opt_state: optax.OptState  # the optimizer's state for ``log_scales``
+
+
+def _learned_scales(name, state_cls, optimizer, init_value, *, weight_fn, grad_fn):
+  """A transform whose weights are ``weight_fn(s)`` and whose ``s`` follows ``grad_fn(s, L)``."""
+
+  def init_fn(num_tasks):
+    s = jnp.full((num_tasks,), init_value, _float_dtype())
+    return state_cls(s, optimizer.init(s))
+
+  def update_fn(losses, state, *, gramian=None, jacobian=None, key=None):
+    del gramian, jacobian, key
+    s, opt_state = state
+    if losses.shape != s.shape:
+      raise ValueError(f"{name}: state is for {s.shape[0]} tasks, got losses of shape {losses.shape}")
+    losses_f = jax.lax.stop_gradient(losses).astype(s.dtype)
+    # Weights from s before this step, so that the θ-update of this step is
+    # the θ-gradient of the joint objective at the current (θ, s).
+    weights = weight_fn(s).astype(losses.dtype)
+    updates, opt_state = optimizer.update(grad_fn(s, losses_f), opt_state, s)
+    return weights, state_cls(optax.apply_updates(s, updates), opt_state)
+
+  return WeightingTransform(init_fn, update_fn, "losses")
+
+
+def uncertainty(
+    optimizer: optax.GradientTransformation | None = None,
+    init_log_var: float = 0.0,
+) -> WeightingTransform:
+  """Homoscedastic-uncertainty weighting (UW).
+
+  Kendall, Gal & Cipolla, "Multi-Task Learning Using Uncertainty to Weigh
+  Losses for Scene Geometry and Semantics", CVPR 2018. Each task has a learned
+  log-variance ``sₖ = log σₖ²`` and the joint objective is the paper's
+  regression (Gaussian-likelihood) form ``1/(2σₖ²) Lₖ + log σₖ`` written in
+  ``s`` (``log σ = s/2``)::
+
+      Σₖ ½ exp(−sₖ) Lₖ + ½ sₖ
+
+  so the task weights are ``wₖ = ½ exp(−sₖ)`` and
+  ``∂/∂sₖ = −½ exp(−sₖ) Lₖ + ½`` (stationary at ``sₖ = log Lₖ``). The paper
+  derives ``1/σₖ² Lₖ + log σₖ`` (no ½ on the loss) for classification; using
+  the regression form for every task is the common convention. Note that the
+  weights start at ``w = ½`` (not 1) when ``init_log_var = 0``.
+
+  The weights of a step use ``s`` *before* that step's update, so the model's
+  update is the θ-gradient of the joint objective at the current ``(θ, s)``;
+  then ``s`` takes one ``optimizer`` step on that closed-form gradient.
+
+  Args:
+    optimizer: the optax optimizer of ``s``. ``None`` means ``optax.adam(1e-3)``:
+      the paper trains ``s`` jointly with the network, so the model's own
+      optimizer and rate is the natural choice; Adam's step does not depend on
+      the scale of the losses, so ``1e-3`` moves ``s`` by about 1e-3 (a 0.1%
+      change of the weight) per step.
+    init_log_var: the initial ``sₖ`` for every task.
+
+  Returns:
+    A :class:`WeightingTransform` with state :class:`UncertaintyState`.
+
+  Examples:
+    >>> import jax.numpy as jnp, optax
+    >>> import jmtl
+    >>> t = jmtl.weighting.uncertainty(optax.sgd(0.1))
+    >>> state = t.init(2)
+    >>> w, state = t.update(jnp.array([1.0, 3.0]), state)
+    >>> w.tolist()  # ½ exp(−0)
+    [0.5, 0.5]
+    >>> [round(float(s), 3) for s in state.log_vars]  # s − 0.1 (−½ L + ½)
+    [0.0, 0.1]
+  """
+  if optimizer is None:
+    optimizer = optax.adam(1e-3)
+  return _learned_scales(
+      "uncertainty",
+      UncertaintyState,
+      optimizer,
+      init_log_var,
+      weight_fn=lambda s: 0.5 * jnp.exp(-s),
+      grad_fn=lambda s, losses: 0.5 - 0.5 * jnp.exp(-s) * losses,
+  )
+
+
+def imtl_l(
+    optimizer: optax.GradientTransformation | None = None,
+    init_log_scale: float = 0.0,
+) -> WeightingTransform:
+  """The loss-balancing part of IMTL (IMTL-L).
+
+  Liu, Li, Kuang, Xue, Chen, Yang, Liao & Zhang, "Towards Impartial Multi-task
+  Learning", ICLR 2021. Each task has a learned log-scale ``sₖ`` and the scaled
+  loss ``exp(sₖ) Lₖ − sₖ``, minimised in ``s`` (stationary where the scaled
+  loss ``exp(sₖ) Lₖ = 1`` for every task). So the task weights are
+  ``wₖ = exp(sₖ)`` and ``∂/∂sₖ = exp(sₖ) Lₖ − 1``.
+
+  As in :func:`uncertainty`, a step's weights use ``s`` before the step, then
+  ``s`` takes one ``optimizer`` step.
+
+  Args:
+    optimizer: the optax optimizer of ``s``. ``None`` means ``optax.adam(1e-3)``
+      (the paper trains ``s`` with the network's optimizer).
+    init_log_scale: the initial ``sₖ`` for every task (0 gives ``w = 1``).
+
+  Returns:
+    A :class:`WeightingTransform` with state :class:`IMTLLState`.
+
+  Examples:
+    >>> import jax.numpy as jnp, optax
+    >>> import jmtl
+    >>> t = jmtl.weighting.imtl_l(optax.sgd(0.1))
+    >>> w, state = t.update(jnp.array([1.0, 3.0]), t.init(2))
+    >>> w.tolist()
+    [1.0, 1.0]
+    >>> [round(float(s), 3) for s in state.log_scales]  # s − 0.1 (L − 1)
+    [0.0, -0.2]
+  """
+  if optimizer is None:
+    optimizer = optax.adam(1e-3)
+  return _learned_scales(
+      "imtl_l",
+      IMTLLState,
+      optimizer,
+      init_log_scale,
+      weight_fn=jnp.exp,
+      grad_fn=lambda s, losses: jnp.exp(s) * losses - 1.0,
+  )
+
+
+class FAMOState(NamedTuple):
+  """State of :func:`famo`."""
+
+  logits: Array  # (K,) float: task logits ξ, the weights' prior is softmax(ξ)
+  opt_state: optax.OptState  # the optimizer's state for ``logits``
+  prev_log_loss: Array  # (K,) float: log(L − min_losses + eps) at the last call
+  has_prev: Array  # () bool: whether ``prev_log_loss`` holds a real value
+
+
+def famo(
+    learning_rate: float = 0.025,
+    weight_decay: float = 1e-3,
+    *,
+    min_losses: float | Sequence[float] | None = None,
+    eps: float = 1e-8,
+    optimizer: optax.GradientTransformation | None = None,
+) -> WeightingTransform:
+  """Fast Adaptive Multitask Optimization (FAMO).
+
+  Liu, Feng, Stone & Liu, "FAMO: Fast Adaptive Multitask Optimization",
+  NeurIPS 2023. With task logits ``ξ``, ``z = softmax(ξ)`` and shifted losses
+  ``Dₖ = max(Lₖ − bₖ, 0) + eps`` (``b = min_losses``), the model follows
+  ``∇θ Σₖ c zₖ log Dₖ`` with the constant ``c = 1 / Σᵢ zᵢ/Dᵢ``, i.e. the weights
+  are::
+
+      wₖ = c zₖ / Dₖ = softmax(ξ − log D)ₖ        (they sum to 1)
+
+  and the logits follow the decrease of the log-losses,
+  ``δₖ = log Dₖ(before) − log Dₖ(after)``: their gradient is
+  ``g = (∂z/∂ξ)ᵀ δ = z ⊙ (δ − zᵀδ)``, which moves weight *away* from tasks
+  whose loss fell faster than average, and ``ξ`` takes one ``optimizer`` step
+  on ``g`` (the paper's ``ξ ← ξ − β(g + γξ)``, with Adam in practice).
+
+  The engine runs one forward per step, so this is the amortised form: each
+  call first updates ``ξ`` with ``δ = log D(previous call) − log D(this
+  call)`` (skipped on the first call), then returns the weights from the new
+  ``ξ`` and stores ``log D``. The decrease is therefore measured across two
+  consecutive mini-batches; the paper's algorithm re-evaluates the same batch
+  after the model step (one more forward). Over many steps the two agree in
+  expectation; per step, batch-to-batch noise enters ``δ``.
+
+  Conventions: losses below ``min_losses`` are clamped to it (so ``log D`` is
+  always finite; the paper assumes ``L > b``); ``eps`` is added after, as in
+  the authors' release. The default optimizer is Adam with the decay as an L2
+  term on the gradient, ``optax.chain(optax.add_decayed_weights(γ),
+  optax.adam(β))``, which is ``torch.optim.Adam(lr=β, weight_decay=γ)`` used by
+  the authors' code; pass ``optimizer=optax.adamw(β, weight_decay=γ)`` for
+  decoupled decay.
+
+  Args:
+    learning_rate: ``β``, the logits' Adam rate (paper: 0.025).
+    weight_decay: ``γ``, the logits' decay toward uniform weights (paper: 1e-3).
+    min_losses: ``b``, a lower bound of each loss (a scalar or one per task;
+      default 0).
+    eps: added to the shifted losses before the log.
+    optimizer: replaces the default optimizer of ``ξ`` (then ``learning_rate``
+      and ``weight_decay`` are unused).
+
+  Returns:
+    A :class:`WeightingTransform` with state :class:`FAMOState`.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> import jmtl
+    >>> t = jmtl.weighting.famo()
+    >>> w, state = t.update(jnp.array([1.0, 4.0]), t.init(2))
+    >>> [round(float(x), 3) for x in w]  # ∝ 1/L at the uniform start
+    [0.8, 0.2]
+    >>> w, state = t.update(jnp.array([0.5, 4.0]), state)  # task 0 fell faster
+    >>> [round(float(x), 4) for x in state.logits]
+    [-0.025, 0.025]
+  """
+  if optimizer is None:
+    optimizer = optax.chain(optax.add_decayed_weights(weight_decay), optax.adam(learning_rate))
+  bounds = np.zeros(()) if min_losses is None else np.asarray(min_losses, np.float64)
+  if bounds.ndim > 1 or not np.all(np.isfinite(bounds)):
+    raise ValueError(f"famo: min_losses must be a finite scalar or 1-D sequence, got {bounds.tolist()}")
+  if not eps > 0:
+    raise ValueError(f"famo: eps must be positive, got {eps}")
+
+  def init_fn(num_tasks):
+    dtype = _float_dtype()
+    logits = jnp.zeros((num_tasks,), dtype)
+    return FAMOState(logits, optimizer.init(logits), jnp.zeros((num_tasks,), dtype), jnp.asarray(False))
+
+  def update_fn(losses, state, *, gramian=None, jacobian=None, key=None):
+    del gramian, jacobian, key
+    k = state.logits.shape[0]
+    if losses.shape != (k,) or bounds.shape not in ((), (k,)):
+      raise ValueError(
+          f"famo: state is for {k} tasks, got losses of shape {losses.shape} and min_losses of shape {bounds.shape}"
+      )
+    dtype = state.logits.dtype
+    shifted = jax.lax.stop_gradient(losses).astype(dtype) - jnp.asarray(bounds, dtype)
+    # Clamped at 0 so that a loss below its stated bound cannot make log D nan.
+    log_d = jnp.log(jnp.maximum(shifted, 0) + eps)
+
+    delta = state.prev_log_loss - log_d
+    z = jax.nn.softmax(state.logits)
+    grad = z * (delta - jnp.dot(z, delta))  # (∂softmax/∂ξ)ᵀ δ
+    updates, opt_state = optimizer.update(grad, state.opt_state, state.logits)
+    # On the first call there is no previous loss: keep ξ and the optimizer
+    # state. A select, not lax.cond: both sides are O(K), and a select also
+    # runs eagerly without recompiling the branches on every call.
+    logits, opt_state = jax.tree.map(
+        lambda new, old: jnp.where(state.has_prev, new, old),
+        (optax.apply_updates(state.logits, updates), opt_state),
+        (state.logits, state.opt_state),
+    )
+    weights = jax.nn.softmax(logits - log_d).astype(losses.dtype)
+    return weights, FAMOState(logits, opt_state, log_d, jnp.asarray(True))
+
+  return WeightingTransform(init_fn, update_fn, "losses")
