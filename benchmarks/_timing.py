@@ -18,11 +18,12 @@ def compile_step(step, state, batch):
   info = {}
   if mem is not None:
     info = {
-        "argument_bytes": int(mem.argument_size_in_bytes),
-        "output_bytes": int(mem.output_size_in_bytes),
-        "temp_bytes": int(mem.temp_size_in_bytes),
-        "peak_bytes": int(mem.argument_size_in_bytes + mem.output_size_in_bytes + mem.temp_size_in_bytes
-                          - mem.alias_size_in_bytes),
+      "argument_bytes": int(mem.argument_size_in_bytes),
+      "output_bytes": int(mem.output_size_in_bytes),
+      "temp_bytes": int(mem.temp_size_in_bytes),
+      "peak_bytes": int(
+        mem.argument_size_in_bytes + mem.output_size_in_bytes + mem.temp_size_in_bytes - mem.alias_size_in_bytes
+      ),
     }
   return compiled, seconds, info
 

@@ -27,8 +27,8 @@ BATCH, IN, HIDDEN, CLASSES = 256, 784, 512, 10
 def reference_batch(k, seed=0):
   r = np.random.default_rng(seed)
   return {
-      "inputs": jnp.asarray(r.normal(size=(BATCH, IN)), jnp.float32),
-      "labels": {f"t{i}": jnp.asarray(r.integers(0, CLASSES, BATCH), jnp.int32) for i in range(k)},
+    "inputs": jnp.asarray(r.normal(size=(BATCH, IN)), jnp.float32),
+    "labels": {f"t{i}": jnp.asarray(r.integers(0, CLASSES, BATCH), jnp.int32) for i in range(k)},
   }
 
 
@@ -48,9 +48,12 @@ def bare_step(k):
   keys = jax.random.split(jax.random.key(0), 4)
   glorot = jax.nn.initializers.lecun_normal()
   params = {
-      "w1": glorot(keys[0], (IN, HIDDEN)), "b1": jnp.zeros(HIDDEN),
-      "w2": glorot(keys[1], (HIDDEN, HIDDEN)), "b2": jnp.zeros(HIDDEN),
-      "wh": glorot(keys[2], (k, HIDDEN, CLASSES)), "bh": jnp.zeros((k, CLASSES)),
+    "w1": glorot(keys[0], (IN, HIDDEN)),
+    "b1": jnp.zeros(HIDDEN),
+    "w2": glorot(keys[1], (HIDDEN, HIDDEN)),
+    "b2": jnp.zeros(HIDDEN),
+    "wh": glorot(keys[2], (k, HIDDEN, CLASSES)),
+    "bh": jnp.zeros((k, CLASSES)),
   }
   opt = optax.sgd(1e-2)
 
@@ -65,9 +68,9 @@ def bare_step(k):
   def step(state, batch):
     p, o = state
     ys = [batch["labels"][f"t{i}"] for i in range(k)]
-    l, g = jax.value_and_grad(loss)(p, batch["inputs"], ys)
+    value, g = jax.value_and_grad(loss)(p, batch["inputs"], ys)
     u, o = opt.update(g, o, p)
-    return (optax.apply_updates(p, u), o), l
+    return (optax.apply_updates(p, u), o), value
 
   return jax.jit(step, donate_argnums=0), (params, opt.init(params))
 
@@ -93,13 +96,13 @@ def main():
     row["ratio_jmtl_over_bare"] = round(med["jmtl_equal"] / med["bare_jax"], 3)
     rows.append(row)
   out = {
-      "benchmark": "step_time",
-      "jax": jax.__version__,
-      "device": jax.devices()[0].device_kind,
-      "cpus": os.cpu_count(),
-      "python": platform.python_version(),
-      "max_rss_bytes": _timing.max_rss_bytes(),
-      "results": rows,
+    "benchmark": "step_time",
+    "jax": jax.__version__,
+    "device": jax.devices()[0].device_kind,
+    "cpus": os.cpu_count(),
+    "python": platform.python_version(),
+    "max_rss_bytes": _timing.max_rss_bytes(),
+    "results": rows,
   }
   print(json.dumps(out, indent=1))
 

@@ -1,5 +1,6 @@
 """jmtl: multi-task learning for JAX."""
 
+from jmtl import data
 from jmtl import losses
 from jmtl import metrics
 from jmtl import models
@@ -15,3 +16,20 @@ from jmtl.train import make_eval_step
 from jmtl.train import make_train_step
 
 __version__ = "0.1.0"
+
+__all__ = [
+  "Task",
+  "TrainState",
+  "compute_metrics",
+  "data",
+  "evaluate",
+  "losses",
+  "make_eval_step",
+  "make_train_step",
+  "metrics",
+  "models",
+  "parallel",
+  "sharing",
+  "tasks",
+  "weighting",
+]

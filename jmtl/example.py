@@ -21,13 +21,13 @@ from jmtl import models
 from jmtl.data import synthetic
 
 WEIGHTINGS = {
-    "equal": lambda k: jmtl.weighting.equal(),
-    "uncertainty": lambda k: jmtl.weighting.uncertainty(),
-    "dwa": lambda k: jmtl.weighting.dwa(),
-    "rlw": lambda k: jmtl.weighting.rlw(),
-    "gls": lambda k: jmtl.weighting.gls(),
-    "famo": lambda k: jmtl.weighting.famo(),
-    "imtl_l": lambda k: jmtl.weighting.imtl_l(),
+  "equal": lambda k: jmtl.weighting.equal(),
+  "uncertainty": lambda k: jmtl.weighting.uncertainty(),
+  "dwa": lambda k: jmtl.weighting.dwa(),
+  "rlw": lambda k: jmtl.weighting.rlw(),
+  "gls": lambda k: jmtl.weighting.gls(),
+  "famo": lambda k: jmtl.weighting.famo(),
+  "imtl_l": lambda k: jmtl.weighting.imtl_l(),
 }
 
 
@@ -77,8 +77,10 @@ def main(argv=None):
   test = synthetic.make_tasks(10_000, split_seed=1, **kw)
   names = sorted(data["labels"])
   common = dict(steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed, hidden=(128, 128))
-  print(f"jax {jax.__version__} on {jax.devices()[0].platform}; {len(names)} tasks, relatedness "
-        f"{args.relatedness}, {args.train_size} training examples, {args.steps} steps")
+  print(
+    f"jax {jax.__version__} on {jax.devices()[0].platform}; {len(names)} tasks, relatedness "
+    f"{args.relatedness}, {args.train_size} training examples, {args.steps} steps"
+  )
 
   mtl, per_step, skipped = train(names, data, test, weighting=WEIGHTINGS[args.weighting](len(names)), **common)
   single = {}

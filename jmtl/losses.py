@@ -58,8 +58,8 @@ def _int_labels(name: str, logits: Array, labels: Array) -> Array:
   """Checks for integer labels and widens them to int32 (so uint8 255 never equals -1)."""
   if not jnp.issubdtype(labels.dtype, jnp.integer):
     raise ValueError(
-        f"{name}: labels must be integer class indices, got dtype {labels.dtype} "
-        f"(logits {tuple(logits.shape)}, labels {tuple(labels.shape)})"
+      f"{name}: labels must be integer class indices, got dtype {labels.dtype} "
+      f"(logits {tuple(logits.shape)}, labels {tuple(labels.shape)})"
     )
   return labels.astype(jnp.int32)
 
@@ -68,7 +68,7 @@ def _label_log_prob(logits: Array, labels: Array) -> Array:
   """log softmax(logits)[label] along the last axis; NaN for labels outside [0, C)."""
   logp = jax.nn.log_softmax(logits.astype(_compute_dtype(logits)), axis=-1)
   picked = jnp.take_along_axis(
-      logp, labels[..., None], axis=-1, mode="fill", fill_value=jnp.nan, wrap_negative_indices=False
+    logp, labels[..., None], axis=-1, mode="fill", fill_value=jnp.nan, wrap_negative_indices=False
   )
   return picked[..., 0]
 
@@ -108,8 +108,8 @@ def match_shapes(name: str, pred: Array, target: Array) -> tuple[Array, Array]:
       target = target[..., 0]
     else:
       raise ValueError(
-          f"{name}: predictions of shape {ps} do not match targets of shape {ts}; the shapes must be equal, "
-          "up to one trailing axis of size 1"
+        f"{name}: predictions of shape {ps} do not match targets of shape {ts}; the shapes must be equal, "
+        "up to one trailing axis of size 1"
       )
   if pred.ndim == 0:
     raise ValueError(f"{name}: predictions and targets need a leading batch axis, got shapes {ps} and {ts}")
@@ -143,8 +143,8 @@ def softmax_cross_entropy(logits: Array, labels: Array) -> Array:
   if logits.ndim != 2 or tuple(labels.shape) != tuple(logits.shape[:1]):
     hint = " (pass class indices, e.g. labels.argmax(-1), not one-hot labels)" if labels.shape == logits.shape else ""
     raise ValueError(
-        f"softmax_cross_entropy: expected logits (B, C) and integer labels (B,), got logits {tuple(logits.shape)} "
-        f"and labels {tuple(labels.shape)}{hint}"
+      f"softmax_cross_entropy: expected logits (B, C) and integer labels (B,), got logits {tuple(logits.shape)} "
+      f"and labels {tuple(labels.shape)}{hint}"
     )
   labels = _int_labels("softmax_cross_entropy", logits, labels)
   return -_label_log_prob(logits, labels)
@@ -274,8 +274,8 @@ def pixel_cross_entropy(logits: Array, labels: Array, *, ignore_label: int | Non
   logits, labels = jnp.asarray(logits), jnp.asarray(labels)
   if logits.ndim < 2 or tuple(labels.shape) != tuple(logits.shape[:-1]):
     raise ValueError(
-        f"pixel_cross_entropy: expected logits (B, H, W, C) and integer labels (B, H, W) = logits.shape[:-1], "
-        f"got logits {tuple(logits.shape)} and labels {tuple(labels.shape)}"
+      f"pixel_cross_entropy: expected logits (B, H, W, C) and integer labels (B, H, W) = logits.shape[:-1], "
+      f"got logits {tuple(logits.shape)} and labels {tuple(labels.shape)}"
     )
   labels = _int_labels("pixel_cross_entropy", logits, labels)
   valid = jnp.ones(labels.shape, bool) if ignore_label is None else labels != ignore_label
@@ -389,8 +389,8 @@ def normal_cosine_loss(pred: Array, target: Array, *, eps: float = 1e-8) -> tupl
   pred, target = jnp.asarray(pred), jnp.asarray(target)
   if pred.shape != target.shape or pred.ndim < 2 or pred.shape[-1] != 3:
     raise ValueError(
-        f"normal_cosine_loss: expected pred and target of equal shape (B, H, W, 3), got pred {tuple(pred.shape)} "
-        f"and target {tuple(target.shape)}"
+      f"normal_cosine_loss: expected pred and target of equal shape (B, H, W, 3), got pred {tuple(pred.shape)} "
+      f"and target {tuple(target.shape)}"
     )
   p = pred.astype(_compute_dtype(pred))
   t = target.astype(p.dtype)

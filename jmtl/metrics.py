@@ -89,7 +89,7 @@ def _class_inputs(name: str, logits: Array, labels: Array, num_classes: int | No
   if not ok:
     c = f" with C = num_classes = {num_classes}" if num_classes is not None else ""
     raise ValueError(
-        f"{name}: expected logits {want}{c}, got logits {tuple(logits.shape)} and labels {tuple(labels.shape)}"
+      f"{name}: expected logits {want}{c}, got logits {tuple(logits.shape)} and labels {tuple(labels.shape)}"
     )
   if not jnp.issubdtype(labels.dtype, jnp.integer):
     raise ValueError(f"{name}: labels must be integer class indices, got dtype {labels.dtype}")
@@ -304,8 +304,8 @@ def mean_of(loss_fn: Callable, higher_is_better: bool = False) -> Metric:
     b = jnp.shape(labels)[0] if jnp.ndim(labels) else -1
     if tuple(sums.shape) != (b,) or (counts is not None and tuple(counts.shape) != (b,)):
       raise ValueError(
-          f"mean_of({name}): the loss gave shape {tuple(sums.shape)}, expected ({b},) for predictions "
-          f"{tuple(jnp.shape(predictions))} and labels {tuple(jnp.shape(labels))}"
+        f"mean_of({name}): the loss gave shape {tuple(sums.shape)}, expected ({b},) for predictions "
+        f"{tuple(jnp.shape(predictions))} and labels {tuple(jnp.shape(labels))}"
       )
     m = _mask(f"mean_of({name})", mask, b, _dtype(sums))
     count = jnp.sum(m) if counts is None else _weighted_sum(m, counts)
@@ -394,7 +394,7 @@ def add_stats(a: Any, b: Any) -> Any:
 
 
 def _paired(
-    fn: str, results: Mapping[str, float], baselines: Mapping[str, float], higher_is_better: Mapping[str, bool]
+  fn: str, results: Mapping[str, float], baselines: Mapping[str, float], higher_is_better: Mapping[str, bool]
 ):
   if not results:
     raise ValueError(f"{fn}: no results given")
@@ -414,7 +414,7 @@ def _paired(
 
 
 def delta_m(
-    results: Mapping[str, float], baselines: Mapping[str, float], higher_is_better: Mapping[str, bool]
+  results: Mapping[str, float], baselines: Mapping[str, float], higher_is_better: Mapping[str, bool]
 ) -> float:
   """Δm%: the mean relative gain of a multi-task model over single-task baselines.
 
@@ -454,7 +454,7 @@ def delta_m(
 
 
 def negative_transfer(
-    results: Mapping[str, float], baselines: Mapping[str, float], higher_is_better: Mapping[str, bool]
+  results: Mapping[str, float], baselines: Mapping[str, float], higher_is_better: Mapping[str, bool]
 ) -> dict[str, bool]:
   """Which metrics the multi-task model does worse on than its single-task baseline.
 

@@ -21,7 +21,9 @@ from typing import Any
 
 import jax
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from jax.sharding import Mesh
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec
 
 DEFAULT_AXIS = "data"
 
@@ -88,10 +90,10 @@ def shard_batch(batch: Any, num_devices: int | None = None) -> Any:
   def split(path, x):
     if x.shape[0] % n:
       raise ValueError(
-          f"shard_batch: leaf {jax.tree_util.keystr(path)} of shape {tuple(x.shape)} has a batch size "
-          f"that does not divide into {n} devices"
+        f"shard_batch: leaf {jax.tree_util.keystr(path)} of shape {tuple(x.shape)} has a batch size "
+        f"that does not divide into {n} devices"
       )
-    return x.reshape((n, x.shape[0] // n) + x.shape[1:])
+    return x.reshape((n, x.shape[0] // n, *x.shape[1:]))
 
   return jax.tree_util.tree_map_with_path(split, batch)
 
@@ -130,10 +132,10 @@ def mesh_jit(step: Callable, mesh: Mesh, axis_name: str = DEFAULT_AXIS, *, donat
     4.0
   """
   return jax.jit(
-      step,
-      in_shardings=(replicated(mesh), batch_sharding(mesh, axis_name)),
-      out_shardings=(replicated(mesh), replicated(mesh)),
-      donate_argnums=(0,) if donate else (),
+    step,
+    in_shardings=(replicated(mesh), batch_sharding(mesh, axis_name)),
+    out_shardings=(replicated(mesh), replicated(mesh)),
+    donate_argnums=(0,) if donate else (),
   )
 
 
@@ -151,11 +153,11 @@ def put_batch(batch: Any, mesh: Mesh, axis_name: str = DEFAULT_AXIS) -> Any:
 
 
 def initialize_distributed(
-    coordinator_address: str | None = None,
-    num_processes: int | None = None,
-    process_id: int | None = None,
-    *,
-    cpu_collectives: str | None = "gloo",
+  coordinator_address: str | None = None,
+  num_processes: int | None = None,
+  process_id: int | None = None,
+  *,
+  cpu_collectives: str | None = "gloo",
 ) -> None:
   """Starts multi-host JAX (``jax.distributed.initialize``) before any other JAX call.
 
@@ -172,4 +174,6 @@ def initialize_distributed(
   """
   if cpu_collectives is not None:
     jax.config.update("jax_cpu_collectives_implementation", cpu_collectives)
-  jax.distributed.initialize(coordinator_address=coordinator_address, num_processes=num_processes, process_id=process_id)
+  jax.distributed.initialize(
+    coordinator_address=coordinator_address, num_processes=num_processes, process_id=process_id
+  )

@@ -7,7 +7,8 @@ enters the same update.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
+from collections.abc import Sequence
 from typing import Any
 
 import jax
@@ -162,6 +163,7 @@ def combine(*penalties: Penalty) -> Penalty:
     >>> float(p({"w": jnp.array([1.0, 2.0])}))
     7.0
   """
+
   def penalty(params):
     return sum((p(params) for p in penalties), jnp.zeros(()))
 

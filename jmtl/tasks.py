@@ -9,7 +9,9 @@ batch is the masked mean of its per-example loss.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable
+from collections.abc import Mapping
+from collections.abc import Sequence
 from typing import Any
 
 import jax
@@ -95,19 +97,19 @@ def check_batch(tasks: Sequence[Task], batch: Mapping[str, Any]) -> int:
   for t in tasks:
     if t.name not in labels:
       raise ValueError(
-          f"task {t.name!r}: batch['labels'] has no entry for it (labels present: {sorted(labels)}); "
-          "mark unlabelled examples with batch['masks'][task] = 0 instead of dropping the key"
+        f"task {t.name!r}: batch['labels'] has no entry for it (labels present: {sorted(labels)}); "
+        "mark unlabelled examples with batch['masks'][task] = 0 instead of dropping the key"
       )
     y = labels[t.name]
     if not hasattr(y, "shape") or len(y.shape) == 0 or y.shape[0] != b:
       raise ValueError(
-          f"task {t.name!r}: batch['labels'][{t.name!r}] has shape {_shape(y)}, but the batch size is {b} "
-          f"(inputs of shape {_shape(inputs[0])})"
+        f"task {t.name!r}: batch['labels'][{t.name!r}] has shape {_shape(y)}, but the batch size is {b} "
+        f"(inputs of shape {_shape(inputs[0])})"
       )
     if t.name in masks and tuple(getattr(masks[t.name], "shape", ())) != (b,):
       raise ValueError(
-          f"task {t.name!r}: batch['masks'][{t.name!r}] has shape {_shape(masks[t.name])}, expected ({b},) "
-          f"to match labels of shape {tuple(y.shape)}"
+        f"task {t.name!r}: batch['masks'][{t.name!r}] has shape {_shape(masks[t.name])}, expected ({b},) "
+        f"to match labels of shape {tuple(y.shape)}"
       )
   return b
 
@@ -133,7 +135,7 @@ def loss_terms(task: Task, predictions: Mapping[str, Array], batch: Mapping[str,
       prediction for the task or the loss rejects the shapes.
   """
   if task.name not in predictions:
-    raise ValueError(f"task {task.name!r}: the model returned no prediction for it (predictions: {sorted(predictions)})")
+    raise ValueError(f"task {task.name!r}: the model returned no prediction for it (it returned {sorted(predictions)})")
   pred, y = predictions[task.name], batch["labels"][task.name]
   m = task_mask(task, batch)
   if hasattr(y, "ndim"):
@@ -145,15 +147,15 @@ def loss_terms(task: Task, predictions: Mapping[str, Array], batch: Mapping[str,
     out = task.loss(pred, y)
   except (ValueError, TypeError) as e:
     raise ValueError(
-        f"task {task.name!r}: loss {getattr(task.loss, '__name__', task.loss)!r} failed on predictions of shape "
-        f"{_shape(pred)} and labels of shape {_shape(y)}: {e}"
+      f"task {task.name!r}: loss {getattr(task.loss, '__name__', task.loss)!r} failed on predictions of shape "
+      f"{_shape(pred)} and labels of shape {_shape(y)}: {e}"
     ) from e
   sums, counts = out if isinstance(out, tuple) else (out, None)
   b = y.shape[0]
   if sums.shape != (b,) or (counts is not None and counts.shape != (b,)):
     raise ValueError(
-        f"task {task.name!r}: the per-example loss has shape {_shape(sums)}, expected ({b},) for predictions of "
-        f"shape {_shape(pred)} and labels of shape {_shape(y)}"
+      f"task {task.name!r}: the per-example loss has shape {_shape(sums)}, expected ({b},) for predictions of "
+      f"shape {_shape(pred)} and labels of shape {_shape(y)}"
     )
   total = jnp.sum(jnp.where(m > 0, sums * m.astype(sums.dtype), 0))
   count = jnp.sum(m) if counts is None else jnp.sum(jnp.where(m > 0, counts * m.astype(counts.dtype), 0))

@@ -13,8 +13,11 @@ that the caller jits (or wraps with :mod:`jmtl.parallel`). One step is:
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
-from typing import Any, NamedTuple
+from collections.abc import Callable
+from collections.abc import Mapping
+from collections.abc import Sequence
+from typing import Any
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -23,7 +26,9 @@ import optax
 from jmtl import metrics as metrics_lib
 from jmtl import sharing
 from jmtl import tasks as tasks_lib
-from jmtl.weighting import WeightingTransform, equal, gramian_of
+from jmtl.weighting import WeightingTransform
+from jmtl.weighting import equal
+from jmtl.weighting import gramian_of
 
 Array = jax.Array
 Params = Any
@@ -51,12 +56,12 @@ class TrainState(NamedTuple):
 
   @classmethod
   def create(
-      cls,
-      params: Params,
-      optimizer: optax.GradientTransformation,
-      weighting: WeightingTransform,
-      num_tasks: int,
-      rng: Array,
+    cls,
+    params: Params,
+    optimizer: optax.GradientTransformation,
+    weighting: WeightingTransform,
+    num_tasks: int,
+    rng: Array,
   ) -> TrainState:
     """The state before the first step.
 
@@ -69,12 +74,12 @@ class TrainState(NamedTuple):
       (0, 0)
     """
     return cls(
-        step=jnp.zeros((), jnp.int32),
-        params=params,
-        opt_state=optimizer.init(params),
-        weighting_state=weighting.init(num_tasks),
-        rng=rng,
-        num_skipped=jnp.zeros((), jnp.int32),
+      step=jnp.zeros((), jnp.int32),
+      params=params,
+      opt_state=optimizer.init(params),
+      weighting_state=weighting.init(num_tasks),
+      rng=rng,
+      num_skipped=jnp.zeros((), jnp.int32),
     )
 
 
@@ -113,13 +118,13 @@ def gradient_metrics(gramian: Array, names: Sequence[str]) -> dict[str, Array]:
 
 
 def make_train_step(
-    model,
-    tasks: Sequence[tasks_lib.Task],
-    optimizer: optax.GradientTransformation,
-    weighting: WeightingTransform | None = None,
-    *,
-    penalty: sharing.Penalty | Sequence[sharing.Penalty] | None = None,
-    axis_name: str | None = None,
+  model,
+  tasks: Sequence[tasks_lib.Task],
+  optimizer: optax.GradientTransformation,
+  weighting: WeightingTransform | None = None,
+  *,
+  penalty: sharing.Penalty | Sequence[sharing.Penalty] | None = None,
+  axis_name: str | None = None,
 ) -> Callable[[TrainState, Batch], tuple[TrainState, dict[str, Array]]]:
   """Builds the pure multi-task train step.
 
@@ -200,11 +205,11 @@ def make_train_step(
       jac = _psum(jac, axis_name)
       gramian = gramian_of(jac["shared"])
       weights, wstate = weighting.update(
-          losses,
-          state.weighting_state,
-          gramian=gramian,
-          jacobian=jac["shared"] if weighting.needs == "jacobian" else None,
-          key=key,
+        losses,
+        state.weighting_state,
+        gramian=gramian,
+        jacobian=jac["shared"] if weighting.needs == "jacobian" else None,
+        key=key,
       )
       weights = jax.lax.stop_gradient(weights)
       grads = jax.tree.map(lambda j: jnp.tensordot(weights.astype(j.dtype), j, 1), jac)
@@ -219,22 +224,22 @@ def make_train_step(
     params = optax.apply_updates(state.params, updates)
     skipped = jnp.logical_not(ok)
     new_state = TrainState(
-        step=state.step + 1,
-        params=_where_tree(ok, params, state.params),
-        opt_state=_where_tree(ok, opt_state, state.opt_state),
-        weighting_state=_where_tree(ok, wstate, state.weighting_state),
-        rng=rng,
-        num_skipped=state.num_skipped + skipped.astype(jnp.int32),
+      step=state.step + 1,
+      params=_where_tree(ok, params, state.params),
+      opt_state=_where_tree(ok, opt_state, state.opt_state),
+      weighting_state=_where_tree(ok, wstate, state.weighting_state),
+      rng=rng,
+      num_skipped=state.num_skipped + skipped.astype(jnp.int32),
     )
     metrics = {f"loss/{n}": losses[i] for i, n in enumerate(names)}
     metrics.update({f"weight/{n}": weights[i] for i, n in enumerate(names)})
     metrics.update(
-        loss=jnp.vdot(weights, losses) + pen,
-        penalty=pen,
-        grad_norm=grad_norm,
-        skipped=skipped,
-        num_skipped=new_state.num_skipped,
-        **extra,
+      loss=jnp.vdot(weights, losses) + pen,
+      penalty=pen,
+      grad_norm=grad_norm,
+      skipped=skipped,
+      num_skipped=new_state.num_skipped,
+      **extra,
     )
     return new_state, metrics
 
@@ -267,8 +272,8 @@ def make_eval_step(model, tasks: Sequence[tasks_lib.Task], *, axis_name: str | N
       loss_sum, count = tasks_lib.loss_terms(t, preds, batch)
       mask = tasks_lib.task_mask(t, batch)
       stats[t.name] = {
-          "loss": (loss_sum, count),
-          **metrics_lib.metric_stats(t.metrics, preds[t.name], batch["labels"][t.name], mask),
+        "loss": (loss_sum, count),
+        **metrics_lib.metric_stats(t.metrics, preds[t.name], batch["labels"][t.name], mask),
       }
     return _psum(stats, axis_name)
 

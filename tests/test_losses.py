@@ -18,11 +18,11 @@ from jmtl import tasks
 # and it checks that every loss (shape validation included) traces.
 _STATIC = {"pixel_cross_entropy": ("ignore_label",), "normal_cosine_loss": ("eps",)}
 jl = types.SimpleNamespace(
-    **{
-        name: jax.jit(getattr(losses, name), static_argnames=_STATIC.get(name, ()))
-        for name in losses.__all__
-        if name != "match_shapes"
-    }
+  **{
+    name: jax.jit(getattr(losses, name), static_argnames=_STATIC.get(name, ()))
+    for name in losses.__all__
+    if name != "match_shapes"
+  }
 )
 
 # ----------------------------------------------------------------------------- numpy references (float64 loops)

@@ -107,7 +107,7 @@ def test_binary_accuracy(rng):
   m = metrics.binary_accuracy()
   assert value(m, jnp.asarray(logits), jnp.asarray(labels), jnp.asarray(mask)) == pytest.approx(want)
   assert value(m, jnp.asarray(logits[:, :1]), jnp.asarray(labels[:, 0])) == pytest.approx(
-      np.mean((logits[:, 0] > 0) == labels[:, 0])
+    np.mean((logits[:, 0] > 0) == labels[:, 0])
   )
 
 
@@ -245,7 +245,7 @@ def test_mean_of_array_loss_and_direction(rng):
   per = np.asarray(losses.softmax_cross_entropy(jnp.asarray(logits, jnp.float32), jnp.asarray(labels)))
   m = metrics.mean_of(losses.softmax_cross_entropy)
   assert value(m, jnp.asarray(logits, jnp.float32), jnp.asarray(labels), jnp.asarray(mask)) == pytest.approx(
-      (per * mask).sum() / mask.sum(), rel=1e-6
+    (per * mask).sum() / mask.sum(), rel=1e-6
   )
   assert not m.higher_is_better and metrics.mean_of(losses.l1, higher_is_better=True).higher_is_better
 
@@ -291,9 +291,9 @@ def test_delta_m_hand_computed():
   assert metrics.negative_transfer(results, baselines, HIB) == {"seg/miou": False, "depth/abs_err": True}
   # Ties are not negative transfer, and give Δm = 0.
   assert metrics.negative_transfer(baselines | {}, baselines, HIB | {"normal/mean_err": False}) == {
-      "seg/miou": False,
-      "depth/abs_err": False,
-      "normal/mean_err": False,
+    "seg/miou": False,
+    "depth/abs_err": False,
+    "normal/mean_err": False,
   }
   assert metrics.delta_m({"seg/miou": 0.5}, baselines, {"seg/miou": np.bool_(True)}) == 0.0
 

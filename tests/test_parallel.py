@@ -15,9 +15,9 @@ from tests.test_train import make_batch
 from tests.test_train import make_params
 
 TRANSFORMS = {
-    "equal": W.equal,
-    "uncertainty": lambda: W.uncertainty(optimizer=optax.adam(1e-2)),
-    "famo": W.famo,
+  "equal": W.equal,
+  "uncertainty": lambda: W.uncertainty(optimizer=optax.adam(1e-2)),
+  "famo": W.famo,
 }
 
 

@@ -20,16 +20,16 @@ def apply(p, x):
   h = jnp.tanh(x @ p["shared"]["w1"] + p["shared"]["b1"])
   t = p["tasks"]
   return {
-      "a": jnp.tanh(h @ t["a"]["tower"]) @ t["a"]["w"],
-      "b": (jnp.tanh(h @ t["b"]["tower"]) @ t["b"]["w"])[:, 0],
-      "c": jnp.tanh(h @ t["c"]["tower"]) @ t["c"]["w"],
+    "a": jnp.tanh(h @ t["a"]["tower"]) @ t["a"]["w"],
+    "b": (jnp.tanh(h @ t["b"]["tower"]) @ t["b"]["w"])[:, 0],
+    "c": jnp.tanh(h @ t["c"]["tower"]) @ t["c"]["w"],
   }
 
 
 TASKS = [
-    jmtl.Task("a", L.softmax_cross_entropy),
-    jmtl.Task("b", L.mse),
-    jmtl.Task("c", L.sigmoid_binary_cross_entropy),
+  jmtl.Task("a", L.softmax_cross_entropy),
+  jmtl.Task("b", L.mse),
+  jmtl.Task("c", L.sigmoid_binary_cross_entropy),
 ]
 
 
@@ -37,12 +37,12 @@ def make_params(dtype=jnp.float32, seed=0):
   ks = jax.random.split(jax.random.key(seed), 8)
   n = lambda k, s: (0.5 * jax.random.normal(k, s)).astype(dtype)
   return {
-      "shared": {"w1": n(ks[0], (5, 4)), "b1": n(ks[1], (4,))},
-      "tasks": {
-          "a": {"tower": n(ks[2], (4, 4)), "w": n(ks[3], (4, 3))},
-          "b": {"tower": n(ks[4], (4, 4)), "w": n(ks[5], (4, 1))},
-          "c": {"tower": n(ks[6], (4, 4)), "w": n(ks[7], (4, 2))},
-      },
+    "shared": {"w1": n(ks[0], (5, 4)), "b1": n(ks[1], (4,))},
+    "tasks": {
+      "a": {"tower": n(ks[2], (4, 4)), "w": n(ks[3], (4, 3))},
+      "b": {"tower": n(ks[4], (4, 4)), "w": n(ks[5], (4, 1))},
+      "c": {"tower": n(ks[6], (4, 4)), "w": n(ks[7], (4, 2))},
+    },
   }
 
 
@@ -51,20 +51,20 @@ def make_batch(b=8, dtype=jnp.float32, seed=1):
   mask_b = np.ones(b, np.float32)
   mask_b[::3] = 0  # partially labelled: every third example has no label for "b"
   return {
-      "inputs": jnp.asarray(r.normal(size=(b, 5)), dtype),
-      "labels": {
-          "a": jnp.asarray(r.integers(0, 3, size=b)),
-          "b": jnp.asarray(r.normal(size=b), dtype),
-          "c": jnp.asarray(r.integers(0, 2, size=(b, 2)), dtype),
-      },
-      "masks": {"b": jnp.asarray(mask_b)},
+    "inputs": jnp.asarray(r.normal(size=(b, 5)), dtype),
+    "labels": {
+      "a": jnp.asarray(r.integers(0, 3, size=b)),
+      "b": jnp.asarray(r.normal(size=b), dtype),
+      "c": jnp.asarray(r.integers(0, 2, size=(b, 2)), dtype),
+    },
+    "masks": {"b": jnp.asarray(mask_b)},
   }
 
 
 WD, SOFT = 1e-2, 0.3
 PENALTIES = (
-    sharing.weight_decay(WD, mask=lambda p: jax.tree.map(lambda x: x.ndim == 2, p)),
-    sharing.soft_sharing(SOFT, lambda p: [p["tasks"][k]["tower"] for k in NAMES]),
+  sharing.weight_decay(WD, mask=lambda p: jax.tree.map(lambda x: x.ndim == 2, p)),
+  sharing.soft_sharing(SOFT, lambda p: [p["tasks"][k]["tower"] for k in NAMES]),
 )
 
 
@@ -132,8 +132,8 @@ class CountState(NamedTuple):
 def inverse_loss() -> W.WeightingTransform:
   """A user's transform: weights 1/L, so every task contributes the same loss."""
   return W.WeightingTransform(
-      init=lambda k: CountState(jnp.zeros((), jnp.int32)),
-      update=lambda losses, s, **_: (1.0 / losses, CountState(s.calls + 1)),
+    init=lambda k: CountState(jnp.zeros((), jnp.int32)),
+    update=lambda losses, s, **_: (1.0 / losses, CountState(s.calls + 1)),
   )
 
 
@@ -175,8 +175,10 @@ def test_nan_loss_skips_the_update_and_is_reported():
   new, m = step(state, bad)
   assert bool(m["skipped"]) and int(m["num_skipped"]) == 1 and int(new.num_skipped) == 1
   assert not np.isfinite(float(m["loss/b"]))
-  for before, after in zip(jax.tree.leaves((state.params, state.opt_state, state.weighting_state)),
-                           jax.tree.leaves((new.params, new.opt_state, new.weighting_state))):
+  for before, after in zip(
+    jax.tree.leaves((state.params, state.opt_state, state.weighting_state)),
+    jax.tree.leaves((new.params, new.opt_state, new.weighting_state)),
+  ):
     np.testing.assert_array_equal(before, after)
   assert int(new.step) == int(state.step) + 1
   # A NaN label on an unlabelled example is ignored, not skipped.
@@ -211,6 +213,7 @@ def test_batch_errors_name_the_task_and_shapes():
 
 def test_gramian_general_path_reports_cosines():
   """A Gramian-level user transform: MGDA-like weights for 2 tasks in closed form."""
+
   def two_task_min_norm(losses, gramian, **_):
     g11, g22, g12 = gramian[0, 0], gramian[1, 1], gramian[0, 1]
     a = jnp.clip((g22 - g12) / (g11 + g22 - 2 * g12), 0, 1)
@@ -223,7 +226,7 @@ def test_gramian_general_path_reports_cosines():
   with jax.enable_x64(True):
     state = jmtl.TrainState.create(make_params(jnp.float64), opt, t, 2, jax.random.key(0))
     batch = make_batch(dtype=jnp.float64)
-    new, m = jax.jit(jmtl.make_train_step(two, tasks, opt, t))(state, batch)
+    _, m = jax.jit(jmtl.make_train_step(two, tasks, opt, t))(state, batch)
     ga = jax.grad(lambda p: hand_objective(p, batch, jnp.array([1.0, 0, 0]))[0] - 0)(state.params)
     gb = jax.grad(lambda p: hand_objective(p, batch, jnp.array([0, 1.0, 0]))[0])(state.params)
     pen = jax.grad(lambda p: hand_objective(p, batch, jnp.zeros(3))[0])(state.params)
@@ -246,7 +249,8 @@ def test_eval_step_accumulates_exact_metrics():
   got = jmtl.evaluate(ev, params, batches, tasks)
   preds = [apply(params, b["inputs"]) for b in batches]
   acc = np.mean(np.concatenate([np.argmax(p["a"], -1) == b["labels"]["a"] for p, b in zip(preds, batches)]))
-  sq = np.concatenate([(np.asarray(p["b"] - b["labels"]["b"]) ** 2)[np.asarray(b["masks"]["b"]) > 0]
-                       for p, b in zip(preds, batches)])
+  sq = np.concatenate(
+    [(np.asarray(p["b"] - b["labels"]["b"]) ** 2)[np.asarray(b["masks"]["b"]) > 0] for p, b in zip(preds, batches)]
+  )
   assert got["a/acc"] == pytest.approx(acc)
   assert got["b/loss"] == pytest.approx(float(np.mean(sq)), rel=1e-5)

@@ -19,14 +19,14 @@ from jmtl import weighting as W
 # "equivariant": weights permute with the losses; "invariant": weights ignore the losses
 # (rlw: they depend on the key only); None: neither (static weights are tied to task positions).
 TRANSFORMS = {
-    "equal": (lambda k: W.equal(), "equivariant"),
-    "static": (lambda k: W.static(np.linspace(0.5, 1.5, k)), None),
-    "uncertainty": (lambda k: W.uncertainty(), "equivariant"),
-    "imtl_l": (lambda k: W.imtl_l(), "equivariant"),
-    "famo": (lambda k: W.famo(min_losses=0.05), "equivariant"),
-    "dwa": (lambda k: W.dwa(temperature=0.5, period=2), "equivariant"),
-    "rlw": (lambda k: W.rlw(), "invariant"),
-    "gls": (lambda k: W.gls(), "equivariant"),
+  "equal": (lambda k: W.equal(), "equivariant"),
+  "static": (lambda k: W.static(np.linspace(0.5, 1.5, k)), None),
+  "uncertainty": (lambda k: W.uncertainty(), "equivariant"),
+  "imtl_l": (lambda k: W.imtl_l(), "equivariant"),
+  "famo": (lambda k: W.famo(min_losses=0.05), "equivariant"),
+  "dwa": (lambda k: W.dwa(temperature=0.5, period=2), "equivariant"),
+  "rlw": (lambda k: W.rlw(), "invariant"),
+  "gls": (lambda k: W.gls(), "equivariant"),
 }
 NAMES = sorted(TRANSFORMS)
 
@@ -93,9 +93,17 @@ def test_no_retrace_stable_state_and_losses_dtype(name):
 
 
 EXTREMES = {
-    1: [[1e-8], [1e8], [1.0], [1e8], [1e-8], [1e8], [1.0], [1e-8]],
-    3: [[1e-8, 1e8, 1.0], [1e8, 1e-8, 1.0], [1e-8, 1e-8, 1e8], [1.0, 1e8, 1e-8], [1e8, 1e8, 1e-8], [1e-8, 1.0, 1e8],
-        [1e8, 1e-8, 1e-8], [1.0, 1.0, 1e8]],
+  1: [[1e-8], [1e8], [1.0], [1e8], [1e-8], [1e8], [1.0], [1e-8]],
+  3: [
+    [1e-8, 1e8, 1.0],
+    [1e8, 1e-8, 1.0],
+    [1e-8, 1e-8, 1e8],
+    [1.0, 1e8, 1e-8],
+    [1e8, 1e8, 1e-8],
+    [1e-8, 1.0, 1e8],
+    [1e8, 1e-8, 1e-8],
+    [1.0, 1.0, 1e8],
+  ],
 }
 
 

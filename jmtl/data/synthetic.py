@@ -14,18 +14,18 @@ import numpy as np
 
 
 def make_tasks(
-    num_examples: int,
-    num_tasks: int = 3,
-    *,
-    kind: str = "classification",
-    num_classes: int = 4,
-    input_dim: int = 32,
-    latent_dim: int = 8,
-    relatedness: float = 0.8,
-    noise: float = 0.1,
-    label_noise: float = 0.0,
-    seed: int = 0,
-    split_seed: int = 0,
+  num_examples: int,
+  num_tasks: int = 3,
+  *,
+  kind: str = "classification",
+  num_classes: int = 4,
+  input_dim: int = 32,
+  latent_dim: int = 8,
+  relatedness: float = 0.8,
+  noise: float = 0.1,
+  label_noise: float = 0.0,
+  seed: int = 0,
+  split_seed: int = 0,
 ) -> dict:
   """Draws a multi-label multi-task set: one input, one label per task.
 

@@ -9,7 +9,9 @@ pure functions, so transforms are values that jit, vmap and compose.
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple, Protocol
+from typing import Any
+from typing import NamedTuple
+from typing import Protocol
 
 import jax
 import jax.numpy as jnp
@@ -29,13 +31,13 @@ class InitFn(Protocol):
 
 class UpdateFn(Protocol):
   def __call__(
-      self,
-      losses: Array,
-      state: WeightingState,
-      *,
-      gramian: Array | None = None,
-      jacobian: Any = None,
-      key: Array | None = None,
+    self,
+    losses: Array,
+    state: WeightingState,
+    *,
+    gramian: Array | None = None,
+    jacobian: Any = None,
+    key: Array | None = None,
   ) -> tuple[Array, WeightingState]:
     """Returns task weights of shape ``(K,)`` and the new state."""
 
@@ -115,8 +117,8 @@ def needs_of(*transforms: WeightingTransform) -> str:
 def scale_jacobian(weights: Array, jacobian):
   """Rows of a stacked Jacobian (array or pytree) multiplied by ``weights``."""
   return jax.tree.map(
-      lambda j: j * weights.reshape((-1,) + (1,) * (j.ndim - 1)).astype(j.dtype),
-      jacobian,
+    lambda j: j * weights.reshape((-1,) + (1,) * (j.ndim - 1)).astype(j.dtype),
+    jacobian,
   )
 
 
@@ -178,27 +180,27 @@ def chain(*transforms: WeightingTransform) -> WeightingTransform:
     w = jnp.ones_like(losses)
     new_states = []
     for t, s, k in zip(transforms, state.inner, keys):
-      wt, s = t.update(
-          w * losses,
-          s,
-          gramian=None if gramian is None else gramian * jnp.outer(w, w),
-          jacobian=None if jacobian is None else scale_jacobian(w, jacobian),
-          key=k,
+      wt, new_state = t.update(
+        w * losses,
+        s,
+        gramian=None if gramian is None else gramian * jnp.outer(w, w),
+        jacobian=None if jacobian is None else scale_jacobian(w, jacobian),
+        key=k,
       )
       w = w * wt
-      new_states.append(s)
+      new_states.append(new_state)
     return w, ChainState(tuple(new_states))
 
   return WeightingTransform(init_fn, update_fn, needs)
 
 
 def aggregate(
-    transform: WeightingTransform,
-    jacobian,
-    *,
-    losses: Array | None = None,
-    state: WeightingState | None = None,
-    key: Array | None = None,
+  transform: WeightingTransform,
+  jacobian,
+  *,
+  losses: Array | None = None,
+  state: WeightingState | None = None,
+  key: Array | None = None,
 ):
   """Applies ``transform`` once to a stacked Jacobian and returns the direction.
 
@@ -228,11 +230,11 @@ def aggregate(
     state = transform.init(k)
   gramian = gramian_of(jacobian) if transform.needs != "losses" else None
   w, _ = transform.update(
-      losses,
-      state,
-      gramian=gramian,
-      jacobian=jacobian if transform.needs == "jacobian" else None,
-      key=key,
+    losses,
+    state,
+    gramian=gramian,
+    jacobian=jacobian if transform.needs == "jacobian" else None,
+    key=key,
   )
   return combine_jacobian(w, jacobian)
 
@@ -253,7 +255,7 @@ def as_aggregator(transform: WeightingTransform, num_tasks: int):
     >>> d["w"].tolist()
     [4.0]
   """
-  from optax.experimental import _aggregating  # noqa: PLC0415 (optax's home of Aggregator)
+  from optax.experimental import _aggregating
 
   def init_fn(params):
     del params
@@ -266,11 +268,11 @@ def as_aggregator(transform: WeightingTransform, num_tasks: int):
       losses = jnp.ones((k,), jax.tree.leaves(per_task_grads)[0].dtype)
     gramian = gramian_of(per_task_grads) if transform.needs != "losses" else None
     w, state = transform.update(
-        losses,
-        state,
-        gramian=gramian,
-        jacobian=per_task_grads if transform.needs == "jacobian" else None,
-        key=key,
+      losses,
+      state,
+      gramian=gramian,
+      jacobian=per_task_grads if transform.needs == "jacobian" else None,
+      key=key,
     )
     return combine_jacobian(w, per_task_grads), state
 

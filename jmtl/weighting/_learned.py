@@ -66,8 +66,8 @@ def _learned_scales(name, state_cls, optimizer, init_value, *, weight_fn, grad_f
 
 
 def uncertainty(
-    optimizer: optax.GradientTransformation | None = None,
-    init_log_var: float = 0.0,
+  optimizer: optax.GradientTransformation | None = None,
+  init_log_var: float = 0.0,
 ) -> WeightingTransform:
   """Homoscedastic-uncertainty weighting (UW).
 
@@ -114,18 +114,18 @@ def uncertainty(
   if optimizer is None:
     optimizer = optax.adam(1e-3)
   return _learned_scales(
-      "uncertainty",
-      UncertaintyState,
-      optimizer,
-      init_log_var,
-      weight_fn=lambda s: 0.5 * jnp.exp(-s),
-      grad_fn=lambda s, losses: 0.5 - 0.5 * jnp.exp(-s) * losses,
+    "uncertainty",
+    UncertaintyState,
+    optimizer,
+    init_log_var,
+    weight_fn=lambda s: 0.5 * jnp.exp(-s),
+    grad_fn=lambda s, losses: 0.5 - 0.5 * jnp.exp(-s) * losses,
   )
 
 
 def imtl_l(
-    optimizer: optax.GradientTransformation | None = None,
-    init_log_scale: float = 0.0,
+  optimizer: optax.GradientTransformation | None = None,
+  init_log_scale: float = 0.0,
 ) -> WeightingTransform:
   """The loss-balancing part of IMTL (IMTL-L).
 
@@ -159,12 +159,12 @@ def imtl_l(
   if optimizer is None:
     optimizer = optax.adam(1e-3)
   return _learned_scales(
-      "imtl_l",
-      IMTLLState,
-      optimizer,
-      init_log_scale,
-      weight_fn=jnp.exp,
-      grad_fn=lambda s, losses: jnp.exp(s) * losses - 1.0,
+    "imtl_l",
+    IMTLLState,
+    optimizer,
+    init_log_scale,
+    weight_fn=jnp.exp,
+    grad_fn=lambda s, losses: jnp.exp(s) * losses - 1.0,
   )
 
 
@@ -178,12 +178,12 @@ class FAMOState(NamedTuple):
 
 
 def famo(
-    learning_rate: float = 0.025,
-    weight_decay: float = 1e-3,
-    *,
-    min_losses: float | Sequence[float] | None = None,
-    eps: float = 1e-8,
-    optimizer: optax.GradientTransformation | None = None,
+  learning_rate: float = 0.025,
+  weight_decay: float = 1e-3,
+  *,
+  min_losses: float | Sequence[float] | None = None,
+  eps: float = 1e-8,
+  optimizer: optax.GradientTransformation | None = None,
 ) -> WeightingTransform:
   """Fast Adaptive Multitask Optimization (FAMO).
 
@@ -258,7 +258,7 @@ def famo(
     k = state.logits.shape[0]
     if losses.shape != (k,) or bounds.shape not in ((), (k,)):
       raise ValueError(
-          f"famo: state is for {k} tasks, got losses of shape {losses.shape} and min_losses of shape {bounds.shape}"
+        f"famo: state is for {k} tasks, got losses of shape {losses.shape} and min_losses of shape {bounds.shape}"
       )
     dtype = state.logits.dtype
     shifted = jax.lax.stop_gradient(losses).astype(dtype) - jnp.asarray(bounds, dtype)
@@ -273,9 +273,9 @@ def famo(
     # state. A select, not lax.cond: both sides are O(K), and a select also
     # runs eagerly without recompiling the branches on every call.
     logits, opt_state = jax.tree.map(
-        lambda new, old: jnp.where(state.has_prev, new, old),
-        (optax.apply_updates(state.logits, updates), opt_state),
-        (state.logits, state.opt_state),
+      lambda new, old: jnp.where(state.has_prev, new, old),
+      (optax.apply_updates(state.logits, updates), opt_state),
+      (state.logits, state.opt_state),
     )
     weights = jax.nn.softmax(logits - log_d).astype(losses.dtype)
     return weights, FAMOState(logits, opt_state, log_d, jnp.asarray(True))

@@ -83,11 +83,11 @@ def dwa(temperature: float = 2.0, period: int = 1) -> WeightingTransform:
     count = state.count + 1
     done = count >= period
     new_state = DWAState(
-        count=jnp.where(done, 0, count).astype(jnp.int32),
-        periods=jnp.where(done, jnp.minimum(state.periods + 1, 2), state.periods).astype(jnp.int32),
-        running_sum=jnp.where(done, jnp.zeros_like(running_sum), running_sum),
-        last_mean=jnp.where(done, running_sum / period, state.last_mean),
-        prev_mean=jnp.where(done, state.last_mean, state.prev_mean),
+      count=jnp.where(done, 0, count).astype(jnp.int32),
+      periods=jnp.where(done, jnp.minimum(state.periods + 1, 2), state.periods).astype(jnp.int32),
+      running_sum=jnp.where(done, jnp.zeros_like(running_sum), running_sum),
+      last_mean=jnp.where(done, running_sum / period, state.last_mean),
+      prev_mean=jnp.where(done, state.last_mean, state.prev_mean),
     )
     return weights.astype(losses.dtype), new_state
 

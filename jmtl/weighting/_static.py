@@ -7,7 +7,8 @@ from collections.abc import Sequence
 import jax.numpy as jnp
 import numpy as np
 
-from jmtl.weighting._base import WeightingTransform, stateless
+from jmtl.weighting._base import WeightingTransform
+from jmtl.weighting._base import stateless
 
 
 def equal() -> WeightingTransform:
@@ -45,14 +46,12 @@ def static(weights: Sequence[float]) -> WeightingTransform:
   """
   weights = np.asarray(weights, dtype=np.float64)
   if weights.ndim != 1 or not np.all(np.isfinite(weights)) or np.any(weights < 0):
-    raise ValueError(
-        f"static weights must be a 1-D sequence of finite non-negative numbers, got {weights.tolist()}"
-    )
+    raise ValueError(f"static weights must be a 1-D sequence of finite non-negative numbers, got {weights.tolist()}")
 
   def weight_fn(losses, **_):
     if losses.shape != weights.shape:
       raise ValueError(
-          f"static: {weights.shape[0]} weights given for {losses.shape[0]} tasks (losses shape {losses.shape})"
+        f"static: {weights.shape[0]} weights given for {losses.shape[0]} tasks (losses shape {losses.shape})"
       )
     return jnp.asarray(weights, losses.dtype)
 

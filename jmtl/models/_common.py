@@ -1,0 +1,213 @@
+"""Shared building blocks of the model adapters: validation and linen modules.
+
+Private: the public constructors live in :mod:`jmtl.models.mlp`,
+:mod:`jmtl.models.cnn` and :mod:`jmtl.models.soft`.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from collections.abc import Mapping
+from collections.abc import Sequence
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+Array = jax.Array
+Params = Any
+
+
+def validate_task_dims(task_dims: Mapping[str, int], where: str) -> dict[str, int]:
+  """Checks ``task_dims`` and returns it as a plain dict in the given order.
+
+  Args:
+    task_dims: task name -> output dimension. Non-empty; names are non-empty
+      strings, dimensions positive ints.
+    where: the caller's name, for error messages.
+
+  Returns:
+    ``dict(task_dims)``, order preserved.
+
+  Raises:
+    ValueError: on an empty mapping, a bad name or a non-positive dimension.
+
+  >>> validate_task_dims({"a": 3, "b": 1}, "mlp")
+  {'a': 3, 'b': 1}
+  >>> validate_task_dims({"a": 0}, "mlp")
+  Traceback (most recent call last):
+  ...
+  ValueError: mlp: task 'a': output dim must be a positive int, got 0
+  """
+  if not isinstance(task_dims, Mapping):
+    raise ValueError(f"{where}: task_dims must be a mapping task name -> output dim, got {type(task_dims).__name__}")
+  if not task_dims:
+    raise ValueError(f"{where}: task_dims is empty; give at least one task, e.g. {{'digit': 10}}")
+  out = {}
+  for name, dim in task_dims.items():
+    if not isinstance(name, str) or not name:
+      raise ValueError(f"{where}: task names must be non-empty strings, got {name!r}")
+    if isinstance(dim, bool) or not isinstance(dim, int) or dim <= 0:
+      raise ValueError(f"{where}: task {name!r}: output dim must be a positive int, got {dim!r}")
+    out[name] = dim
+  return out
+
+
+def validate_sizes(sizes: Sequence[int], field: str, where: str) -> tuple[int, ...]:
+  """Checks a sequence of layer widths and returns it as a tuple.
+
+  >>> validate_sizes([8, 4], "hidden", "mlp")
+  (8, 4)
+  >>> validate_sizes([8, -1], "hidden", "mlp")
+  Traceback (most recent call last):
+  ...
+  ValueError: mlp: hidden must be a sequence of positive ints, got [8, -1]
+  """
+  if isinstance(sizes, int) or not isinstance(sizes, Sequence):
+    raise ValueError(f"{where}: {field} must be a sequence of positive ints, got {sizes!r}")
+  if any(isinstance(s, bool) or not isinstance(s, int) or s <= 0 for s in sizes):
+    raise ValueError(f"{where}: {field} must be a sequence of positive ints, got {sizes!r}")
+  return tuple(sizes)
+
+
+def check_tasks(params: Params, names: tuple[str, ...], where: str) -> None:
+  """Fails with a clear message when ``params["tasks"]`` misses a task.
+
+  >>> check_tasks({"shared": {}, "tasks": {"a": {}}}, ("a", "b"), "mlp")
+  Traceback (most recent call last):
+  ...
+  ValueError: mlp: params['tasks'] has no entry for task(s) ['b']; it has ['a']
+  """
+  if not isinstance(params, Mapping) or "tasks" not in params:
+    raise ValueError(f"{where}: params must be a dict {{'shared': ..., 'tasks': {{name: ...}}}}")
+  missing = [k for k in names if k not in params["tasks"]]
+  if missing:
+    raise ValueError(f"{where}: params['tasks'] has no entry for task(s) {missing}; it has {list(params['tasks'])}")
+
+
+def flatten_batch(x: Array) -> Array:
+  """Flattens all non-batch dimensions: ``(B, ...) -> (B, prod(...))``.
+
+  >>> flatten_batch(jnp.zeros((2, 3, 4))).shape
+  (2, 12)
+  """
+  x = jnp.asarray(x)
+  if x.ndim == 0:
+    raise ValueError(f"inputs must have a leading batch axis, got a scalar of shape {x.shape}")
+  return x.reshape(x.shape[0], -1)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 2))
+def _jit_init(module: nn.Module, key: Array, spec: jax.ShapeDtypeStruct) -> Params:
+  return params_of(module.init(key, jnp.zeros(spec.shape, spec.dtype)))
+
+
+def init_module(module: nn.Module, key: Array, shape: tuple[int, ...], dtype: Any) -> Params:
+  """The ``"params"`` of ``module.init(key, zeros((1, *shape[1:]), dtype))``, jitted and cached.
+
+  Only the shape and dtype of the inputs matter, and only past the batch axis.
+  The jitted init is cached on the (hashable) module configuration and the
+  input shape, process-wide: K heads of one configuration compile once and
+  run K times. This matters on XLA:CPU, where compiling a random-number
+  kernel costs far more than running it, so K=40 per-task initializers in
+  one program (or op by op) make ``init`` take seconds.
+
+  >>> p = init_module(MLP(features=(3,)), jax.random.key(0), (8, 5), jnp.float32)
+  >>> p["dense_0"]["kernel"].shape
+  (5, 3)
+  """
+  if len(shape) == 0:
+    raise ValueError(f"inputs must have a leading batch axis, got a scalar of shape {tuple(shape)}")
+  return _jit_init(module, key, jax.ShapeDtypeStruct((1, *shape[1:]), jnp.dtype(dtype)))
+
+
+def params_of(variables: Mapping[str, Any]) -> Params:
+  """The ``"params"`` collection of linen variables, ``{}`` when there is none.
+
+  >>> params_of({})
+  {}
+  """
+  return dict(variables.get("params", {}))
+
+
+class MLP(nn.Module):
+  """Dense layers named ``dense_0, dense_1, ...`` with an activation between.
+
+  Attributes:
+    features: the layer widths.
+    activation: applied after every layer but the last, and after the last
+      too when ``activate_last``.
+    activate_last: whether the output is activated (a trunk) or not (a head).
+    flatten: flatten non-batch input dimensions first.
+    dtype: computation dtype; ``None`` promotes inputs and params.
+    param_dtype: parameter dtype.
+
+  >>> m = MLP(features=(4, 2))
+  >>> v = m.init(jax.random.key(0), jnp.zeros((3, 5)))
+  >>> m.apply(v, jnp.ones((3, 5))).shape
+  (3, 2)
+  """
+
+  features: tuple[int, ...]
+  activation: Callable[[Array], Array] = jax.nn.relu
+  activate_last: bool = False
+  flatten: bool = False
+  dtype: Any = None
+  param_dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    """Applies the layers to ``x`` of shape ``(B, F)`` (or ``(B, ...)`` with ``flatten``)."""
+    if self.flatten:
+      x = flatten_batch(x)
+    n = len(self.features)
+    for i, f in enumerate(self.features):
+      x = nn.Dense(f, dtype=self.dtype, param_dtype=self.param_dtype, name=f"dense_{i}")(x)
+      if i < n - 1 or self.activate_last:
+        x = self.activation(x)
+    return x
+
+
+def dense_heads(task_dims: Mapping[str, int], head_hidden: tuple[int, ...], activation, dtype, param_dtype):
+  """One :class:`MLP` head per task: ``head_hidden`` then the task's output dim.
+
+  >>> heads = dense_heads({"a": 3}, (), jax.nn.relu, None, jnp.float32)
+  >>> heads["a"].features
+  (3,)
+  """
+  return {
+    name: MLP(
+      features=(*head_hidden, dim), activation=activation, activate_last=False, dtype=dtype, param_dtype=param_dtype
+    )
+    for name, dim in task_dims.items()
+  }
+
+
+def make_head_fn(heads: Mapping[str, nn.Module], where: str):
+  """Returns ``head(task, task_params, z) -> prediction`` over linen ``heads``.
+
+  >>> heads = dense_heads({"a": 3}, (), jax.nn.relu, None, jnp.float32)
+  >>> p = params_of(heads["a"].init(jax.random.key(0), jnp.zeros((1, 4))))
+  >>> make_head_fn(heads, "mlp")("a", p, jnp.ones((2, 4))).shape
+  (2, 3)
+  """
+
+  def head(task: str, task_params: Params, z: Array) -> Array:
+    if task not in heads:
+      raise ValueError(f"{where}: unknown task {task!r}; tasks are {list(heads)}")
+    return heads[task].apply({"params": task_params}, z)
+
+  return head
+
+
+def init_heads(heads: Mapping[str, nn.Module], keys: Array, z_shape: tuple[int, ...], z_dtype) -> dict[str, Params]:
+  """Initializes every head on a dummy representation, with ``keys[i]`` for task ``i``.
+
+  >>> heads = dense_heads({"a": 3, "b": 2}, (), jax.nn.relu, None, jnp.float32)
+  >>> p = init_heads(heads, jax.random.split(jax.random.key(0), 2), (5, 4), jnp.float32)
+  >>> p["b"]["dense_0"]["kernel"].shape
+  (4, 2)
+  """
+  return {name: init_module(mod, keys[i], z_shape, z_dtype) for i, (name, mod) in enumerate(heads.items())}
