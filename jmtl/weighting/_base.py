@@ -9,6 +9,7 @@ pure functions, so transforms are values that jit, vmap and compose.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 from typing import NamedTuple
 from typing import Protocol
@@ -54,11 +55,15 @@ class WeightingTransform(NamedTuple):
       whose leaves are ``(K, ...)``); ``key`` is a PRNG key for stochastic
       methods.
     needs: one of :data:`NEEDS`: what the engine must compute for ``update``.
+    select: ``None`` (the Gramian/Jacobian is over all of ``params["shared"]``)
+      or ``select(shared_params) -> subtree``: the part it is over, e.g. the
+      last shared layer for GradNorm.
   """
 
   init: InitFn
   update: UpdateFn
   needs: str = "losses"
+  select: Callable[[Any], Any] | None = None
 
 
 class EmptyState(NamedTuple):
@@ -171,6 +176,10 @@ def chain(*transforms: WeightingTransform) -> WeightingTransform:
     [1.0, 3.0]
   """
   needs = needs_of(*transforms)
+  selects = {t.select for t in transforms if t.select is not None}
+  if len(selects) > 1:
+    raise ValueError("chain: the transforms select different parameter subsets for their Gramian/Jacobian")
+  select = selects.pop() if selects else None
 
   def init_fn(num_tasks):
     return ChainState(tuple(t.init(num_tasks) for t in transforms))
@@ -191,7 +200,7 @@ def chain(*transforms: WeightingTransform) -> WeightingTransform:
       new_states.append(new_state)
     return w, ChainState(tuple(new_states))
 
-  return WeightingTransform(init_fn, update_fn, needs)
+  return WeightingTransform(init_fn, update_fn, needs, select)
 
 
 def aggregate(
