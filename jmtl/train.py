@@ -23,12 +23,12 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from jmtl import grads as grads_lib
 from jmtl import metrics as metrics_lib
 from jmtl import sharing
 from jmtl import tasks as tasks_lib
 from jmtl.weighting import WeightingTransform
 from jmtl.weighting import equal
-from jmtl.weighting import gramian_of
 
 Array = jax.Array
 Params = Any
@@ -90,31 +90,8 @@ def _apply_fn(model) -> Callable:
   return apply
 
 
-def _task_terms(apply, tasks, params, batch):
-  """``(Σ loss, Σ count)`` per task, stacked to ``(K,)`` each."""
-  preds = apply(params, batch["inputs"])
-  terms = [tasks_lib.loss_terms(t, preds, batch) for t in tasks]
-  return jnp.stack([s for s, _ in terms]), jnp.stack([c for _, c in terms])
-
-
-def _psum(x, axis_name):
-  return x if axis_name is None else jax.lax.psum(x, axis_name)
-
-
 def _where_tree(ok, new, old):
   return jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, old)
-
-
-def gradient_metrics(gramian: Array, names: Sequence[str]) -> dict[str, Array]:
-  """Per-task gradient norms and the cosine matrix, from the Gramian ``J Jᵀ``."""
-  norms = jnp.sqrt(jnp.clip(jnp.diagonal(gramian), 0))
-  # A zero gradient has no direction: report cosine 0 against it, not NaN.
-  safe = jnp.where(norms > 0, norms, 1)
-  cos = gramian / (safe[:, None] * safe[None, :])
-  cos = jnp.where((norms[:, None] > 0) & (norms[None, :] > 0), cos, 0)
-  out = {f"grad_norm/{n}": norms[i] for i, n in enumerate(names)}
-  out["grad_cosine"] = cos
-  return out
 
 
 def make_train_step(
@@ -125,14 +102,19 @@ def make_train_step(
   *,
   penalty: sharing.Penalty | Sequence[sharing.Penalty] | None = None,
   axis_name: str | None = None,
+  level: str = "parameter",
+  heads: str = "weighted",
+  chunk_size: int | None = None,
+  cross_device: str = "exact",
 ) -> Callable[[TrainState, Batch], tuple[TrainState, dict[str, Array]]]:
   """Builds the pure multi-task train step.
 
   The update is ``∇θ [Σₖ stop_gradient(wₖ) Lₖ + penalty(θ)]``. For a
   loss-level weighting this costs one forward and one backward (a VJP with the
-  weights as cotangent). A weighting that needs the Gramian or Jacobian gets
-  the per-task gradients of ``params["shared"]``, computed with one VJP per
-  task (the general path, correct for any ``apply``).
+  weights as cotangent). A weighting that needs the Gramian or Jacobian of
+  ``params["shared"]`` gets it by the cheapest route :mod:`jmtl.grads` knows
+  for the model: the separable fast paths when it has ``encode``/``head``,
+  one VJP per task otherwise.
 
   Data parallelism: with ``axis_name`` set, the step is meant for
   ``jax.pmap``/``shard_map``: label counts, losses and gradients are summed
@@ -148,6 +130,9 @@ def make_train_step(
     weighting: a weighting transform (default :func:`jmtl.weighting.equal`).
     penalty: regularisers from :mod:`jmtl.sharing` (one or a sequence).
     axis_name: the pmap/shard_map axis to reduce over, or ``None``.
+    level, heads, chunk_size, cross_device: how per-task gradients are
+      computed for Gramian/Jacobian transforms; see
+      :class:`jmtl.grads.GradientOptions`.
 
   Returns:
     ``step(state, batch) -> (state, metrics)``; ``metrics`` holds
@@ -173,51 +158,21 @@ def make_train_step(
   """
   tasks = tasks_lib.check_tasks(tasks)
   names = tuple(t.name for t in tasks)
-  apply = _apply_fn(model)
+  _apply_fn(model)
   weighting = equal() if weighting is None else weighting
   penalty_fn = sharing.as_penalty(penalty)
-
-  def objective_terms(params, batch):
-    sums, counts = _task_terms(apply, tasks, params, batch)
-    pen = penalty_fn(params) if penalty_fn is not None else jnp.zeros((), sums.dtype)
-    return (sums, pen), counts
+  opts = grads_lib.GradientOptions(level, heads, chunk_size, cross_device).check()
 
   def step(state: TrainState, batch: Batch):
     tasks_lib.check_batch(tasks, batch)
     rng, key = jax.random.split(state.rng)
-    (sums, pen), vjp_fn, counts = jax.vjp(lambda p: objective_terms(p, batch), state.params, has_aux=True)
-    denom = jnp.maximum(_psum(counts, axis_name), 1)
-    losses = _psum(sums / denom, axis_name)
-    # Every device holds the same parameters, so the penalty's gradient is
-    # split between them and restored exactly by the gradient psum.
-    pen_scale = 1.0 if axis_name is None else 1.0 / jax.lax.psum(1, axis_name)
-    extra = {}
-    if weighting.needs == "losses":
-      weights, wstate = weighting.update(losses, state.weighting_state, key=key)
-      weights = jax.lax.stop_gradient(weights)
-      (grads,) = vjp_fn(((weights / denom).astype(sums.dtype), jnp.asarray(pen_scale, pen.dtype)))
-      grads = _psum(grads, axis_name)
+    out = grads_lib.compute(model, tasks, state.params, batch, weighting, state.weighting_state, key, axis_name, opts)
+    losses, weights, wstate, grads = out.losses, out.weights, out.weighting_state, out.grads
+    if penalty_fn is not None:
+      pen, pgrads = jax.value_and_grad(penalty_fn)(state.params)
+      grads = jax.tree.map(jnp.add, grads, pgrads)
     else:
-      # General path: one VJP per task, so J holds each task's gradient of all
-      # parameters; the Gramian is of the shared part (DESIGN §1).
-      rows = jnp.diag(1.0 / denom).astype(sums.dtype)
-      (jac,) = jax.vmap(lambda c: vjp_fn((c, jnp.zeros_like(pen))))(rows)
-      jac = _psum(jac, axis_name)
-      gramian = gramian_of(jac["shared"])
-      weights, wstate = weighting.update(
-        losses,
-        state.weighting_state,
-        gramian=gramian,
-        jacobian=jac["shared"] if weighting.needs == "jacobian" else None,
-        key=key,
-      )
-      weights = jax.lax.stop_gradient(weights)
-      grads = jax.tree.map(lambda j: jnp.tensordot(weights.astype(j.dtype), j, 1), jac)
-      if penalty_fn is not None:
-        (pgrads,) = vjp_fn((jnp.zeros_like(sums), jnp.asarray(pen_scale, pen.dtype)))
-        grads = jax.tree.map(jnp.add, grads, _psum(pgrads, axis_name))
-      extra = gradient_metrics(gramian, names)
-
+      pen = jnp.zeros((), losses.dtype)
     grad_norm = optax.tree.norm(grads)
     ok = jnp.isfinite(grad_norm) & jnp.all(jnp.isfinite(losses)) & jnp.all(jnp.isfinite(weights)) & jnp.isfinite(pen)
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
@@ -239,7 +194,7 @@ def make_train_step(
       grad_norm=grad_norm,
       skipped=skipped,
       num_skipped=new_state.num_skipped,
-      **extra,
+      **out.extra,
     )
     return new_state, metrics
 
@@ -275,7 +230,7 @@ def make_eval_step(model, tasks: Sequence[tasks_lib.Task], *, axis_name: str | N
         "loss": (loss_sum, count),
         **metrics_lib.metric_stats(t.metrics, preds[t.name], batch["labels"][t.name], mask),
       }
-    return _psum(stats, axis_name)
+    return stats if axis_name is None else jax.lax.psum(stats, axis_name)
 
   return eval_step
 

@@ -1,0 +1,389 @@
+"""Per-task gradients of the shared parameters, computed only when a transform asks.
+
+Three routes, cheapest first (DESIGN §1, §4):
+
+* **loss level** (:func:`loss_level`): the weighting reads the losses only; one
+  forward and one backward with the weights as the VJP cotangent.
+* **separable** (:func:`separable`): the model exposes ``encode``/``head``. The
+  trunk runs once; each head's loss and ``∂Lₖ/∂z`` come from that head's own
+  VJP (never a full-model VJP per task, which would do K² head work). Then
+
+  - *representation level* (MGDA-UB, Sener & Koltun 2018): ``G = Σ_batch dz dzᵀ``;
+  - *parameter level*: for every ``flax.linen.Dense`` layer of the trunk, with
+    inputs ``a`` and per-task output cotangents ``δₖ``,
+    ``⟨aᵀδᵢ, aᵀδⱼ⟩ = Σ (a aᵀ) ⊙ (δᵢ δⱼᵀ)`` gives the Gramian without forming the
+    K × P Jacobian (the idea behind torchjd's autogram); parameters outside
+    such layers get their Jacobian rows from the trunk's VJP, ``chunk_size``
+    tasks at a time;
+  - the update direction is one more trunk backward with ``Σₖ wₖ dzₖ``.
+* **general** (:func:`general`): any ``apply``; one full VJP per task. Correct,
+  and K times the backward cost.
+
+Data parallelism: with ``axis_name``, the Gramian is that of the *global*
+batch gradients. At representation level the rows of ``dz`` concatenate over
+devices, so summing local Gramians is exact. At parameter level it is not:
+``cross_device="exact"`` (default) all-reduces the Jacobian, and
+``"approximate"`` sums local Gramians (cheaper, and documented as such).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+from typing import NamedTuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from jmtl import tasks as tasks_lib
+from jmtl.weighting import WeightingTransform
+from jmtl.weighting import gramian_of
+
+Array = jax.Array
+
+
+class GradientOptions(NamedTuple):
+  """How the engine computes per-task gradients for Gramian/Jacobian transforms.
+
+  Attributes:
+    level: ``"parameter"`` (the Gramian of the shared-parameter gradients, the
+      papers' definition) or ``"representation"`` (of ``∂Lₖ/∂z``, MGDA-UB;
+      needs ``encode``/``head``).
+    heads: ``"weighted"``: head k moves along ``wₖ ∇Lₖ`` (the gradient of
+      ``Σ wₖLₖ``); ``"own"``: along its own ``∇Lₖ`` (torchjd's ``mtl_backward``).
+    chunk_size: tasks per trunk VJP when Jacobian rows are materialised
+      (bounds memory at ``chunk_size × P``); ``None`` for all at once.
+    cross_device: ``"exact"`` or ``"approximate"`` (see the module docstring).
+  """
+
+  level: str = "parameter"
+  heads: str = "weighted"
+  chunk_size: int | None = None
+  cross_device: str = "exact"
+
+  def check(self) -> GradientOptions:
+    for field, allowed in (
+      ("level", ("parameter", "representation")),
+      ("heads", ("weighted", "own")),
+      ("cross_device", ("exact", "approximate")),
+    ):
+      if getattr(self, field) not in allowed:
+        raise ValueError(f"gradient option {field}={getattr(self, field)!r} is not one of {allowed}")
+    if self.chunk_size is not None and (not isinstance(self.chunk_size, int) or self.chunk_size < 1):
+      raise ValueError(f"gradient option chunk_size must be a positive int or None, got {self.chunk_size!r}")
+    return self
+
+
+class StepGrads(NamedTuple):
+  losses: Array  # (K,) global per-task losses
+  weights: Array  # (K,)
+  weighting_state: Any
+  grads: Any  # like params
+  extra: dict  # Gramian-derived metrics
+
+
+def _psum(x, axis_name):
+  return x if axis_name is None else jax.lax.psum(x, axis_name)
+
+
+def _is_task_vector(w, k) -> bool:
+  return isinstance(w, jax.Array | jnp.ndarray) and w.shape == (k,)
+
+
+def _scale_rows(w, tree):
+  return jax.tree.map(lambda j: jnp.tensordot(w.astype(j.dtype), j, 1), tree)
+
+
+def _elementwise_combine(weights, jac):
+  return jax.tree.map(lambda w, j: jnp.sum(w.astype(j.dtype) * j, axis=0), weights, jac)
+
+
+def gradient_metrics(gramian: Array, names: Sequence[str]) -> dict[str, Array]:
+  """Per-task gradient norms and the cosine matrix, from the Gramian ``J Jᵀ``."""
+  norms = jnp.sqrt(jnp.clip(jnp.diagonal(gramian), 0))
+  # A zero gradient has no direction: report cosine 0 against it, not NaN.
+  safe = jnp.where(norms > 0, norms, 1)
+  cos = gramian / (safe[:, None] * safe[None, :])
+  cos = jnp.where((norms[:, None] > 0) & (norms[None, :] > 0), cos, 0)
+  out = {f"grad_norm/{n}": norms[i] for i, n in enumerate(names)}
+  out["grad_cosine"] = cos
+  return out
+
+
+def _denominators(counts, axis_name):
+  return jnp.maximum(_psum(counts, axis_name), 1)
+
+
+def _call_weighting(transform, losses, wstate, key, gramian=None, jacobian=None):
+  w, s = transform.update(losses, wstate, gramian=gramian, jacobian=jacobian, key=key)
+  return jax.lax.stop_gradient(w), s
+
+
+def task_terms(apply, tasks, params, batch):
+  """``(Σ loss, Σ count)`` per task, stacked to ``(K,)`` each, from ``apply``."""
+  preds = apply(params, batch["inputs"])
+  terms = [tasks_lib.loss_terms(t, preds, batch) for t in tasks]
+  return jnp.stack([s for s, _ in terms]), jnp.stack([c for _, c in terms])
+
+
+def loss_level(apply, tasks, params, batch, transform, wstate, key, axis_name) -> StepGrads:
+  """One forward, one backward: ``∇ Σ wₖ Lₖ`` as a VJP with cotangent ``w``."""
+  sums, vjp_fn, counts = jax.vjp(lambda p: task_terms(apply, tasks, p, batch), params, has_aux=True)
+  denom = _denominators(counts, axis_name)
+  losses = _psum(sums / denom, axis_name)
+  weights, wstate = _call_weighting(transform, losses, wstate, key)
+  (grads,) = vjp_fn((weights / denom).astype(sums.dtype))
+  return StepGrads(losses, weights, wstate, _psum(grads, axis_name), {})
+
+
+def general(apply, tasks, params, batch, transform, wstate, key, axis_name, names, opts) -> StepGrads:
+  """Any ``apply``: one VJP per task gives every task's gradient of all parameters."""
+  sums, vjp_fn, counts = jax.vjp(lambda p: task_terms(apply, tasks, p, batch), params, has_aux=True)
+  denom = _denominators(counts, axis_name)
+  losses = _psum(sums / denom, axis_name)
+  rows = jnp.diag(1.0 / denom).astype(sums.dtype)
+  (jac,) = _map_rows(vjp_fn, rows, opts.chunk_size)
+  jac = _psum(jac, axis_name)
+  shared_jac = jac["shared"] if transform.select is None else transform.select(jac["shared"])
+  gramian = gramian_of(shared_jac)
+  weights, wstate = _call_weighting(
+    transform, losses, wstate, key, gramian, shared_jac if transform.needs == "jacobian" else None
+  )
+  if _is_task_vector(weights, len(names)):
+    grads = _scale_rows(weights, jac) if opts.heads == "weighted" else _own_heads(weights, jac)
+  else:
+    if transform.select is not None:
+      raise ValueError("element-wise weights need the Jacobian of all shared parameters (select=None)")
+    grads = {
+      "shared": _elementwise_combine(weights, jac["shared"]),
+      "tasks": _scale_rows(jnp.ones_like(losses), jac["tasks"]),
+    }
+    weights = jnp.ones_like(losses)
+  return StepGrads(losses, weights, wstate, grads, gradient_metrics(gramian, names))
+
+
+def _own_heads(weights, jac):
+  return {"shared": _scale_rows(weights, jac["shared"]), "tasks": _scale_rows(jnp.ones_like(weights), jac["tasks"])}
+
+
+def _map_rows(fn, rows, chunk_size):
+  """``vmap(fn)(rows)``, or ``chunk_size`` rows at a time to bound memory."""
+  if chunk_size is None or chunk_size >= rows.shape[0]:
+    return jax.vmap(fn)(rows)
+  return jax.lax.map(fn, rows, batch_size=chunk_size)
+
+
+# ----------------------------------------------------------------------------- dense-layer taps
+
+
+class _Layer(NamedTuple):
+  path: tuple[str, ...]  # module path inside params["shared"]
+  out_shape: tuple[int, ...]
+  out_dtype: Any
+
+
+def _dense_interceptor(perturb, record):
+  """Adds ``perturb[i]`` to the i-th Dense output and records its input."""
+  counter = [0]
+
+  def interceptor(next_fun, args, kwargs, context):
+    if not (isinstance(context.module, nn.Dense) and context.method_name == "__call__"):
+      return next_fun(*args, **kwargs)
+    y = next_fun(*args, **kwargs)
+    i = counter[0]
+    counter[0] += 1
+    record.append((tuple(context.module.path), args[0], y))
+    return y if perturb is None else y + perturb[i]
+
+  return interceptor
+
+
+def _discover_layers(encode, shared, inputs) -> list[_Layer] | None:
+  """The trunk's Dense layers, if each is a distinct shared leaf pair used once."""
+  record = []
+
+  def probe(s, x):
+    with nn.intercept_methods(_dense_interceptor(None, record)):
+      return encode(s, x)
+
+  jax.eval_shape(probe, shared, inputs)
+  paths = [p for p, _, _ in record]
+  layers = []
+  for path, _, y in record:
+    node = shared
+    for name in path:
+      node = node.get(name) if isinstance(node, dict) else None
+    if paths.count(path) != 1 or not isinstance(node, dict) or "kernel" not in node:
+      return None  # a shared module called twice (or living elsewhere): no exact identity, fall back
+    if node["kernel"].ndim != 2:
+      return None
+    layers.append(_Layer(path, tuple(y.shape), y.dtype))
+  return layers
+
+
+def _leaf_paths(tree) -> list[tuple]:
+  return [
+    tuple(getattr(k, "key", getattr(k, "idx", k)) for k in path)
+    for path, _ in jax.tree_util.tree_leaves_with_path(tree)
+  ]
+
+
+def _selected_paths(shared, select) -> set[tuple]:
+  if select is None:
+    return set(_leaf_paths(shared))
+  marked = jax.tree_util.tree_map_with_path(
+    lambda p, _: tuple(getattr(k, "key", getattr(k, "idx", k)) for k in p), shared
+  )
+  return set(jax.tree.leaves(select(marked), is_leaf=lambda x: isinstance(x, tuple)))
+
+
+def _dense_gramian(a, delta, use_kernel, use_bias):
+  """Kernel and bias Gramian of one Dense layer from inputs ``a`` and per-task cotangents ``delta``.
+
+  ``a``: (..., I) rows of the layer input; ``delta``: (K, ..., O) per-task
+  output cotangents. Picks the cheaper of the identity
+  ``Σ (a aᵀ) ⊙ (δᵢ δⱼᵀ)`` and the explicit ``Jₖ = aᵀ δₖ``.
+  """
+  k = delta.shape[0]
+  rows = a.reshape(-1, a.shape[-1])
+  n, i_dim = rows.shape
+  o_dim = delta.shape[-1]
+  d = delta.reshape(k, n, o_dim)
+  g = jnp.zeros((k, k), d.dtype)
+  if use_kernel:
+    identity_cost = n * n * i_dim + k * n * n * o_dim + k * k * n * o_dim
+    explicit_cost = k * n * i_dim * o_dim + k * k * i_dim * o_dim
+    rows = rows.astype(d.dtype)
+    if identity_cost <= explicit_cost:
+      gram_a = rows @ rows.T  # (n, n)
+      m = gram_a @ jnp.moveaxis(d, 0, 1).reshape(n, k * o_dim)  # (n, K·O): A δₖ for every k
+      m = jnp.moveaxis(m.reshape(n, k, o_dim), 1, 0).reshape(k, n * o_dim)
+      gk = d.reshape(k, n * o_dim) @ m.T
+    else:
+      jk = rows.T @ jnp.moveaxis(d, 0, 1).reshape(n, k * o_dim)  # (I, K·O)
+      jk = jnp.moveaxis(jk.reshape(i_dim, k, o_dim), 1, 0).reshape(k, i_dim * o_dim)
+      gk = jk @ jk.T
+    g = g + 0.5 * (gk + gk.T)
+  if use_bias:
+    s = jnp.sum(d, axis=1)  # (K, O)
+    g = g + s @ s.T
+  return g
+
+
+def separable(model, tasks, params, batch, transform, wstate, key, axis_name, names, opts) -> StepGrads:
+  """The encode/head route: trunk once, heads per task, Gramian at the requested level."""
+  inputs = batch["inputs"]
+  shared = params["shared"]
+  k = len(tasks)
+  param_level = opts.level == "parameter"
+  need_jacobian = transform.needs == "jacobian" or (
+    param_level and axis_name is not None and opts.cross_device == "exact"
+  )
+  layers = None
+  if param_level and not need_jacobian:
+    layers = _discover_layers(model.encode, shared, inputs)
+  if layers:
+
+    def enc(s, eps):
+      record = []
+      with nn.intercept_methods(_dense_interceptor(eps, record)):
+        z = model.encode(s, inputs)
+      return z, [x for _, x, _ in record]
+
+    eps0 = [jnp.zeros(layer.out_shape, layer.out_dtype) for layer in layers]
+  else:
+
+    def enc(s, eps):
+      del eps
+      return model.encode(s, inputs), []
+
+    eps0 = []
+  z, enc_vjp, acts = jax.vjp(enc, shared, eps0, has_aux=True)
+
+  sums, counts, head_vjps = [], [], []
+  for t in tasks:
+
+    def head_loss(tp, zz, t=t):
+      s, c = tasks_lib.loss_terms(t, {t.name: model.head(t.name, tp, zz)}, batch)
+      return s, c
+
+    s, vjp_t, c = jax.vjp(head_loss, params["tasks"][t.name], z, has_aux=True)
+    sums.append(s)
+    counts.append(c)
+    head_vjps.append(vjp_t)
+  sums, counts = jnp.stack(sums), jnp.stack(counts)
+  denom = _denominators(counts, axis_name)
+  losses = _psum(sums / denom, axis_name)
+  head_grads, dzs = zip(*[vjp_t((1.0 / denom[i]).astype(sums.dtype)) for i, vjp_t in enumerate(head_vjps)])
+  dz = jax.tree.map(lambda *x: jnp.stack(x), *dzs)  # (K, B, ...) per leaf of z
+
+  jac = None
+  if not param_level:
+    gramian = _psum(gramian_of(dz), axis_name)
+  else:
+    selected = _selected_paths(shared, transform.select)
+    covered = set()
+    gramian = jnp.zeros((k, k), sums.dtype)
+    if layers:
+      deltas = _map_rows(lambda c: enc_vjp(c)[1], dz, opts.chunk_size)  # per-layer (K, *out_shape)
+      for layer, a, delta in zip(layers, acts, deltas):
+        kpath, bpath = (*layer.path, "kernel"), (*layer.path, "bias")
+        use_k, use_b = kpath in selected, bpath in selected
+        covered |= {kpath, bpath}
+        if use_k or use_b:
+          gramian = gramian + _dense_gramian(a, delta, use_k, use_b)
+    rest = selected - covered
+    if rest:
+      rows = _map_rows(lambda c: enc_vjp(c)[0], dz, opts.chunk_size)
+      jac = _psum(rows, axis_name) if need_jacobian else rows
+      sel_jac = jac if transform.select is None else transform.select(jac)
+      if covered:
+        sel_jac = [leaf for p, leaf in zip(_leaf_paths(jac), jax.tree.leaves(jac)) if p in rest]
+      gramian = gramian + gramian_of(sel_jac)
+      if transform.select is not None:
+        jac = transform.select(jac)
+    if not need_jacobian:
+      gramian = _psum(gramian, axis_name)  # exact on one device; the documented approximation across devices
+
+  weights, wstate = _call_weighting(
+    transform, losses, wstate, key, gramian, jac if transform.needs == "jacobian" else None
+  )
+  if _is_task_vector(weights, k):
+    cot = jax.tree.map(lambda d: jnp.tensordot(weights.astype(d.dtype), d, 1), dz)
+    g_shared = _psum(enc_vjp(cot)[0], axis_name)
+  else:
+    if transform.select is not None:
+      raise ValueError("element-wise weights need the Jacobian of all shared parameters (select=None)")
+    g_shared = _elementwise_combine(weights, jac)  # jac is already the global Jacobian
+    weights = jnp.ones_like(losses)
+  head_w = weights if opts.heads == "weighted" else jnp.ones_like(weights)
+  g_tasks = {
+    t.name: jax.tree.map(lambda g, i=i: g * head_w[i].astype(g.dtype), head_grads[i]) for i, t in enumerate(tasks)
+  }
+  grads = {"shared": g_shared, "tasks": _psum(g_tasks, axis_name)}
+  return StepGrads(losses, weights, wstate, grads, gradient_metrics(gramian, names))
+
+
+def compute(
+  model,
+  tasks: Sequence[tasks_lib.Task],
+  params,
+  batch,
+  transform: WeightingTransform,
+  wstate,
+  key,
+  axis_name: str | None,
+  opts: GradientOptions,
+) -> StepGrads:
+  """Losses, weights and the weighted gradient by the cheapest route that serves ``transform``."""
+  names = tuple(t.name for t in tasks)
+  apply = getattr(model, "apply", model)
+  if transform.needs == "losses":
+    return loss_level(apply, tasks, params, batch, transform, wstate, key, axis_name)
+  separable_ok = getattr(model, "encode", None) is not None and getattr(model, "head", None) is not None
+  if separable_ok:
+    return separable(model, tasks, params, batch, transform, wstate, key, axis_name, names, opts)
+  if opts.level == "representation":
+    raise ValueError("level='representation' needs a model with encode and head (see jmtl.models.MultiTaskModel)")
+  return general(apply, tasks, params, batch, transform, wstate, key, axis_name, names, opts)
