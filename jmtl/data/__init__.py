@@ -4,10 +4,28 @@ Importing this package loads neither TensorFlow nor tensorflow_datasets; the
 builders import TFDS when a dataset is first prepared or loaded.
 """
 
+from jmtl.data import catalog
 from jmtl.data import multi_digits
+from jmtl.data import pipeline
 from jmtl.data import qm9
 from jmtl.data import synthetic
 from jmtl.data._tfds import Source
 from jmtl.data._tfds import default_data_dir
+from jmtl.data.pipeline import ArraySource
+from jmtl.data.pipeline import multi_input
+from jmtl.data.pipeline import multi_label
+from jmtl.data.pipeline import normalize_images
 
-__all__ = ["Source", "default_data_dir", "multi_digits", "qm9", "synthetic"]
+__all__ = [
+    "ArraySource",
+    "Source",
+    "catalog",
+    "default_data_dir",
+    "multi_digits",
+    "multi_input",
+    "multi_label",
+    "normalize_images",
+    "pipeline",
+    "qm9",
+    "synthetic",
+]
