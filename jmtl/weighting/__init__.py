@@ -16,6 +16,9 @@ from jmtl.weighting._base import combine_jacobian
 from jmtl.weighting._base import gramian_of
 from jmtl.weighting._base import needs_of
 from jmtl.weighting._base import stateless
+from jmtl.weighting._elementwise import graddrop
+from jmtl.weighting._gradnorm import GradNormState
+from jmtl.weighting._gradnorm import gradnorm
 from jmtl.weighting._learned import FAMOState
 from jmtl.weighting._learned import IMTLLState
 from jmtl.weighting._learned import UncertaintyState
@@ -26,6 +29,11 @@ from jmtl.weighting._loss_level import DWAState
 from jmtl.weighting._loss_level import dwa
 from jmtl.weighting._loss_level import gls
 from jmtl.weighting._loss_level import rlw
+from jmtl.weighting._projection import GradVacState
+from jmtl.weighting._projection import aligned_mtl
+from jmtl.weighting._projection import gradvac
+from jmtl.weighting._projection import imtl_g
+from jmtl.weighting._projection import pcgrad
 from jmtl.weighting._static import equal
 from jmtl.weighting._static import static
 
@@ -35,10 +43,13 @@ __all__ = [
   "DWAState",
   "EmptyState",
   "FAMOState",
+  "GradNormState",
+  "GradVacState",
   "IMTLLState",
   "UncertaintyState",
   "WeightingTransform",
   "aggregate",
+  "aligned_mtl",
   "as_aggregator",
   "chain",
   "combine_jacobian",
@@ -46,9 +57,14 @@ __all__ = [
   "equal",
   "famo",
   "gls",
+  "graddrop",
+  "gradnorm",
+  "gradvac",
   "gramian_of",
+  "imtl_g",
   "imtl_l",
   "needs_of",
+  "pcgrad",
   "rlw",
   "stateless",
   "static",

@@ -53,7 +53,9 @@ class WeightingTransform(NamedTuple):
       ``(K, K)`` matrix ``J Jᵀ`` of the shared-parameter gradients; ``jacobian``
       is ``J`` stacked on a leading task axis (an array ``(K, P)`` or a pytree
       whose leaves are ``(K, ...)``); ``key`` is a PRNG key for stochastic
-      methods.
+      methods. A ``"jacobian"`` transform may return element-wise weights
+      instead of ``(K,)`` ones (see :func:`combine_jacobian`); it goes last in
+      a :func:`chain`.
     needs: one of :data:`NEEDS`: what the engine must compute for ``update``.
     select: ``None`` (the Gramian/Jacobian is over all of ``params["shared"]``)
       or ``select(shared_params) -> subtree``: the part it is over, e.g. the
@@ -102,7 +104,7 @@ def stateless(weight_fn, needs: str = "losses") -> WeightingTransform:
 
   def update_fn(losses, state, *, gramian=None, jacobian=None, key=None):
     w = weight_fn(losses, gramian=gramian, jacobian=jacobian, key=key)
-    return jnp.asarray(w, losses.dtype), state
+    return jax.tree.map(lambda x: jnp.asarray(x, losses.dtype), w), state
 
   return WeightingTransform(init_fn, update_fn, needs)
 
@@ -142,9 +144,25 @@ def gramian_of(jacobian) -> Array:
   return sum(f @ f.T for f in flat)
 
 
-def combine_jacobian(weights: Array, jacobian):
-  """``Σₖ wₖ Jₖ`` for a stacked Jacobian (array or pytree)."""
-  return jax.tree.map(lambda j: jnp.tensordot(weights.astype(j.dtype), j, 1), jacobian)
+def combine_jacobian(weights, jacobian):
+  """``Σₖ wₖ Jₖ`` for a stacked Jacobian (array or pytree).
+
+  ``weights`` is a ``(K,)`` vector of task weights, or *element-wise* weights
+  (what a Jacobian-level transform such as GradDrop returns): a pytree with
+  the structure and leaf shapes of ``jacobian``, combined as ``Σₖ Wₖ ⊙ Jₖ``.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> from jmtl.weighting import combine_jacobian
+    >>> J = jnp.array([[1.0, 2.0], [3.0, 4.0]])
+    >>> combine_jacobian(jnp.array([1.0, 0.5]), J).tolist()
+    [2.5, 4.0]
+    >>> combine_jacobian(jnp.array([[1.0, 0.0], [0.0, 1.0]]), J).tolist()
+    [1.0, 4.0]
+  """
+  if jax.tree_util.treedef_is_leaf(jax.tree.structure(weights)) and jnp.ndim(weights) == 1:
+    return jax.tree.map(lambda j: jnp.tensordot(weights.astype(j.dtype), j, 1), jacobian)
+  return jax.tree.map(lambda w, j: jnp.sum(w.astype(j.dtype) * j, axis=0), weights, jacobian)
 
 
 class ChainState(NamedTuple):
@@ -196,7 +214,9 @@ def chain(*transforms: WeightingTransform) -> WeightingTransform:
         jacobian=None if jacobian is None else scale_jacobian(w, jacobian),
         key=k,
       )
-      w = w * wt
+      # A Jacobian-level transform may answer with element-wise weights; they
+      # absorb the task weights so far (and such a transform goes last).
+      w = w * wt if jnp.ndim(wt) == 1 and wt.shape == w.shape else scale_jacobian(w, wt)
       new_states.append(new_state)
     return w, ChainState(tuple(new_states))
 

@@ -1,0 +1,124 @@
+"""GradNorm: learned task weights that balance the tasks' gradient norms."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from jmtl.weighting._base import WeightingTransform
+
+Array = jax.Array
+
+# The floor of a weight after its optimizer step: positive, so no task is
+# silenced for good and the renormalisation never divides by zero, and far
+# below any weight GradNorm settles at.
+_MIN_WEIGHT = 1e-6
+
+
+class GradNormState(NamedTuple):
+  """State of :func:`gradnorm`."""
+
+  weights: Array  # (K,) float: wᵢ > 0 with Σᵢ wᵢ = K, the weights of the next step
+  opt_state: optax.OptState  # the optimizer's state for ``weights``
+  initial_losses: Array  # (K,) float: Lᵢ(0), the losses of the first call
+  has_initial: Array  # () bool: whether ``initial_losses`` is set
+
+
+def gradnorm(
+  alpha: float = 1.5,
+  optimizer: optax.GradientTransformation | None = None,
+  select: Callable[[Any], Any] | None = None,
+) -> WeightingTransform:
+  """Gradient normalization (GradNorm).
+
+  Chen, Badrinarayanan, Lee & Rabinovich, "GradNorm: Gradient Normalization
+  for Adaptive Loss Balancing in Deep Multitask Networks", ICML 2018. With the
+  task weights ``wᵢ`` and the Gramian ``G`` of the task gradients over a
+  parameter subset ``W`` (typically the last shared layer)::
+
+      G_W⁽ⁱ⁾ = ‖∇_W wᵢLᵢ‖ = wᵢ √Gᵢᵢ,     Ḡ = meanᵢ G_W⁽ⁱ⁾
+      r̃ᵢ = (Lᵢ(t)/Lᵢ(0)) / meanⱼ(Lⱼ(t)/Lⱼ(0))
+      L_grad = Σᵢ |G_W⁽ⁱ⁾ − Ḡ r̃ᵢ^α|
+
+  with the target ``Ḡ r̃ᵢ^α`` held constant, so
+  ``∂L_grad/∂wᵢ = √Gᵢᵢ sign(G_W⁽ⁱ⁾ − Ḡ r̃ᵢ^α)``. A task that trains slowly
+  (large ``r̃ᵢ``) is pushed toward a larger gradient norm; ``α`` sets how hard.
+
+  Each call returns the current weights (the model's step of this call uses
+  them), then gives ``w`` one ``optimizer`` step on ``∂L_grad/∂w``, floors it at
+  a small positive value and renormalises it to ``Σᵢ wᵢ = K``. The losses
+  passed to ``update`` are the ``Lᵢ(t)``; those of the first call are recorded
+  as ``Lᵢ(0)`` (so ``r̃ = 1`` on that call). ``r̃`` is computed in log space,
+  ``r̃ = K softmax(log L(t) − log L(0))``, with losses floored at the smallest
+  normal float, so extreme or zero losses keep it finite.
+
+  Args:
+    alpha: ``α ≥ 0``, the strength of the pull toward equal training rates
+      (``α = 0``: equal gradient norms). The paper tunes it per problem.
+    optimizer: the optax optimizer of ``w``. ``None`` means
+      ``optax.adam(0.025)``: Adam's step does not depend on the scale of the
+      gradient norms (which varies by orders of magnitude between models), and
+      0.025 moves O(1) weights visibly within tens of steps.
+    select: ``select(shared_params) -> subtree``, the parameter subset ``W``
+      the engine computes the Gramian over (``None``: all shared parameters).
+
+  Returns:
+    A :class:`WeightingTransform` with state :class:`GradNormState` that needs
+    the Gramian (over ``select``).
+
+  Examples:
+    >>> import jax.numpy as jnp, optax
+    >>> import jmtl
+    >>> t = jmtl.weighting.gradnorm(optimizer=optax.sgd(0.1))
+    >>> G = jnp.diag(jnp.array([1.0, 9.0]))  # gradient norms 1 and 3
+    >>> w, state = t.update(jnp.array([1.0, 1.0]), t.init(2), gramian=G)
+    >>> w.tolist()
+    [1.0, 1.0]
+    >>> [round(float(x), 3) for x in state.weights]  # 1 + 0.1·1, 1 − 0.1·3, renormalised
+    [1.222, 0.778]
+  """
+  if not alpha >= 0:
+    raise ValueError(f"gradnorm: alpha must be non-negative, got {alpha}")
+  if optimizer is None:
+    optimizer = optax.adam(0.025)
+
+  def init_fn(num_tasks):
+    # The default float, whatever the losses' dtype: the state's dtypes never
+    # depend on the batch, so a jitted step never retraces.
+    dtype = jax.dtypes.canonicalize_dtype(float)
+    weights = jnp.ones((num_tasks,), dtype)
+    return GradNormState(weights, optimizer.init(weights), jnp.zeros((num_tasks,), dtype), jnp.asarray(False))
+
+  def update_fn(losses, state, *, gramian=None, jacobian=None, key=None):
+    del jacobian, key
+    k = state.weights.shape[0]
+    if gramian is None:
+      raise ValueError("gradnorm needs the Gramian: pass gramian=... of shape (K, K) to update")
+    if losses.shape != (k,) or gramian.shape != (k, k):
+      raise ValueError(
+        f"gradnorm: state is for {k} tasks, got losses of shape {losses.shape} and a Gramian of shape {gramian.shape}"
+      )
+    dtype = state.weights.dtype
+    w = state.weights
+    current = jax.lax.stop_gradient(losses).astype(dtype)
+    initial = jnp.where(state.has_initial, state.initial_losses, current)
+    norms = jnp.sqrt(jnp.maximum(jnp.diagonal(jax.lax.stop_gradient(gramian)).astype(dtype), 0))
+
+    tiny = jnp.finfo(dtype).tiny
+    log_ratio = jnp.log(jnp.maximum(current, tiny)) - jnp.log(jnp.maximum(initial, tiny))
+    relative_rate = k * jax.nn.softmax(log_ratio)
+    weighted = w * norms
+    target = jnp.mean(weighted) * relative_rate**alpha
+    grad = norms * jnp.sign(weighted - target)
+
+    updates, opt_state = optimizer.update(grad, state.opt_state, w)
+    new_w = jnp.maximum(optax.apply_updates(w, updates), _MIN_WEIGHT)
+    new_w = k * new_w / jnp.sum(new_w)
+    return w.astype(losses.dtype), GradNormState(new_w, opt_state, initial, jnp.asarray(True))
+
+  return WeightingTransform(init_fn, update_fn, "gramian", select)
