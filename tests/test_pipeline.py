@@ -11,6 +11,7 @@ import optax
 import pytest
 
 import jmtl
+from jmtl.data import mixing as M
 from jmtl.data import pipeline as P
 from jmtl.data import synthetic
 
@@ -134,10 +135,10 @@ def test_process_sharding_takes_rows_of_the_global_batch(monkeypatch):
   src = _indexed(40)
   glob = P.multi_label(src, 8, seed=3)[2]
   srcs = {"a": src, "b": P.ArraySource({"inputs": np.zeros((9, 1), np.int64), "labels": {"b": np.zeros(9)}})}
-  mi = P.multi_input(srcs, 8, seed=3)[4]
+  mi = M.multi_input(srcs, 8, seed=3)[4]
   _fake_processes(monkeypatch, 1, 2)
   assert _ids(P.multi_label(src, 8, seed=3)[2]) == _ids(glob)[4:]
-  assert _equal(P.multi_input(srcs, 8, seed=3)[4], jax.tree.map(lambda x: x[4:], mi))
+  assert _equal(M.multi_input(srcs, 8, seed=3)[4], jax.tree.map(lambda x: x[4:], mi))
   with pytest.raises(ValueError, match="divisible"):
     P.multi_label(src, 7, seed=0)
 
@@ -155,7 +156,7 @@ def _task_sources(sizes, in_shape=(1,)):
 @pytest.mark.parametrize(("rule", "temperature"), [("proportional", 1.0), ("uniform", 1.0), ("temperature", 3.0)])
 def test_multi_input_task_frequencies_match_the_rule(rule, temperature):
   sizes = {"big": 4000, "mid": 1000, "small": 50}
-  pipe = P.multi_input(_task_sources(sizes), 64, seed=11, rule=rule, temperature=temperature)
+  pipe = M.multi_input(_task_sources(sizes), 64, seed=11, rule=rule, temperature=temperature)
   counts = np.zeros(3)
   for s in range(150):
     b = pipe[s]
@@ -171,7 +172,7 @@ def test_multi_input_task_frequencies_match_the_rule(rule, temperature):
 
 def test_multi_input_layout_without_replacement_and_resume():
   sizes = {"cls": 30, "reg": 7}
-  pipe = P.multi_input(_task_sources(sizes), 8, seed=2, rule="uniform")
+  pipe = M.multi_input(_task_sources(sizes), 8, seed=2, rule="uniform")
   batches = [pipe[s] for s in range(12)]
   seen = {k: [] for k in sizes}
   for b in batches:
@@ -188,20 +189,20 @@ def test_multi_input_layout_without_replacement_and_resume():
   it = iter(pipe)
   for _ in range(5):
     next(it)
-  restored = iter(P.multi_input(_task_sources(sizes), 8, seed=2, rule="uniform"))
+  restored = iter(M.multi_input(_task_sources(sizes), 8, seed=2, rule="uniform"))
   restored.set_state(json.loads(json.dumps(it.get_state())))
   assert all(_equal(next(restored), batches[s]) for s in range(5, 12))
-  assert not _equal(P.multi_input(_task_sources(sizes), 8, seed=3, rule="uniform")[0], batches[0])
+  assert not _equal(M.multi_input(_task_sources(sizes), 8, seed=3, rule="uniform")[0], batches[0])
 
 
 def test_multi_input_errors():
   srcs = {**_task_sources({"a": 10}), **_task_sources({"b": 10}, in_shape=(2,))}
   with pytest.raises(ValueError, match=r"'a': '\(1,\) int64', 'b': '\(2,\) int64'"):
-    P.multi_input(srcs, 4, seed=0)
+    M.multi_input(srcs, 4, seed=0)
   with pytest.raises(ValueError, match="rule must be one of"):
-    P.multi_input(_task_sources({"a": 10}), 4, seed=0, rule="sqrt")
+    M.multi_input(_task_sources({"a": 10}), 4, seed=0, rule="sqrt")
   with pytest.raises(ValueError, match="gives no label 'x'"):
-    P.multi_input({"x": _task_sources({"a": 10})["a"]}, 4, seed=0)
+    M.multi_input({"x": _task_sources({"a": 10})["a"]}, 4, seed=0)
 
 
 def test_multi_input_batches_feed_the_train_step():
@@ -212,7 +213,7 @@ def test_multi_input_batches_feed_the_train_step():
     )
     for i, k in enumerate(data["labels"])
   }
-  batch = P.multi_input(srcs, 16, seed=0)[0]
+  batch = M.multi_input(srcs, 16, seed=0)[0]
   model = jmtl.models.mlp(dict.fromkeys(srcs, 3), hidden=(8,))
   tasks = [jmtl.Task(k, jmtl.losses.softmax_cross_entropy) for k in srcs]
   opt, weighting = optax.sgd(0.1), jmtl.weighting.equal()

@@ -105,8 +105,38 @@ def make_builder(builder_cls: type, data_dir: str | None = None, config: Any = N
     >>> b.builder_config.num_tasks, str(b.info.version)
     (3, '1.0.0')
   """
-  cfg = resolve_config(builder_cls, config, **overrides)
+  cfg = _picklable(builder_cls, resolve_config(builder_cls, config, **overrides))
   return builder_cls(data_dir=data_dir or default_data_dir(), config=cfg, file_format=FILE_FORMAT)
+
+
+def _picklable(builder_cls: type, cfg: Any) -> Any:
+  """A built-in config by its name, any other config as is: what the builder should be given.
+
+  A TFDS builder pickles its constructor arguments, and so do the data sources
+  and ``DatasetInfo`` that hold it; unpickling calls the constructor again. It
+  accepts a config *instance* named like a built-in one only if it *is* that
+  object (an identity check), which an unpickled copy never is: "Cannot name a
+  custom BuilderConfig the same as an available BuilderConfig". Passing the
+  name instead pickles as a string and finds the class's own instance again.
+  A copy with the same name and fields (e.g. a config from an unpickled
+  builder) counts as the built-in; one that differs stays an error.
+
+  Examples:
+    >>> import dataclasses
+    >>> from jmtl.data import _tfds
+    >>> @dataclasses.dataclass(eq=False)
+    ... class Cfg:
+    ...   name: str
+    ...   n: int = 10
+    >>> class B:
+    ...   BUILDER_CONFIGS = [Cfg("small")]
+    >>> _tfds._picklable(B, B.BUILDER_CONFIGS[0]), _tfds._picklable(B, Cfg("small")), _tfds._picklable(B, Cfg("x")).n
+    ('small', 'small', 10)
+  """
+  builtin = {c.name: c for c in builder_cls.BUILDER_CONFIGS}.get(cfg.name)
+  if builtin is not None and (builtin is cfg or dataclasses.asdict(builtin) == dataclasses.asdict(cfg)):
+    return cfg.name
+  return cfg
 
 
 def prepare_builder(builder_cls: type, data_dir: str | None = None, config: Any = None, **overrides: Any):
