@@ -62,3 +62,40 @@ def test_pmap_and_mesh_match_single_device(name):
 def test_shard_batch_rejects_uneven_batches():
   with pytest.raises(ValueError, match=r"\['inputs'\].*\(10, 5\).*4 devices"):
     parallel.shard_batch({"inputs": np.zeros((10, 5))}, 4)
+
+
+GRADIENT_METHODS = ["mgda", "pcgrad", "upgrad", "nash_mtl"]
+
+
+@pytest.mark.parametrize("name", GRADIENT_METHODS)
+def test_parameter_level_exact_mode_matches_single_device(name):
+  """Gramian methods on a separable model: pmap (exact all-reduce of J) and mesh equal one device."""
+  from tests.test_grads import setup  # noqa: PLC0415
+
+  model, params, batch, tasks = setup("mlp", dtype=jax.numpy.float32, b=16)
+  batches = [batch] * 3
+  opt = optax.sgd(0.1)
+  make = lambda: getattr(W, name)()
+
+  t = make()
+  step = parallel.jit(jmtl.make_train_step(model, tasks, opt, t), donate=False)
+  single = jmtl.TrainState.create(params, opt, t, 3, jax.random.key(0))
+  for b in batches:
+    single, m1 = step(single, b)
+
+  t = make()
+  pstep = parallel.pmap(jmtl.make_train_step(model, tasks, opt, t, axis_name="data"), donate=False)
+  state = parallel.replicate(jmtl.TrainState.create(params, opt, t, 3, jax.random.key(0)))
+  for b in batches:
+    state, m4 = pstep(state, parallel.shard_batch(b))
+
+  mesh = parallel.make_mesh(4)
+  t = make()
+  mstep = parallel.mesh_jit(jmtl.make_train_step(model, tasks, opt, t), mesh, donate=False)
+  mstate = jmtl.TrainState.create(params, opt, t, 3, jax.random.key(0))
+  for b in batches:
+    mstate, _ = mstep(mstate, parallel.put_batch(b, mesh))
+
+  for got in (parallel.unreplicate(state).params, mstate.params):
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-4), got, single.params)
+  np.testing.assert_allclose(m4["grad_cosine"][0], m1["grad_cosine"], atol=1e-5)
