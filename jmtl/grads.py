@@ -241,32 +241,30 @@ def _selected_paths(shared, select) -> set[tuple]:
 def _dense_gramian(a, delta, use_kernel, use_bias):
   """Kernel and bias Gramian of one Dense layer from inputs ``a`` and per-task cotangents ``delta``.
 
-  ``a``: (..., I) rows of the layer input; ``delta``: (K, ..., O) per-task
-  output cotangents. Picks the cheaper of the identity
+  ``a``: ``(..., I)`` rows of the layer input; ``delta``: ``(..., K, O)``
+  per-task output cotangents, tasks on the second-to-last axis so that every
+  product below is a plain matmul over a reshape (no transposed copies of the
+  ``K × rows × O`` array). Picks the cheaper of the identity
   ``Σ (a aᵀ) ⊙ (δᵢ δⱼᵀ)`` and the explicit ``Jₖ = aᵀ δₖ``.
   """
-  k = delta.shape[0]
-  rows = a.reshape(-1, a.shape[-1])
+  k, o_dim = delta.shape[-2:]
+  rows = a.reshape(-1, a.shape[-1]).astype(delta.dtype)
   n, i_dim = rows.shape
-  o_dim = delta.shape[-1]
-  d = delta.reshape(k, n, o_dim)
+  d = delta.reshape(n, k, o_dim)
   g = jnp.zeros((k, k), d.dtype)
+  batched = (((2,), (2,)), ((0,), (0,)))  # contract O, batch over the leading axis
   if use_kernel:
     identity_cost = n * n * i_dim + k * n * n * o_dim + k * k * n * o_dim
     explicit_cost = k * n * i_dim * o_dim + k * k * i_dim * o_dim
-    rows = rows.astype(d.dtype)
     if identity_cost <= explicit_cost:
-      gram_a = rows @ rows.T  # (n, n)
-      m = gram_a @ jnp.moveaxis(d, 0, 1).reshape(n, k * o_dim)  # (n, K·O): A δₖ for every k
-      m = jnp.moveaxis(m.reshape(n, k, o_dim), 1, 0).reshape(k, n * o_dim)
-      gk = d.reshape(k, n * o_dim) @ m.T
+      m = (rows @ rows.T) @ d.reshape(n, k * o_dim)  # (a aᵀ) δₖ for every k at once
+      gk = jax.lax.dot_general(d, m.reshape(n, k, o_dim), batched).sum(0)
     else:
-      jk = rows.T @ jnp.moveaxis(d, 0, 1).reshape(n, k * o_dim)  # (I, K·O)
-      jk = jnp.moveaxis(jk.reshape(i_dim, k, o_dim), 1, 0).reshape(k, i_dim * o_dim)
-      gk = jk @ jk.T
+      jk = (rows.T @ d.reshape(n, k * o_dim)).reshape(i_dim, k, o_dim)  # Jₖ = aᵀ δₖ, stacked on axis 1
+      gk = jax.lax.dot_general(jk, jk, batched).sum(0)
     g = g + 0.5 * (gk + gk.T)
   if use_bias:
-    s = jnp.sum(d, axis=1)  # (K, O)
+    s = jnp.sum(d, axis=0)  # (K, O)
     g = g + s @ s.T
   return g
 
@@ -326,7 +324,8 @@ def separable(model, tasks, params, batch, transform, wstate, key, axis_name, na
     covered = set()
     gramian = jnp.zeros((k, k), sums.dtype)
     if layers:
-      deltas = _map_rows(lambda c: enc_vjp(c)[1], dz, opts.chunk_size)  # per-layer (K, *out_shape)
+      # Tasks next to the feature axis: every Gramian product is then a matmul.
+      deltas = jax.vmap(lambda c: enc_vjp(c)[1], out_axes=-2)(dz)
       for layer, a, delta in zip(layers, acts, deltas):
         kpath, bpath = (*layer.path, "kernel"), (*layer.path, "bias")
         use_k, use_b = kpath in selected, bpath in selected
@@ -350,7 +349,13 @@ def separable(model, tasks, params, batch, transform, wstate, key, axis_name, na
     transform, losses, wstate, key, gramian, jac if transform.needs == "jacobian" else None
   )
   if _is_task_vector(weights, k):
-    cot = jax.tree.map(lambda d: jnp.tensordot(weights.astype(d.dtype), d, 1), dz)
+    if param_level:
+      # Σ wₖ dzₖ from the heads' VJPs again (K small products) rather than from
+      # the stacked dz, which can then be freed as soon as the Gramian is done.
+      scaled = [vjp_t((weights[i] / denom[i]).astype(sums.dtype))[1] for i, vjp_t in enumerate(head_vjps)]
+      cot = jax.tree.map(lambda *x: sum(x), *scaled)
+    else:
+      cot = jax.tree.map(lambda d: jnp.tensordot(weights.astype(d.dtype), d, 1), dz)
     g_shared = _psum(enc_vjp(cot)[0], axis_name)
   else:
     if transform.select is not None:
