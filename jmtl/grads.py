@@ -38,6 +38,7 @@ import jax.numpy as jnp
 
 from jmtl import tasks as tasks_lib
 from jmtl.weighting import WeightingTransform
+from jmtl.weighting import combine_jacobian
 from jmtl.weighting import gramian_of
 
 Array = jax.Array
@@ -55,6 +56,11 @@ class GradientOptions(NamedTuple):
     chunk_size: tasks per trunk VJP when Jacobian rows are materialised
       (bounds memory at ``chunk_size × P``); ``None`` for all at once.
     cross_device: ``"exact"`` or ``"approximate"`` (see the module docstring).
+
+  Examples:
+    >>> from jmtl import grads
+    >>> grads.GradientOptions(level="representation").check().level
+    'representation'
   """
 
   level: str = "parameter"
@@ -91,16 +97,16 @@ def _is_task_vector(w, k) -> bool:
   return isinstance(w, jax.Array | jnp.ndarray) and w.shape == (k,)
 
 
-def _scale_rows(w, tree):
-  return jax.tree.map(lambda j: jnp.tensordot(w.astype(j.dtype), j, 1), tree)
-
-
-def _elementwise_combine(weights, jac):
-  return jax.tree.map(lambda w, j: jnp.sum(w.astype(j.dtype) * j, axis=0), weights, jac)
-
-
 def gradient_metrics(gramian: Array, names: Sequence[str]) -> dict[str, Array]:
-  """Per-task gradient norms and the cosine matrix, from the Gramian ``J Jᵀ``."""
+  """Per-task gradient norms and the cosine matrix, from the Gramian ``J Jᵀ``.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> from jmtl import grads
+    >>> m = grads.gradient_metrics(jnp.array([[4.0, -2.0], [-2.0, 1.0]]), ["a", "b"])
+    >>> float(m["grad_norm/a"]), m["grad_cosine"].tolist()
+    (2.0, [[1.0, -1.0], [-1.0, 1.0]])
+  """
   norms = jnp.sqrt(jnp.clip(jnp.diagonal(gramian), 0))
   # A zero gradient has no direction: report cosine 0 against it, not NaN.
   safe = jnp.where(norms > 0, norms, 1)
@@ -120,16 +126,16 @@ def _call_weighting(transform, losses, wstate, key, gramian=None, jacobian=None)
   return jax.lax.stop_gradient(w), s
 
 
-def task_terms(apply, tasks, params, batch):
+def _task_terms(apply, tasks, params, batch):
   """``(Σ loss, Σ count)`` per task, stacked to ``(K,)`` each, from ``apply``."""
   preds = apply(params, batch["inputs"])
   terms = [tasks_lib.loss_terms(t, preds, batch) for t in tasks]
   return jnp.stack([s for s, _ in terms]), jnp.stack([c for _, c in terms])
 
 
-def loss_level(apply, tasks, params, batch, transform, wstate, key, axis_name) -> StepGrads:
+def _loss_level(apply, tasks, params, batch, transform, wstate, key, axis_name) -> StepGrads:
   """One forward, one backward: ``∇ Σ wₖ Lₖ`` as a VJP with cotangent ``w``."""
-  sums, vjp_fn, counts = jax.vjp(lambda p: task_terms(apply, tasks, p, batch), params, has_aux=True)
+  sums, vjp_fn, counts = jax.vjp(lambda p: _task_terms(apply, tasks, p, batch), params, has_aux=True)
   denom = _denominators(counts, axis_name)
   losses = _psum(sums / denom, axis_name)
   weights, wstate = _call_weighting(transform, losses, wstate, key)
@@ -137,9 +143,9 @@ def loss_level(apply, tasks, params, batch, transform, wstate, key, axis_name) -
   return StepGrads(losses, weights, wstate, _psum(grads, axis_name), {})
 
 
-def general(apply, tasks, params, batch, transform, wstate, key, axis_name, names, opts) -> StepGrads:
+def _general(apply, tasks, params, batch, transform, wstate, key, axis_name, names, opts) -> StepGrads:
   """Any ``apply``: one VJP per task gives every task's gradient of all parameters."""
-  sums, vjp_fn, counts = jax.vjp(lambda p: task_terms(apply, tasks, p, batch), params, has_aux=True)
+  sums, vjp_fn, counts = jax.vjp(lambda p: _task_terms(apply, tasks, p, batch), params, has_aux=True)
   denom = _denominators(counts, axis_name)
   losses = _psum(sums / denom, axis_name)
   rows = jnp.diag(1.0 / denom).astype(sums.dtype)
@@ -151,20 +157,23 @@ def general(apply, tasks, params, batch, transform, wstate, key, axis_name, name
     transform, losses, wstate, key, gramian, shared_jac if transform.needs == "jacobian" else None
   )
   if _is_task_vector(weights, len(names)):
-    grads = _scale_rows(weights, jac) if opts.heads == "weighted" else _own_heads(weights, jac)
+    grads = combine_jacobian(weights, jac) if opts.heads == "weighted" else _own_heads(weights, jac)
   else:
     if transform.select is not None:
       raise ValueError("element-wise weights need the Jacobian of all shared parameters (select=None)")
     grads = {
-      "shared": _elementwise_combine(weights, jac["shared"]),
-      "tasks": _scale_rows(jnp.ones_like(losses), jac["tasks"]),
+      "shared": combine_jacobian(weights, jac["shared"]),
+      "tasks": combine_jacobian(jnp.ones_like(losses), jac["tasks"]),
     }
     weights = jnp.ones_like(losses)
   return StepGrads(losses, weights, wstate, grads, gradient_metrics(gramian, names))
 
 
 def _own_heads(weights, jac):
-  return {"shared": _scale_rows(weights, jac["shared"]), "tasks": _scale_rows(jnp.ones_like(weights), jac["tasks"])}
+  return {
+    "shared": combine_jacobian(weights, jac["shared"]),
+    "tasks": combine_jacobian(jnp.ones_like(weights), jac["tasks"]),
+  }
 
 
 def _map_rows(fn, rows, chunk_size):
@@ -269,7 +278,7 @@ def _dense_gramian(a, delta, use_kernel, use_bias):
   return g
 
 
-def separable(model, tasks, params, batch, transform, wstate, key, axis_name, names, opts) -> StepGrads:
+def _separable(model, tasks, params, batch, transform, wstate, key, axis_name, names, opts) -> StepGrads:
   """The encode/head route: trunk once, heads per task, Gramian at the requested level."""
   inputs = batch["inputs"]
   shared = params["shared"]
@@ -360,7 +369,7 @@ def separable(model, tasks, params, batch, transform, wstate, key, axis_name, na
   else:
     if transform.select is not None:
       raise ValueError("element-wise weights need the Jacobian of all shared parameters (select=None)")
-    g_shared = _elementwise_combine(weights, jac)  # jac is already the global Jacobian
+    g_shared = combine_jacobian(weights, jac)  # jac is already the global Jacobian
     weights = jnp.ones_like(losses)
   head_w = weights if opts.heads == "weighted" else jnp.ones_like(weights)
   g_tasks = {
@@ -381,14 +390,28 @@ def compute(
   axis_name: str | None,
   opts: GradientOptions,
 ) -> StepGrads:
-  """Losses, weights and the weighted gradient by the cheapest route that serves ``transform``."""
+  """Losses, weights and the weighted gradient by the cheapest route that serves ``transform``.
+
+  Examples:
+    >>> import jax, jax.numpy as jnp
+    >>> import jmtl
+    >>> from jmtl import grads
+    >>> tasks = [jmtl.Task("a", jmtl.losses.mse), jmtl.Task("b", jmtl.losses.mse)]
+    >>> apply = lambda p, x: {"a": x * p["shared"], "b": -x * p["shared"]}
+    >>> batch = {"inputs": jnp.ones(4), "labels": {"a": jnp.zeros(4), "b": -2 * jnp.ones(4)}}
+    >>> t = jmtl.weighting.stateless(lambda losses, gramian, **_: jnp.ones(2), needs="gramian")
+    >>> out = grads.compute(apply, tasks, {"shared": 1.0, "tasks": {}}, batch, t, t.init(2),
+    ...                     jax.random.key(0), None, grads.GradientOptions())
+    >>> out.extra["grad_cosine"].tolist()  # the two tasks pull in exactly opposite directions
+    [[1.0, -1.0], [-1.0, 1.0]]
+  """
   names = tuple(t.name for t in tasks)
   apply = getattr(model, "apply", model)
   if transform.needs == "losses":
-    return loss_level(apply, tasks, params, batch, transform, wstate, key, axis_name)
+    return _loss_level(apply, tasks, params, batch, transform, wstate, key, axis_name)
   separable_ok = getattr(model, "encode", None) is not None and getattr(model, "head", None) is not None
   if separable_ok:
-    return separable(model, tasks, params, batch, transform, wstate, key, axis_name, names, opts)
+    return _separable(model, tasks, params, batch, transform, wstate, key, axis_name, names, opts)
   if opts.level == "representation":
     raise ValueError("level='representation' needs a model with encode and head (see jmtl.models.MultiTaskModel)")
-  return general(apply, tasks, params, batch, transform, wstate, key, axis_name, names, opts)
+  return _general(apply, tasks, params, batch, transform, wstate, key, axis_name, names, opts)
