@@ -36,10 +36,10 @@ from benchmarks.step_time import reference_batch
 
 METHODS = {
     "equal": (jmtl.weighting.equal, {}),
-    "mgda_representation": (lambda: jmtl.weighting.mgda(), {"level": "representation"}),
-    "upgrad": (lambda: jmtl.weighting.upgrad(), {}),
-    "mgda": (lambda: jmtl.weighting.mgda(), {}),
-    "pcgrad": (lambda: jmtl.weighting.pcgrad(), {}),
+    "mgda_representation": (jmtl.weighting.mgda, {"level": "representation"}),
+    "upgrad": (jmtl.weighting.upgrad, {}),
+    "mgda": (jmtl.weighting.mgda, {}),
+    "pcgrad": (jmtl.weighting.pcgrad, {}),
 }
 
 

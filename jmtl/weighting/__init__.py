@@ -19,6 +19,12 @@ from jmtl.weighting._base import stateless
 from jmtl.weighting._elementwise import graddrop
 from jmtl.weighting._gradnorm import GradNormState
 from jmtl.weighting._gradnorm import gradnorm
+from jmtl.weighting._gramian import NashMTLState
+from jmtl.weighting._gramian import cagrad
+from jmtl.weighting._gramian import dualproj
+from jmtl.weighting._gramian import mgda
+from jmtl.weighting._gramian import nash_mtl
+from jmtl.weighting._gramian import upgrad
 from jmtl.weighting._learned import FAMOState
 from jmtl.weighting._learned import IMTLLState
 from jmtl.weighting._learned import UncertaintyState
@@ -46,13 +52,16 @@ __all__ = [
   "GradNormState",
   "GradVacState",
   "IMTLLState",
+  "NashMTLState",
   "UncertaintyState",
   "WeightingTransform",
   "aggregate",
   "aligned_mtl",
   "as_aggregator",
+  "cagrad",
   "chain",
   "combine_jacobian",
+  "dualproj",
   "dwa",
   "equal",
   "famo",
@@ -63,10 +72,13 @@ __all__ = [
   "gramian_of",
   "imtl_g",
   "imtl_l",
+  "mgda",
+  "nash_mtl",
   "needs_of",
   "pcgrad",
   "rlw",
   "stateless",
   "static",
   "uncertainty",
+  "upgrad",
 ]
