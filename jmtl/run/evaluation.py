@@ -1,0 +1,112 @@
+"""Model selection on validation and the comparison with single-task baselines (Δm%, negative transfer).
+
+Selection never looks at the test split: the runner evaluates validation
+every ``eval_every`` steps, keeps the parameters with the best criterion, and
+evaluates test once, at the end, for the kept parameters.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from collections.abc import Sequence
+from typing import Any
+
+import jmtl
+from jmtl.run.config import ConfigError
+
+
+def primary_metric(task: jmtl.Task) -> str:
+  """The metric a task is reported and compared by: its first one (``loss`` if it has none).
+
+  Examples:
+    >>> primary_metric(jmtl.Task("a", jmtl.losses.mse, {"mae": jmtl.metrics.mae()}))
+    'mae'
+  """
+  return next(iter(task.metrics), "loss")
+
+
+def higher_is_better(task: jmtl.Task, metric: str) -> bool:
+  """The direction of ``metric`` (``loss`` is lower-is-better).
+
+  Examples:
+    >>> t = jmtl.Task("a", jmtl.losses.softmax_cross_entropy, {"acc": jmtl.metrics.accuracy()})
+    >>> higher_is_better(t, "acc"), higher_is_better(t, "loss")
+    (True, False)
+  """
+  return False if metric == "loss" else bool(task.metrics[metric].higher_is_better)
+
+
+def check_selection(tasks: Sequence[jmtl.Task], metric: str) -> None:
+  """Fails with the task's name when a task lacks the selection metric.
+
+  Examples:
+    >>> check_selection([jmtl.Task("y", jmtl.losses.mse, {"mae": jmtl.metrics.mae()})], "acc")
+    Traceback (most recent call last):
+    jmtl.run.config.ConfigError: config field 'select_metric' = 'acc' is not a metric of task 'y' (it has loss, mae)
+  """
+  for t in tasks:
+    if metric != "loss" and metric not in t.metrics:
+      have = ", ".join(["loss", *t.metrics])
+      raise ConfigError(f"config field 'select_metric' = {metric!r} is not a metric of task {t.name!r} (it has {have})")
+
+
+def selection_score(values: Mapping[str, float], tasks: Sequence[jmtl.Task], metric: str) -> float:
+  """The mean over tasks of ``metric``, signed so that higher is better.
+
+  Examples:
+    >>> tasks = [jmtl.Task("a", jmtl.losses.mse, {"mae": jmtl.metrics.mae()})]
+    >>> selection_score({"a/mae": 0.5, "a/loss": 0.3}, tasks, "mae")
+    -0.5
+  """
+  total = 0.0
+  for t in tasks:
+    v = float(values[f"{t.name}/{metric}"])
+    total += v if higher_is_better(t, metric) else -v
+  score = total / len(tasks)
+  return score if math.isfinite(score) else -1e300  # a diverged model is never selected over a finite one
+
+
+def describe(tasks: Sequence[jmtl.Task]) -> dict[str, Any]:
+  """What a results file needs to compare runs: each task's primary metric and its direction.
+
+  Examples:
+    >>> describe([jmtl.Task("y", jmtl.losses.mse, {"mae": jmtl.metrics.mae()})])
+    {'tasks': ['y'], 'metric': {'y': 'mae'}, 'higher_is_better': {'y': False}}
+  """
+  metric = {t.name: primary_metric(t) for t in tasks}
+  return {
+    "tasks": [t.name for t in tasks],
+    "metric": metric,
+    "higher_is_better": {t.name: higher_is_better(t, metric[t.name]) for t in tasks},
+  }
+
+
+def compare(results: Mapping[str, Any], baselines: Mapping[str, float]) -> dict[str, Any]:
+  """Δm% and per-task negative transfer of a run's test metrics against single-task test metrics.
+
+  Args:
+    results: a run's results (``tasks``, ``metric``, ``higher_is_better``, ``test``).
+    baselines: ``{task: test value of its primary metric}`` of the single-task models.
+
+  Returns:
+    ``{"baselines": ..., "delta_m": float, "negative_transfer": {task: bool}}``.
+
+  Examples:
+    >>> r = {"tasks": ["a", "b"], "metric": {"a": "acc", "b": "acc"}, "higher_is_better": {"a": True, "b": True},
+    ...      "test": {"a/acc": 0.9, "b/acc": 0.7}}
+    >>> out = compare(r, {"a": 0.8, "b": 0.8})
+    >>> round(out["delta_m"], 2), out["negative_transfer"]
+    (0.0, {'a': False, 'b': True})
+  """
+  names = results["tasks"]
+  key = {n: f"{n}/{results['metric'][n]}" for n in names}
+  mt = {key[n]: results["test"][key[n]] for n in names}
+  st = {key[n]: baselines[n] for n in names}
+  hib = {key[n]: results["higher_is_better"][n] for n in names}
+  neg = jmtl.metrics.negative_transfer(mt, st, hib)
+  return {
+    "baselines": {n: baselines[n] for n in names},
+    "delta_m": jmtl.metrics.delta_m(mt, st, hib),
+    "negative_transfer": {n: bool(neg[key[n]]) for n in names},
+  }

@@ -1,0 +1,223 @@
+"""Datasets for a config: the three splits, their tasks (losses and metrics), and batch iterators.
+
+Small sets are read into memory once (:class:`jmtl.data.ArraySource`); the
+loaded splits are cached per dataset config, so a sweep reads them once.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from collections.abc import Mapping
+from typing import Any
+from typing import NamedTuple
+
+import ml_collections
+import numpy as np
+
+import jmtl
+from jmtl import data as data_lib
+from jmtl.run.config import ConfigError
+
+#: dataset name -> jmtl.data module with ``load(split, data_dir=None, config=None, **overrides)``.
+BUILDERS = ("multi_digits", "synthetic", "qm9")
+SPLITS = ("train", "validation", "test")
+
+
+class Data(NamedTuple):
+  """The splits of one dataset and how to feed them.
+
+  Attributes:
+    sources: split -> random-access source.
+    specs: task name -> ``{"kind": ..., "num_classes" | "dim": ...}``.
+    transform: the per-example input transform (a :class:`jmtl.data.normalize_images`) or ``None``.
+    target_stats: task -> ``{"mean", "std", "unit"}`` for standardised regression targets, or ``None``.
+  """
+
+  sources: dict[str, Any]
+  specs: dict[str, dict]
+  transform: Any
+  target_stats: dict[str, dict] | None
+
+
+_CACHE: dict[str, Data] = {}
+
+
+def load_data(config: ml_collections.ConfigDict) -> Data:
+  """Loads (or prepares, the first time) the dataset of ``config.dataset``; cached per dataset config.
+
+  Examples:
+    >>> from jmtl.run import config as config_lib
+    >>> c = config_lib.load_config("configs/synthetic.py")  # doctest: +SKIP
+    >>> sorted(load_data(c).specs)  # doctest: +SKIP
+    ['task_0', 'task_1', 'task_2']
+  """
+  key = json.dumps(config.dataset.to_dict(), sort_keys=True, default=str)
+  if key not in _CACHE:
+    _CACHE[key] = _load(config.dataset)
+  return _CACHE[key]
+
+
+def _load(d: ml_collections.ConfigDict) -> Data:
+  import tensorflow_datasets as tfds  # no TensorFlow: jmtl reads array_record files
+
+  tfds.disable_progress_bar()  # preparing a set once would print a bar per split and file
+  options = d.options.to_dict()
+  catalog = d.name in data_lib.catalog.DATASETS
+  if d.name not in BUILDERS and not catalog:
+    known = ", ".join(BUILDERS + data_lib.catalog.DATASETS)
+    raise ConfigError(f"unknown dataset {d.name!r} in config field 'dataset.name'; available: {known}")
+  sources, raw = {}, {}
+  for split in SPLITS:
+    name = d.splits[split]
+    try:
+      if catalog:
+        src = data_lib.catalog.load(d.name, name, d.data_dir or None, **options)
+      else:
+        module = getattr(data_lib, d.name)
+        src = module.load(name, d.data_dir or None, d.config or None, **options)
+    except (TypeError, ValueError, FileNotFoundError, ImportError) as e:
+      raise ConfigError(f"dataset {d.name!r} (dataset.options {options}): {_one_line(e)}") from e
+    raw[split] = src
+    sources[split] = data_lib.ArraySource.from_source(src) if d.in_memory else src
+  # The dataset's own attributes: an ArraySource keeps the arrays and tasks only.
+  scale = float(getattr(raw["train"], "image_scale", 0) or 0)
+  stats = getattr(raw["train"], "target_stats", None)
+  return Data(sources, dict(raw["train"].tasks), _transform(d, sources["train"], scale), stats)
+
+
+def _one_line(e: BaseException) -> str:
+  return " ".join(str(e).split()) or type(e).__name__
+
+
+def _transform(d: ml_collections.ConfigDict, train, scale: float) -> Any:
+  """Scales images to [0, 1]; with ``standardize_inputs``, standardises every input feature by training statistics."""
+  if d.standardize_inputs:
+    if not isinstance(train, data_lib.ArraySource):
+      raise ConfigError("config field 'dataset.standardize_inputs' needs dataset.in_memory=True")
+    x = train.inputs.astype(np.float64) / (scale or 1.0)
+    return data_lib.normalize_images(scale or 1.0, mean=x.mean(0), std=x.std(0) + 1e-6)
+  if scale or np.issubdtype(np.asarray(train[0]["inputs"]).dtype, np.integer):
+    return data_lib.normalize_images(scale or 255.0)
+  return None
+
+
+def make_tasks(data: Data, names: list[str]) -> list[jmtl.Task]:
+  """One :class:`jmtl.Task` per name: cross-entropy and accuracy, BCE and binary accuracy, or MSE and MAE.
+
+  The MAE of a standardised regression target is reported in its physical
+  unit (``target_stats``), the convention of the QM9 papers.
+
+  Examples:
+    >>> d = Data({}, {"a": {"kind": "classification", "num_classes": 3}, "b": {"kind": "regression", "dim": 1}},
+    ...          None, {"b": {"mean": 0.0, "std": 2.0, "unit": "eV"}})
+    >>> [(t.name, list(t.metrics)) for t in make_tasks(d, ["a", "b"])], units(d, ["a", "b"]), head_dims(d, ["a", "b"])
+    ([('a', ['acc']), ('b', ['mae'])], {'a': '', 'b': 'eV'}, {'a': 3, 'b': 1})
+  """
+  tasks = []
+  for name in names:
+    kind = data.specs[name].get("kind")
+    if kind == "classification":
+      tasks.append(jmtl.Task(name, jmtl.losses.softmax_cross_entropy, {"acc": jmtl.metrics.accuracy()}))
+    elif kind == "multilabel":
+      tasks.append(jmtl.Task(name, jmtl.losses.sigmoid_binary_cross_entropy, {"acc": jmtl.metrics.binary_accuracy()}))
+    elif kind == "regression":
+      std = float((data.target_stats or {}).get(name, {}).get("std", 1.0))
+      tasks.append(jmtl.Task(name, jmtl.losses.mse, {"mae": _scaled(jmtl.metrics.mae(), std)}))
+    else:
+      raise ConfigError(f"task {name!r} has kind {kind!r}; the runner knows classification, multilabel, regression")
+  return tasks
+
+
+def _scaled(metric: jmtl.metrics.Metric, factor: float) -> jmtl.metrics.Metric:
+  return jmtl.metrics.Metric(metric.stats, lambda s: metric.compute(s) * factor, metric.higher_is_better)
+
+
+def units(data: Data, names: list[str]) -> dict[str, str]:
+  """Task -> the unit of its MAE ("" where there is none)."""
+  return {n: str((data.target_stats or {}).get(n, {}).get("unit", "")) for n in names}
+
+
+def head_dims(data: Data, names: list[str]) -> dict[str, int]:
+  """Task -> output size of its head."""
+  return {n: int(data.specs[n].get("num_classes") or data.specs[n].get("dim") or 1) for n in names}
+
+
+def _select(batch: dict, names: list[str]) -> dict:
+  return {
+    "inputs": batch["inputs"],
+    "labels": {n: batch["labels"][n] for n in names},
+    "masks": {n: batch["masks"][n] for n in names},
+  }
+
+
+class TrainBatches:
+  """The training batches of a run; batch ``s`` is a function of ``(seed, s)`` and the iterator state saves.
+
+  Examples:
+    >>> src = data_lib.ArraySource({"inputs": np.zeros((8, 2)), "labels": {"a": np.arange(8)}})
+    >>> c = ml_collections.ConfigDict({"batch_size": 4, "seed": 0, "dataset": {"workers": 0}})
+    >>> it = TrainBatches(Data({"train": src}, dict(src.tasks), None, None), ["a"], c)
+    >>> first = next(it)["labels"]["a"]; state = it.get_state(); second = next(it)["labels"]["a"]
+    >>> it.set_state(state); bool((next(it)["labels"]["a"] == second).all())
+    True
+  """
+
+  def __init__(self, data: Data, names: list[str], config: ml_collections.ConfigDict):
+    self.names = names
+    self.pipeline = data_lib.multi_label(
+      data.sources["train"],
+      config.batch_size,
+      seed=config.seed,
+      transform=data.transform,
+      worker_count=config.dataset.workers,
+    )
+    self.iterator = iter(self.pipeline)
+
+  def example(self) -> dict:
+    return _select(self.pipeline[0], self.names)
+
+  def __next__(self) -> dict:
+    return _select(next(self.iterator), self.names)
+
+  def get_state(self) -> dict:
+    return self.iterator.get_state()
+
+  def set_state(self, state: Mapping) -> None:
+    self.iterator.set_state(dict(state))
+
+
+def eval_batches(data: Data, split: str, names: list[str], batch_size: int) -> Iterator[dict]:
+  """The batches of a split in order; the last one is padded with masked-out rows, so one compile serves all.
+
+  Examples:
+    >>> src = data_lib.ArraySource({"inputs": np.zeros((5, 2)), "labels": {"a": np.arange(5)}})
+    >>> d = Data({"test": src}, dict(src.tasks), None, None)
+    >>> [b["masks"]["a"].tolist() for b in eval_batches(d, "test", ["a"], 3)]
+    [[1.0, 1.0, 1.0], [1.0, 1.0, 0.0]]
+  """
+  pipe = data_lib.multi_label(
+    data.sources[split],
+    batch_size,
+    seed=0,
+    shuffle=False,
+    num_epochs=1,
+    drop_remainder=False,
+    transform=data.transform,
+  )
+  for raw in pipe:
+    batch = _select(raw, names)
+    n = batch["inputs"].shape[0]
+    yield _pad(batch, batch_size - n) if n < batch_size else batch
+
+
+def _pad(batch: dict, extra: int) -> dict:
+  def pad(x, fill=None):
+    widths = [(0, extra)] + [(0, 0)] * (x.ndim - 1)
+    return np.pad(x, widths, mode="edge" if fill is None else "constant")
+
+  return {
+    "inputs": pad(batch["inputs"]),
+    "labels": {k: pad(v) for k, v in batch["labels"].items()},
+    "masks": {k: pad(v, 0.0) for k, v in batch["masks"].items()},
+  }

@@ -1,0 +1,292 @@
+"""Training one model: ``create_train_state``, ``train_and_evaluate``, resume and interruption.
+
+The jitted step (with donated state) also sums the step metrics on device;
+the host fetches and resets the sums every ``log_every`` steps only, so there
+is no host sync per step. Everything the remaining steps depend on is in the
+checkpoint (see :mod:`jmtl.run.checkpoints`), and batch ``s`` is a function of
+``(seed, s)``, so a run killed and resumed ends with exactly the parameters
+and metrics of an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import threading
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+import jmtl
+from jmtl.run import evaluation
+from jmtl.run import inputs
+from jmtl.run import registry
+from jmtl.run import workdir as workdir_lib
+from jmtl.run.checkpoints import Checkpoints
+from jmtl.run.config import ConfigError
+from jmtl.run.config import task_subset
+from jmtl.run.logs import MetricsLog
+from jmtl.run.logs import Progress
+
+
+class Interrupted(Exception):
+  """Raised after SIGINT/SIGTERM, once the checkpoint of the current step is written."""
+
+  def __init__(self, signum: int, step: int):
+    super().__init__(f"interrupted by {signal.Signals(signum).name} at step {step}; checkpoint saved")
+    self.signum, self.step = signum, step
+
+
+def create_train_state(config, model, optimizer, weighting, num_tasks: int, example: dict) -> jmtl.TrainState:
+  """The initial state: parameters from ``key(seed)``, the step rng from a split of it.
+
+  Built under one ``jax.jit``: op by op, every parameter and optimizer leaf
+  would compile its own small kernel (seconds, for a model of a few layers).
+
+  Examples:
+    >>> import optax
+    >>> from jmtl import models, weighting
+    >>> s = create_train_state(ml_collections.ConfigDict({"seed": 0}), models.mlp({"a": 2}, hidden=(4,)),
+    ...                        optax.sgd(0.1), weighting.equal(), 1, {"inputs": np.zeros((1, 3), np.float32)})
+    >>> int(s.step), s.params["shared"]["dense_0"]["kernel"].shape
+    (0, (3, 4))
+  """
+
+  def create(key, x):
+    init_key, step_key = jax.random.split(key)
+    params = model.init(init_key, x)
+    return jmtl.TrainState.create(params, optimizer, weighting, num_tasks, step_key)
+
+  return jax.jit(create)(jax.random.key(config.seed), example["inputs"][:1])
+
+
+def make_train_step(config, model, tasks, optimizer, weighting):
+  """``step((state, sums), batch) -> (state, sums)``, jitted with the carry donated; ``sums`` add the metrics.
+
+  Also returns ``zero_sums(state, batch)``, the initial sums.
+
+  Examples:
+    >>> import optax
+    >>> from jmtl import models, weighting
+    >>> c = ml_collections.ConfigDict({"seed": 0, "sharing": {"soft": 0.0, "weight_decay": 0.0},
+    ...   "grad": {"level": "parameter", "heads": "weighted", "chunk_size": 0, "cross_device": "exact"}})
+    >>> model, opt, w = models.mlp({"a": 2}, hidden=(4,)), optax.sgd(0.1), weighting.equal()
+    >>> tasks = [jmtl.Task("a", jmtl.losses.softmax_cross_entropy)]
+    >>> batch = {"inputs": np.ones((2, 3), np.float32), "labels": {"a": np.array([0, 1])}}
+    >>> step, zero_sums = make_train_step(c, model, tasks, opt, w)
+    >>> state = create_train_state(c, model, opt, w, 1, batch)
+    >>> state, sums = step((state, zero_sums(state, batch)), batch)
+    >>> state, sums = step((state, sums), batch)
+    >>> int(state.step), float(sums["weight/a"])
+    (2, 2.0)
+  """
+  g = config.grad
+  step = jmtl.make_train_step(
+    model,
+    tasks,
+    optimizer,
+    weighting,
+    penalty=registry.make_penalty(config),
+    level=g.level,
+    heads=g.heads,
+    chunk_size=g.chunk_size or None,
+    cross_device=g.cross_device,
+  )
+
+  def logged_step(carry, batch):
+    state, sums = carry
+    state, metrics = step(state, batch)
+    metrics.pop("num_skipped")  # cumulative already; the state keeps it
+    return state, jax.tree.map(lambda s, m: s + m.astype(s.dtype), sums, metrics)
+
+  def zero_sums(state, batch):
+    shapes = jax.eval_shape(step, state, batch)[1]
+    shapes.pop("num_skipped")
+    return jax.device_put(jax.tree.map(lambda s: np.zeros(s.shape, np.float32), shapes))
+
+  return jmtl.parallel.jit(logged_step), zero_sums
+
+
+# One compiled program each (op by op, every leaf would compile its own copy or zeros kernel).
+_copy = jax.jit(lambda tree: jax.tree.map(jnp.copy, tree))
+_zeros = jax.jit(lambda tree: jax.tree.map(jnp.zeros_like, tree), donate_argnums=0)
+
+
+@contextlib.contextmanager
+def _stop_on_signals():
+  """Turns SIGINT/SIGTERM into a flag the loop checks once per step (a second SIGINT stops at once)."""
+  caught: dict[str, int] = {}
+  if threading.current_thread() is not threading.main_thread():
+    yield caught
+    return
+
+  def handler(signum, frame):
+    if caught and signum == signal.SIGINT:
+      raise KeyboardInterrupt
+    caught["signum"] = signum
+
+  old = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+  try:
+    yield caught
+  finally:
+    for s, h in old.items():
+      signal.signal(s, h)
+
+
+class Run:
+  """The pieces of one run, built from its config."""
+
+  def __init__(self, config: ml_collections.ConfigDict):
+    self.config = config
+    self.data = inputs.load_data(config)
+    self.names = task_subset(config, self.data.specs)
+    self.tasks = inputs.make_tasks(self.data, self.names)
+    evaluation.check_selection(self.tasks, config.select_metric)
+    self.model = registry.make_model(config, inputs.head_dims(self.data, self.names))
+    self.optimizer = registry.make_optimizer(config)
+    self.weighting = registry.make_weighting(config, len(self.tasks))
+    self._check_shared()
+    self.eval_step = jax.jit(jmtl.make_eval_step(self.model, self.tasks))
+    self.train_step, self.zero_sums = make_train_step(config, self.model, self.tasks, self.optimizer, self.weighting)
+
+  def _check_shared(self) -> None:
+    if self.weighting.needs == "losses":
+      return
+    x = self.data.sources["train"][0]["inputs"]
+    spec = jax.ShapeDtypeStruct((1, *x.shape), np.float32)
+    params = jax.eval_shape(self.model.init, jax.random.key(0), spec)
+    if not jax.tree.leaves(params["shared"]):
+      raise ConfigError(
+        f"weighting {self.config.weighting!r} needs per-task gradients of shared parameters, "
+        f"and model {self.config.model.name!r} has none (use a loss-level method or a hard-sharing model)"
+      )
+
+  def evaluate(self, params, split: str) -> dict[str, float]:
+    size = min(self.config.eval_batch_size, len(self.data.sources[split]))
+    batches = inputs.eval_batches(self.data, split, self.names, size)
+    return jmtl.evaluate(self.eval_step, params, batches, self.tasks)
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, progress: bool = True, desc: str = "train"):
+  """Trains (or resumes) the run of ``config`` in ``workdir``; returns and writes its ``results.json``.
+
+  Raises:
+    Interrupted: after SIGINT/SIGTERM, with the checkpoint written.
+    ConfigError: on a wrong config or workdir, before the workdir is written.
+
+  Examples:
+    >>> from jmtl.run import config as config_lib
+    >>> results = train_and_evaluate(config_lib.load_config("configs/synthetic.py"), "/tmp/syn")  # doctest: +SKIP
+    >>> results["test"]["task_0/acc"]  # doctest: +SKIP
+    0.87
+  """
+  workdir = workdir_lib.open_run(workdir, config, write=False)
+  results_path = os.path.join(workdir, workdir_lib.RESULTS)
+  if os.path.exists(results_path):  # finished: a re-run only prints the table again
+    return workdir_lib.read_json(results_path, f"workdir {workdir}")
+  run = Run(config)  # every config error surfaces here, before the workdir is written
+  workdir_lib.open_run(workdir, config)
+  batches = inputs.TrainBatches(run.data, run.names, config)
+  example = batches.example()
+  state = create_train_state(config, run.model, run.optimizer, run.weighting, len(run.tasks), example)
+  sums = run.zero_sums(state, example)
+  ckpt = Checkpoints(os.path.join(workdir, "checkpoints"), config.keep_checkpoints)
+  host = {"best_score": None, "best_step": 0, "seconds": 0.0, "timed_steps": 0}
+  best = _copy(state.params)
+  if ckpt.latest_step() is not None:
+    params, best, (rest, sums), meta = ckpt.restore(state.params, (state._replace(params=()), sums))
+    state = rest._replace(params=params)
+    batches.set_state(meta["data"])
+    host = meta["host"]
+  log = MetricsLog(workdir, resume_step=int(state.step) if ckpt.latest_step() is not None else None)
+  try:
+    state, best = _loop(run, state, sums, best, batches, ckpt, log, host, progress, desc)
+  finally:
+    log.close()
+    ckpt.close()
+  return _finish(run, workdir, state, best, host)
+
+
+def _loop(run, state, sums, best, batches, ckpt, log, host, progress, desc):
+  config = run.config
+  step = int(state.step)
+  last_log = step - step % config.log_every
+  bar = Progress(config.num_steps, step, desc, progress)
+  tick, first = time.perf_counter(), True
+  with _stop_on_signals() as caught:
+    while step < config.num_steps:
+      state, sums = run.train_step((state, sums), next(batches))
+      step += 1
+      end = step == config.num_steps
+      record = None
+      if step % config.log_every == 0 or end:
+        record, sums = _log_train(run, state, sums, step - last_log, tick, first, host, log, step)
+        last_log, first = step, False
+      if step % config.eval_every == 0 or end:
+        best = _validate(run, state, best, host, log, step)
+      if step % config.checkpoint_every == 0 or end or caught:
+        ckpt.save(step, state.params, best, (state._replace(params=()), sums), _meta(batches, host))
+      bar.update(step, record)
+      if caught:
+        bar.close()
+        raise Interrupted(caught["signum"], step)
+      if record is not None:  # eval_every and checkpoint_every are multiples of log_every
+        tick = time.perf_counter()  # so the timed intervals hold steps only
+  bar.close()
+  return state, best
+
+
+def _log_train(run, state, sums, count, tick, first, host, log, step):
+  values = jax.device_get(sums)  # the one host sync of the interval
+  elapsed = time.perf_counter() - tick
+  if not first:  # the first interval after a (re)start includes compilation
+    host["seconds"] += elapsed
+    host["timed_steps"] += count
+  record = {k: v / count for k, v in values.items() if k != "skipped"}
+  record["skipped"] = values["skipped"]
+  record["num_skipped"] = int(state.num_skipped)
+  record["examples_per_s"] = count * run.config.batch_size / max(elapsed, 1e-9)
+  log.write(step, "train", record)
+  return record, _zeros(sums)
+
+
+def _validate(run, state, best, host, log, step):
+  values = run.evaluate(state.params, "validation")
+  log.write(step, "validation", values)
+  score = evaluation.selection_score(values, run.tasks, run.config.select_metric)
+  if run.config.select == "final":
+    host["best_step"] = step
+  elif host["best_score"] is None or score > host["best_score"]:
+    host["best_score"], host["best_step"] = score, step
+    best = _copy(state.params)  # the state's buffers are donated to the next step
+  return best
+
+
+def _meta(batches, host) -> dict:
+  return {"data": batches.get_state(), "host": dict(host)}
+
+
+def _finish(run, workdir, state, best, host) -> dict[str, Any]:
+  params = best if run.config.select == "best" else state.params
+  results = {
+    **evaluation.describe(run.tasks),
+    "units": inputs.units(run.data, run.names),
+    "weighting": run.config.weighting,
+    "model": run.config.model.name,
+    "num_steps": int(state.step),
+    "select": run.config.select,
+    "select_metric": run.config.select_metric,
+    "selected_step": int(host["best_step"]),
+    "num_skipped": int(state.num_skipped),
+    "step_ms": 1e3 * host["seconds"] / host["timed_steps"] if host["timed_steps"] else None,
+    "validation": run.evaluate(params, "validation"),
+    "test": run.evaluate(params, "test"),
+  }
+  results["val_score"] = evaluation.selection_score(results["validation"], run.tasks, run.config.select_metric)
+  workdir_lib.write_json(os.path.join(workdir, workdir_lib.RESULTS), results)
+  return results

@@ -1,0 +1,116 @@
+"""A run killed with SIGKILL part-way and re-run ends exactly like an uninterrupted one; SIGTERM checkpoints."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from jmtl.run import cli
+from jmtl.run import logs
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CONFIG = os.path.join(ROOT, "configs", "synthetic.py")
+DATA = dict(num_tasks=2, num_train=512, num_validation=256, num_test=256)
+
+# A subprocess that pauses right after writing the train record of step PAUSE_AT (between two
+# checkpoints), so the test can SIGKILL it at a known point; otherwise it is the jmtl command.
+DRIVER = """
+import os, sys, time
+from jmtl.run import cli, logs
+write = logs.MetricsLog.write
+def pausing_write(self, step, kind, values):
+  out = write(self, step, kind, values)
+  if step == int(os.environ["PAUSE_AT"]) and kind == "train":
+    open(os.environ["MARKER"], "w").close()
+    time.sleep(600)
+  return out
+logs.MetricsLog.write = pausing_write
+sys.exit(cli.main(sys.argv[1:]))
+"""
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+  from jmtl.data import synthetic
+
+  path = str(tmp_path_factory.mktemp("data"))
+  synthetic.prepare(path, "classification_k3", **DATA)  # once, before concurrent subprocesses read it
+  return path
+
+
+def args(data_dir, workdir, steps=300):
+  return [
+    "train",
+    "--config",
+    CONFIG,
+    f"--config.dataset.data_dir={data_dir}",
+    *(f"--config.dataset.options.{k}={v}" for k, v in DATA.items()),
+    "--config.model.mlp.hidden=(16,)",
+    "--config.weighting=famo",  # stateful weighting: its state must be restored too
+    "--config.batch_size=32",
+    f"--config.num_steps={steps}",
+    "--config.log_every=25",
+    "--config.eval_every=100",
+    "--config.checkpoint_every=100",
+    "--config.eval_batch_size=256",
+    "--config.baselines=",
+    "--config.plots=false",
+    "--no-progress",
+    "--workdir",
+    str(workdir),
+  ]
+
+
+def _records(workdir):
+  drop = ("examples_per_s",)  # wall-clock, the only field allowed to differ
+  return [
+    {k: v for k, v in r.items() if k not in drop} for r in logs.read_jsonl(os.path.join(workdir, "metrics.jsonl"))
+  ]
+
+
+def test_sigkill_then_rerun_ends_exactly_like_an_uninterrupted_run(tmp_path, data_dir):
+  env = {**os.environ, "PYTHONPATH": ROOT, "PAUSE_AT": "150", "MARKER": str(tmp_path / "paused")}
+  full, killed = tmp_path / "full", tmp_path / "killed"
+  # Both start at once (the machine has 2 cores; most of a start is single-threaded imports).
+  reference = subprocess.Popen([sys.executable, "-m", "jmtl.run", *args(data_dir, full)], env=env, cwd=ROOT)
+  victim = subprocess.Popen([sys.executable, "-c", DRIVER, *args(data_dir, killed)], env=env, cwd=ROOT)
+  deadline = time.monotonic() + 120
+  while not os.path.exists(env["MARKER"]) and victim.poll() is None and time.monotonic() < deadline:
+    time.sleep(0.05)
+  assert os.path.exists(env["MARKER"]), "the run to kill never reached step 150"
+  victim.send_signal(signal.SIGKILL)
+  assert victim.wait() == -signal.SIGKILL
+  assert sorted(os.listdir(killed / "checkpoints")) == ["100"]
+  assert max(r["step"] for r in _records(killed)) == 150  # records past the checkpoint, to be redone
+  assert not (killed / "results.json").exists()
+
+  resumed = subprocess.run([sys.executable, "-m", "jmtl.run", *args(data_dir, killed)], env=env, cwd=ROOT, check=False)
+  assert resumed.returncode == 0
+  assert reference.wait() == 0
+  a = json.loads((full / "results.json").read_text())
+  b = json.loads((killed / "results.json").read_text())
+  for key in ("validation", "test", "selected_step", "num_skipped", "val_score"):
+    assert a[key] == b[key], key
+  assert _records(full) == _records(killed)
+
+
+def test_sigterm_saves_a_checkpoint_and_the_same_command_resumes(tmp_path, data_dir, monkeypatch, capsys):
+  write = logs.MetricsLog.write
+
+  def terminating_write(self, step, kind, values):
+    out = write(self, step, kind, values)
+    if step == 25 and kind == "train":
+      os.kill(os.getpid(), signal.SIGTERM)
+    return out
+
+  monkeypatch.setattr(logs.MetricsLog, "write", terminating_write)
+  assert cli.main(args(data_dir, tmp_path, steps=60)) == 128 + signal.SIGTERM
+  assert "interrupted by SIGTERM at step 25; checkpoint saved" in capsys.readouterr().err
+  assert sorted(os.listdir(tmp_path / "checkpoints")) == ["25"]
+  monkeypatch.setattr(logs.MetricsLog, "write", write)
+  assert cli.main(args(data_dir, tmp_path, steps=60)) == 0
+  assert json.loads((tmp_path / "results.json").read_text())["num_steps"] == 60
