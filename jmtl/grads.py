@@ -409,6 +409,11 @@ def compute(
   apply = getattr(model, "apply", model)
   if transform.needs == "losses":
     return _loss_level(apply, tasks, params, batch, transform, wstate, key, axis_name)
+  if not isinstance(params, dict) or not jax.tree.leaves(params.get("shared", {})):
+    raise ValueError(
+      f"a {transform.needs}-level weighting needs shared parameters, but params['shared'] is empty "
+      "(soft-sharing models have none); use a loss-level weighting or a hard-sharing model"
+    )
   separable_ok = getattr(model, "encode", None) is not None and getattr(model, "head", None) is not None
   if separable_ok:
     return _separable(model, tasks, params, batch, transform, wstate, key, axis_name, names, opts)

@@ -47,18 +47,18 @@ def setup(kind="mlp", dtype=jnp.float64, b=6, seed=0):
   mask = np.ones(b, np.float32)
   mask[1] = 0
   batch = {
-      "inputs": jnp.asarray(x, dtype),
-      "labels": {
-          "a": jnp.asarray(r.integers(0, 3, b)),
-          "b": jnp.asarray(r.normal(size=(b, 1)), dtype),
-          "c": jnp.asarray(r.integers(0, 2, (b, 2)), dtype),
-      },
-      "masks": {"b": jnp.asarray(mask)},
+    "inputs": jnp.asarray(x, dtype),
+    "labels": {
+      "a": jnp.asarray(r.integers(0, 3, b)),
+      "b": jnp.asarray(r.normal(size=(b, 1)), dtype),
+      "c": jnp.asarray(r.integers(0, 2, (b, 2)), dtype),
+    },
+    "masks": {"b": jnp.asarray(mask)},
   }
   tasks = [
-      jmtl.Task("a", L.softmax_cross_entropy),
-      jmtl.Task("b", L.mse),
-      jmtl.Task("c", L.sigmoid_binary_cross_entropy),
+    jmtl.Task("a", L.softmax_cross_entropy),
+    jmtl.Task("b", L.mse),
+    jmtl.Task("c", L.sigmoid_binary_cross_entropy),
   ]
   return model, params, batch, tasks
 
@@ -83,7 +83,7 @@ def flat(tree):
 def run(model, params, batch, tasks, transform, **opts):
   o = grads.GradientOptions(**opts).check()
   return jax.jit(
-      lambda p, bt: grads.compute(model, tasks, p, bt, transform, transform.init(K), jax.random.key(0), None, o)
+    lambda p, bt: grads.compute(model, tasks, p, bt, transform, transform.init(K), jax.random.key(0), None, o)
   )(params, batch)
 
 
@@ -122,7 +122,9 @@ def test_representation_gramian_is_of_dz():
     z = model.encode(params["shared"], batch["inputs"])
     dzs = []
     for t in tasks:
-      f = lambda zz, t=t: jnp.divide(*jmtl.tasks.loss_terms(t, {t.name: model.head(t.name, params["tasks"][t.name], zz)}, batch))
+      f = lambda zz, t=t: jnp.divide(
+        *jmtl.tasks.loss_terms(t, {t.name: model.head(t.name, params["tasks"][t.name], zz)}, batch)
+      )
       dzs.append(jax.grad(f)(z).ravel())
     d = jnp.stack(dzs)
     np.testing.assert_allclose(out.weighting_state.gramian, d @ d.T, rtol=1e-10)
@@ -180,9 +182,11 @@ def test_pmap_parameter_level(cross_device):
   single = jax.jit(jmtl.make_train_step(model, tasks, opt, t))
   s1, m1 = single(jmtl.TrainState.create(params, opt, t, K, jax.random.key(0)), batch)
   pstep = parallel.pmap(
-      jmtl.make_train_step(model, tasks, opt, t, axis_name="data", cross_device=cross_device), donate=False
+    jmtl.make_train_step(model, tasks, opt, t, axis_name="data", cross_device=cross_device), donate=False
   )
-  s4, m4 = pstep(parallel.replicate(jmtl.TrainState.create(params, opt, t, K, jax.random.key(0))), parallel.shard_batch(batch))
+  s4, m4 = pstep(
+    parallel.replicate(jmtl.TrainState.create(params, opt, t, K, jax.random.key(0))), parallel.shard_batch(batch)
+  )
   g1, g4 = s1.weighting_state.gramian, s4.weighting_state.gramian[0]
   if cross_device == "exact":
     np.testing.assert_allclose(g4, g1, rtol=1e-5)
@@ -191,3 +195,14 @@ def test_pmap_parameter_level(cross_device):
     # The sum of local Gramians misses the cross-device terms: close, not equal.
     assert np.all(np.isfinite(g4)) and not np.allclose(g4, g1, rtol=1e-5)
   np.testing.assert_allclose(m4["grad_cosine"][0], m1["grad_cosine"], atol=1e-5 if cross_device == "exact" else 1.0)
+
+
+def test_gramian_method_without_shared_parameters_fails_clearly():
+  model = models.soft_mlp({"a": 2, "b": 2}, hidden=(4,))
+  x = jnp.zeros((2, 3))
+  params = model.init(jax.random.key(0), x)
+  tasks = [jmtl.Task("a", L.softmax_cross_entropy), jmtl.Task("b", L.softmax_cross_entropy)]
+  batch = {"inputs": x, "labels": {"a": jnp.zeros(2, jnp.int32), "b": jnp.zeros(2, jnp.int32)}}
+  t = W.mgda()
+  with pytest.raises(ValueError, match=r"params\['shared'\] is empty"):
+    grads.compute(model, tasks, params, batch, t, t.init(2), jax.random.key(0), None, grads.GradientOptions())

@@ -70,12 +70,12 @@ GRADIENT_METHODS = ["mgda", "pcgrad", "upgrad", "nash_mtl"]
 @pytest.mark.parametrize("name", GRADIENT_METHODS)
 def test_parameter_level_exact_mode_matches_single_device(name):
   """Gramian methods on a separable model: pmap (exact all-reduce of J) and mesh equal one device."""
-  from tests.test_grads import setup  # noqa: PLC0415
+  from tests.test_grads import setup
 
   model, params, batch, tasks = setup("mlp", dtype=jax.numpy.float32, b=16)
   batches = [batch] * 3
   opt = optax.sgd(0.1)
-  make = lambda: getattr(W, name)()
+  make = getattr(W, name)
 
   t = make()
   step = parallel.jit(jmtl.make_train_step(model, tasks, opt, t), donate=False)

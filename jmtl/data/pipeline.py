@@ -131,7 +131,13 @@ class ArraySource:
       "labels": {k: cat("labels", k) for k in masks},
     }
     data["masks"] = {k: m for k, m in masks.items() if (m != 1).any()}
-    return cls(data, tasks=getattr(source, "tasks", None))
+    out = cls(data, tasks=getattr(source, "tasks", None))
+    # What a source knows about its values (the pixel scale of dSprites' 0/1
+    # images, QM9's target statistics) must survive the copy into memory.
+    for attr in ("image_scale", "target_stats"):
+      if getattr(source, attr, None) is not None:
+        setattr(out, attr, getattr(source, attr))
+    return out
 
   def __len__(self) -> int:
     return self.inputs.shape[0]

@@ -139,3 +139,201 @@ def make_tasks(
       y = np.where(flip, rng.integers(0, num_classes, size=num_examples), y)
       labels[f"task_{k}"] = y.astype(np.int32)
   return {"inputs": x.astype(np.float32), "labels": labels}
+
+
+_SPLIT_SIZES = ("num_train", "num_validation", "num_test")
+
+
+@functools.cache
+def _builder_classes():
+  """Defines the builder on first use: ``tensorflow_datasets`` is imported only then."""
+  import tensorflow_datasets as tfds
+
+  @dataclasses.dataclass(eq=False)
+  class SyntheticConfig(tfds.core.BuilderConfig):
+    """One task family and its split sizes; the fields are :func:`make_tasks` arguments."""
+
+    num_tasks: int = 3
+    kind: str = "classification"
+    num_classes: int = 4
+    input_dim: int = 32
+    latent_dim: int = 8
+    relatedness: float = 0.8
+    noise: float = 0.1
+    label_noise: float = 0.0
+    conflict: bool = False
+    shared_noise: float = 0.0
+    seed: int = 0
+    num_train: int = 20_000
+    num_validation: int = 5_000
+    num_test: int = 5_000
+
+  class Synthetic(tfds.core.GeneratorBasedBuilder, skip_registration=True):
+    """K synthetic tasks from shared and private factors (:func:`make_tasks`), as array_record.
+
+    The three splits are one :func:`make_tasks` draw (``split_seed=0``) cut
+    into train / validation / test, so regression targets share one
+    standardisation. Features: ``inputs`` float32 ``(input_dim,)`` and
+    ``labels/task_k`` (class id or float32 target).
+    """
+
+    name = "synthetic"
+    VERSION = tfds.core.Version("1.0.0")
+    code_path = None  # no checksums file to look up (TFDS's lookup needs importlib_resources)
+    RELEASE_NOTES = {"1.0.0": "First release."}  # noqa: RUF012
+    BUILDER_CONFIGS = [  # noqa: RUF012
+      SyntheticConfig(name="classification_k3", description="3 related 4-class tasks, ρ=0.8."),
+      SyntheticConfig(name="regression_k3", kind="regression", description="3 related regression tasks, ρ=0.8."),
+      SyntheticConfig(
+        name="unrelated_k3", kind="regression", relatedness=0.0, description="3 unrelated regression tasks, ρ=0."
+      ),
+      SyntheticConfig(
+        name="classification_k8", num_tasks=8, relatedness=0.6, description="8 moderately related 4-class tasks."
+      ),
+      SyntheticConfig(
+        name="conflicting_k2",
+        num_tasks=2,
+        kind="regression",
+        relatedness=0.9,
+        conflict=True,
+        shared_noise=2.0,
+        description="2 regression tasks reading the shared factors with opposite signs, plus a shared nuisance.",
+      ),
+    ]
+
+    def _info(self):
+      cfg = self.builder_config
+      if cfg.kind == "classification":
+        label = lambda: tfds.features.ClassLabel(num_classes=cfg.num_classes)
+      else:
+        label = lambda: tfds.features.Scalar(dtype=np.float32)
+      features = tfds.features.FeaturesDict(
+        {
+          "inputs": tfds.features.Tensor(shape=(cfg.input_dim,), dtype=np.float32),
+          "labels": tfds.features.FeaturesDict({f"task_{k}": label() for k in range(cfg.num_tasks)}),
+        }
+      )
+      return tfds.core.DatasetInfo(
+        builder=self,
+        description=__doc__.split("\n\n")[0],
+        features=features,
+        disable_shuffling=True,
+      )
+
+    def _split_generators(self, dl_manager):
+      del dl_manager
+      cfg = self.builder_config
+      sizes = [getattr(cfg, k) for k in _SPLIT_SIZES]
+      kw = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(SyntheticConfig)}
+      kw = {k: v for k, v in kw.items() if k in _MAKE_TASKS_ARGS}
+      data = make_tasks(sum(sizes), split_seed=0, **kw)
+      bounds = np.cumsum([0, *sizes])
+      return {
+        split: self._generate_examples(data, int(bounds[i]), int(bounds[i + 1]))
+        for i, split in enumerate(("train", "validation", "test"))
+      }
+
+    def _generate_examples(self, data, start, stop):
+      labels = data["labels"]
+      for i in range(start, stop):
+        yield i - start, {"inputs": data["inputs"][i], "labels": {k: v[i] for k, v in labels.items()}}
+
+  return _tfds.publish(__name__, SyntheticConfig=SyntheticConfig, Synthetic=Synthetic)
+
+
+def __getattr__(name: str):
+  # ``Synthetic`` and ``SyntheticConfig`` are made on first access (PEP 562).
+  classes = _builder_classes()
+  if name in classes:
+    return classes[name]
+  raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def prepare(data_dir: str | None = None, config: str | None = None, **overrides):
+  """Builds a synthetic set offline (a few seconds) and returns its builder; reuses prepared files.
+
+  Args:
+    data_dir: root of prepared datasets; default :func:`jmtl.data._tfds.default_data_dir`.
+    config: a config name (default ``"classification_k3"``) or a config.
+    **overrides: config fields to change, e.g. ``num_train=1000``,
+      ``relatedness=0.3``; such a set is stored under its own config name.
+
+  Returns:
+    The prepared ``tfds`` builder.
+
+  Examples:
+    >>> from jmtl.data import synthetic
+    >>> b = synthetic.prepare(config="regression_k3")  # doctest: +SKIP
+    >>> b.info.splits["train"].num_examples  # doctest: +SKIP
+    20000
+  """
+  return _tfds.prepare_builder(_builder_classes()["Synthetic"], data_dir, config, **overrides)
+
+
+def task_specs(builder_config) -> dict[str, dict]:
+  """The ``tasks`` dict of a synthetic config: task name -> kind and size.
+
+  Examples:
+    >>> from jmtl.data import synthetic
+    >>> cfg = synthetic.SyntheticConfig(name="x", num_tasks=2, kind="regression")
+    >>> synthetic.task_specs(cfg)
+    {'task_0': {'kind': 'regression', 'dim': 1}, 'task_1': {'kind': 'regression', 'dim': 1}}
+  """
+  if builder_config.kind == "classification":
+    spec = {"kind": "classification", "num_classes": builder_config.num_classes}
+  else:
+    spec = {"kind": "regression", "dim": 1}
+  return {f"task_{k}": dict(spec) for k in range(builder_config.num_tasks)}
+
+
+def to_example(features) -> dict:
+  """Stored features -> a jmtl example ``{"inputs": float32 (D,), "labels": {task: scalar}}``.
+
+  Examples:
+    >>> from jmtl.data import synthetic
+    >>> ex = synthetic.to_example({"inputs": np.zeros(4, np.float32), "labels": {"task_0": 2}})
+    >>> ex["inputs"].shape, ex["labels"]["task_0"].dtype
+    ((4,), dtype('int32'))
+  """
+  labels = {}
+  for k, value in features["labels"].items():
+    v = np.asarray(value)
+    labels[k] = v.astype(np.int32 if np.issubdtype(v.dtype, np.integer) else np.float32).reshape(())
+  return {"inputs": np.asarray(features["inputs"], np.float32), "labels": labels}
+
+
+def load(split: str, data_dir: str | None = None, config: str | None = None, **overrides) -> _tfds.Source:
+  """Prepares the set if needed and returns one split as a random-access :class:`jmtl.data._tfds.Source`.
+
+  Args:
+    split: ``"train"``, ``"validation"`` or ``"test"``.
+    data_dir: root of prepared datasets.
+    config: a config name, see :func:`prepare`.
+    **overrides: config fields to change.
+
+  Returns:
+    ``source[i] == {"inputs": float32 (input_dim,), "labels": {"task_k": int32 or float32 scalar}}``.
+
+  Examples:
+    >>> from jmtl.data import synthetic
+    >>> src = synthetic.load("test", config="regression_k3")  # doctest: +SKIP
+    >>> len(src), src.tasks["task_0"]  # doctest: +SKIP
+    (5000, {'kind': 'regression', 'dim': 1})
+  """
+  builder = prepare(data_dir, config, **overrides)
+  return _tfds.load_source(builder, split, to_example, task_specs(builder.builder_config))
+
+
+_MAKE_TASKS_ARGS = (
+  "num_tasks",
+  "kind",
+  "num_classes",
+  "input_dim",
+  "latent_dim",
+  "relatedness",
+  "noise",
+  "label_noise",
+  "seed",
+  "conflict",
+  "shared_noise",
+)
