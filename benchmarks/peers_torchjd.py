@@ -47,8 +47,8 @@ def torch_runner(k, method, batch):
   heads = torch.nn.ModuleList([torch.nn.Linear(HIDDEN, CLASSES) for _ in range(k)])
   params = list(trunk.parameters()) + list(heads.parameters())
   opt = torch.optim.SGD(params, lr=1e-2)
-  x = torch.from_numpy(np.asarray(batch["inputs"]))
-  ys = [torch.from_numpy(np.asarray(batch["labels"][f"t{i}"])).long() for i in range(k)]
+  x = torch.from_numpy(np.array(batch["inputs"]))
+  ys = [torch.from_numpy(np.array(batch["labels"][f"t{i}"])).long() for i in range(k)]
   aggregator = {"upgrad": aggregation.UPGrad, "mgda": aggregation.MGDA, "pcgrad": aggregation.PCGrad}.get(method)
   aggregator = aggregator() if aggregator else None
   ce = torch.nn.functional.cross_entropy

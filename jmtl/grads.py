@@ -379,6 +379,73 @@ def _separable(model, tasks, params, batch, transform, wstate, key, axis_name, n
   return StepGrads(losses, weights, wstate, grads, gradient_metrics(gramian, names))
 
 
+def _linear_head_kernels(model, tasks, params, z) -> list | None:
+  """Each head's kernel path when every head is one ``Dense`` applied to ``z``, else ``None``."""
+  paths = []
+  for t in tasks:
+    found = {}
+
+    def probe(tp, zz, t=t, found=found):
+      record = []
+      with nn.intercept_methods(_dense_interceptor(None, record)):
+        y = model.head(t.name, tp, zz)
+      found["ok"] = len(record) == 1 and record[0][1] is zz and record[0][2] is y
+      found["path"] = record[0][0] if record else None
+      return y
+
+    jax.eval_shape(probe, params["tasks"][t.name], z)
+    node = params["tasks"][t.name]
+    for name in found["path"] or ():
+      node = node.get(name) if isinstance(node, dict) else None
+    if not found["ok"] or not isinstance(node, dict) or getattr(node.get("kernel"), "ndim", 0) != 2:
+      return None
+    paths.append(found["path"])
+  return paths
+
+
+def _linear_heads(model, tasks, params, batch, transform, wstate, key, axis_name, names, opts, paths) -> StepGrads:
+  """Representation level when every head is ``pred = z Wₖ + bₖ``: G and Σwₖdzₖ without any dzₖ.
+
+  With ``δₖ = ∂Lₖ/∂predₖ`` (rows × Cₖ), ``dzₖ = δₖ Wₖᵀ`` and
+  ``⟨dzᵢ, dzⱼ⟩ = Σ (δᵢᵀδⱼ) ⊙ (WᵢᵀWⱼ)``: two small Gramians of the stacked
+  ``[δ₁ … δ_K]`` and ``[W₁ … W_K]`` replace K products of size rows × D and
+  the stacked ``(K, rows, D)`` array (the same identity as for trunk layers,
+  applied to the heads).
+  """
+  z, enc_vjp = jax.vjp(lambda sh: model.encode(sh, batch["inputs"]), params["shared"])
+  sums, counts, loss_vjps, head_vjps, kernels = [], [], [], [], []
+  for t, path in zip(tasks, paths):
+    tp = params["tasks"][t.name]
+    pred, head_vjp = jax.vjp(lambda p, t=t: model.head(t.name, p, z), tp)
+    s, loss_vjp, c = jax.vjp(lambda y, t=t: tasks_lib.loss_terms(t, {t.name: y}, batch), pred, has_aux=True)
+    node = tp
+    for name in path:
+      node = node[name]
+    sums.append(s)
+    counts.append(c)
+    loss_vjps.append(loss_vjp)
+    head_vjps.append(head_vjp)
+    kernels.append(node["kernel"])
+  sums, counts = jnp.stack(sums), jnp.stack(counts)
+  denom = _denominators(counts, axis_name)
+  losses = _psum(sums / denom, axis_name)
+  deltas = [v((1.0 / denom[i]).astype(sums.dtype))[0] for i, v in enumerate(loss_vjps)]
+  widths = [w.shape[1] for w in kernels]
+  delta = jnp.concatenate([d.reshape(-1, d.shape[-1]) for d in deltas], axis=1)  # (rows, ΣC)
+  kernel = jnp.concatenate(kernels, axis=1).astype(delta.dtype)  # (D, ΣC)
+  owner = jnp.repeat(jnp.arange(len(tasks)), jnp.asarray(widths), total_repeat_length=sum(widths))
+  member = (owner[:, None] == jnp.arange(len(tasks))[None, :]).astype(delta.dtype)  # (ΣC, K)
+  gramian = member.T @ ((delta.T @ delta) * (kernel.T @ kernel)) @ member
+  gramian = _psum(gramian, axis_name)  # rows concatenate over devices: exact
+  weights, wstate = _call_weighting(transform, losses, wstate, key, gramian)
+  cot = (delta * (member @ weights.astype(delta.dtype))[None, :]) @ kernel.T
+  g_shared = _psum(enc_vjp(cot.reshape(z.shape).astype(z.dtype))[0], axis_name)
+  head_w = weights if opts.heads == "weighted" else jnp.ones_like(weights)
+  g_tasks = {t.name: head_vjps[i]((deltas[i] * head_w[i]).astype(deltas[i].dtype))[0] for i, t in enumerate(tasks)}
+  grads = {"shared": g_shared, "tasks": _psum(g_tasks, axis_name)}
+  return StepGrads(losses, weights, wstate, grads, gradient_metrics(gramian, names))
+
+
 def compute(
   model,
   tasks: Sequence[tasks_lib.Task],
@@ -415,6 +482,11 @@ def compute(
       "(soft-sharing models have none); use a loss-level weighting or a hard-sharing model"
     )
   separable_ok = getattr(model, "encode", None) is not None and getattr(model, "head", None) is not None
+  if separable_ok and opts.level == "representation" and transform.needs == "gramian":
+    z = jax.eval_shape(model.encode, params["shared"], batch["inputs"])
+    paths = _linear_head_kernels(model, tasks, params, z) if hasattr(z, "shape") else None
+    if paths is not None:
+      return _linear_heads(model, tasks, params, batch, transform, wstate, key, axis_name, names, opts, paths)
   if separable_ok:
     return _separable(model, tasks, params, batch, transform, wstate, key, axis_name, names, opts)
   if opts.level == "representation":

@@ -206,3 +206,31 @@ def test_gramian_method_without_shared_parameters_fails_clearly():
   t = W.mgda()
   with pytest.raises(ValueError, match=r"params\['shared'\] is empty"):
     grads.compute(model, tasks, params, batch, t, t.init(2), jax.random.key(0), None, grads.GradientOptions())
+
+
+@pytest.mark.parametrize("head_hidden", [(), (4,)])
+def test_representation_level_linear_heads_identity_and_fallback(head_hidden):
+  """Linear heads take the δᵀδ ⊙ WᵀW route; other heads the stacked-dz route; both exact."""
+  with jax.enable_x64(True):
+    _, params, batch, tasks = setup("mlp")
+    model = models.mlp({"a": 3, "b": 1, "c": 2}, hidden=(7, 5), head_hidden=head_hidden, param_dtype=jnp.float64)
+    params = model.init(jax.random.key(0), batch["inputs"])
+    z = jax.eval_shape(model.encode, params["shared"], batch["inputs"])
+    assert (grads._linear_head_kernels(model, tasks, params, z) is not None) == (head_hidden == ())
+    out = run(model, params, batch, tasks, capture(), level="representation", heads="own")
+    zz = model.encode(params["shared"], batch["inputs"])
+    rows = []
+    for t in tasks:
+      f = lambda v, t=t: jnp.divide(
+        *jmtl.tasks.loss_terms(t, {t.name: model.head(t.name, params["tasks"][t.name], v)}, batch)
+      )
+      rows.append(jax.grad(f)(zz).ravel())
+    d = jnp.stack(rows)
+    np.testing.assert_allclose(out.weighting_state.gramian, d @ d.T, rtol=1e-10)
+    js = brute_jacobian(model, params, batch, tasks)
+    want_shared = jax.tree.map(lambda *g: sum(wi * gi for wi, gi in zip(out.weights, g)), *[j["shared"] for j in js])
+    jax.tree.map(
+      lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-14), out.grads["shared"], want_shared
+    )
+    for i, n in enumerate(NAMES):
+      jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-10), out.grads["tasks"][n], js[i]["tasks"][n])
