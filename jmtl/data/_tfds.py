@@ -279,3 +279,24 @@ def publish(module_name: str, **classes: type) -> dict[str, type]:
     cls.__qualname__ = name
     cls.__name__ = name
   return dict(classes)
+
+
+def lazy_classes(module_name: str, make):
+  """A module ``__getattr__`` (PEP 562) that builds a module's TFDS classes on first access.
+
+  Keeps ``import jmtl.data.<dataset>`` free of tensorflow_datasets until a
+  builder class is actually needed.
+
+  Examples:
+    >>> getattr_ = lazy_classes("demo", lambda: {"Builder": int})
+    >>> getattr_("Builder")
+    <class 'int'>
+  """
+
+  def __getattr__(name: str):
+    classes = make()
+    if name in classes:
+      return classes[name]
+    raise AttributeError(f"module {module_name!r} has no attribute {name!r}")
+
+  return __getattr__

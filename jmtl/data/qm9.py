@@ -316,12 +316,8 @@ def _builder_classes():
   return _tfds.publish(__name__, QM9Config=QM9Config, QM9=QM9)
 
 
-def __getattr__(name: str):
-  # ``QM9`` and ``QM9Config`` are made on first access (PEP 562).
-  classes = _builder_classes()
-  if name in classes:
-    return classes[name]
-  raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+# The builder classes are made on first access, so importing this module loads no TFDS.
+__getattr__ = _tfds.lazy_classes(__name__, _builder_classes)
 
 
 def prepare(data_dir: str | None = None, config: str | None = None, **overrides):
