@@ -28,11 +28,20 @@ class _Parser(argparse.ArgumentParser):
     raise ConfigError(message)
 
 
+_HELP = {
+  "train": "train a config in a workdir (resumes from its last checkpoint)",
+  "eval": "evaluate a workdir's kept model on validation and test",
+  "baselines": "train one single-task model per task, for Δm%%",
+  "sweep": "one run per value of the --over fields, one table",
+  "report": "print a run's or a sweep's table and write its plots again",
+}
+
+
 def _parser() -> argparse.ArgumentParser:
   p = _Parser(prog="jmtl", description="Multi-task experiments: train, evaluate, sweep, report.")
   sub = p.add_subparsers(dest="command", metavar="{" + ",".join(COMMANDS) + "}")
   for name in COMMANDS:
-    s = sub.add_parser(name, help=f"jmtl {name}")
+    s = sub.add_parser(name, help=_HELP[name])
     if name in ("train", "baselines", "sweep"):
       s.add_argument("--config", required=True, help="a config file, e.g. configs/multi_digits.py")
     s.add_argument("--workdir", required=True, help="the run's directory (created if needed)")
