@@ -36,6 +36,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from jmtl import _taps
 from jmtl import tasks as tasks_lib
 from jmtl.weighting import WeightingTransform
 from jmtl.weighting import combine_jacobian
@@ -183,101 +184,6 @@ def _map_rows(fn, rows, chunk_size):
   return jax.lax.map(fn, rows, batch_size=chunk_size)
 
 
-# ----------------------------------------------------------------------------- dense-layer taps
-
-
-class _Layer(NamedTuple):
-  path: tuple[str, ...]  # module path inside params["shared"]
-  out_shape: tuple[int, ...]
-  out_dtype: Any
-
-
-def _dense_interceptor(perturb, record):
-  """Adds ``perturb[i]`` to the i-th Dense output and records its input."""
-  counter = [0]
-
-  def interceptor(next_fun, args, kwargs, context):
-    if not (isinstance(context.module, nn.Dense) and context.method_name == "__call__"):
-      return next_fun(*args, **kwargs)
-    y = next_fun(*args, **kwargs)
-    i = counter[0]
-    counter[0] += 1
-    record.append((tuple(context.module.path), args[0], y))
-    return y if perturb is None else y + perturb[i]
-
-  return interceptor
-
-
-def _discover_layers(encode, shared, inputs) -> list[_Layer] | None:
-  """The trunk's Dense layers, if each is a distinct shared leaf pair used once."""
-  record = []
-
-  def probe(s, x):
-    with nn.intercept_methods(_dense_interceptor(None, record)):
-      return encode(s, x)
-
-  jax.eval_shape(probe, shared, inputs)
-  paths = [p for p, _, _ in record]
-  layers = []
-  for path, _, y in record:
-    node = shared
-    for name in path:
-      node = node.get(name) if isinstance(node, dict) else None
-    if paths.count(path) != 1 or not isinstance(node, dict) or "kernel" not in node:
-      return None  # a shared module called twice (or living elsewhere): no exact identity, fall back
-    if node["kernel"].ndim != 2:
-      return None
-    layers.append(_Layer(path, tuple(y.shape), y.dtype))
-  return layers
-
-
-def _leaf_paths(tree) -> list[tuple]:
-  return [
-    tuple(getattr(k, "key", getattr(k, "idx", k)) for k in path)
-    for path, _ in jax.tree_util.tree_leaves_with_path(tree)
-  ]
-
-
-def _selected_paths(shared, select) -> set[tuple]:
-  if select is None:
-    return set(_leaf_paths(shared))
-  marked = jax.tree_util.tree_map_with_path(
-    lambda p, _: tuple(getattr(k, "key", getattr(k, "idx", k)) for k in p), shared
-  )
-  return set(jax.tree.leaves(select(marked), is_leaf=lambda x: isinstance(x, tuple)))
-
-
-def _dense_gramian(a, delta, use_kernel, use_bias):
-  """Kernel and bias Gramian of one Dense layer from inputs ``a`` and per-task cotangents ``delta``.
-
-  ``a``: ``(..., I)`` rows of the layer input; ``delta``: ``(..., K, O)``
-  per-task output cotangents, tasks on the second-to-last axis so that every
-  product below is a plain matmul over a reshape (no transposed copies of the
-  ``K × rows × O`` array). Picks the cheaper of the identity
-  ``Σ (a aᵀ) ⊙ (δᵢ δⱼᵀ)`` and the explicit ``Jₖ = aᵀ δₖ``.
-  """
-  k, o_dim = delta.shape[-2:]
-  rows = a.reshape(-1, a.shape[-1]).astype(delta.dtype)
-  n, i_dim = rows.shape
-  d = delta.reshape(n, k, o_dim)
-  g = jnp.zeros((k, k), d.dtype)
-  batched = (((2,), (2,)), ((0,), (0,)))  # contract O, batch over the leading axis
-  if use_kernel:
-    identity_cost = n * n * i_dim + k * n * n * o_dim + k * k * n * o_dim
-    explicit_cost = k * n * i_dim * o_dim + k * k * i_dim * o_dim
-    if identity_cost <= explicit_cost:
-      m = (rows @ rows.T) @ d.reshape(n, k * o_dim)  # (a aᵀ) δₖ for every k at once
-      gk = jax.lax.dot_general(d, m.reshape(n, k, o_dim), batched).sum(0)
-    else:
-      jk = (rows.T @ d.reshape(n, k * o_dim)).reshape(i_dim, k, o_dim)  # Jₖ = aᵀ δₖ, stacked on axis 1
-      gk = jax.lax.dot_general(jk, jk, batched).sum(0)
-    g = g + 0.5 * (gk + gk.T)
-  if use_bias:
-    s = jnp.sum(d, axis=0)  # (K, O)
-    g = g + s @ s.T
-  return g
-
-
 def _separable(model, tasks, params, batch, transform, wstate, key, axis_name, names, opts) -> StepGrads:
   """The encode/head route: trunk once, heads per task, Gramian at the requested level."""
   inputs = batch["inputs"]
@@ -289,12 +195,12 @@ def _separable(model, tasks, params, batch, transform, wstate, key, axis_name, n
   )
   layers = None
   if param_level and not need_jacobian:
-    layers = _discover_layers(model.encode, shared, inputs)
+    layers = _taps.discover_layers(model.encode, shared, inputs)
   if layers:
 
     def enc(s, eps):
       record = []
-      with nn.intercept_methods(_dense_interceptor(eps, record)):
+      with nn.intercept_methods(_taps.dense_interceptor(eps, record)):
         z = model.encode(s, inputs)
       return z, [x for _, x, _ in record]
 
@@ -329,7 +235,7 @@ def _separable(model, tasks, params, batch, transform, wstate, key, axis_name, n
   if not param_level:
     gramian = _psum(gramian_of(dz), axis_name)
   else:
-    selected = _selected_paths(shared, transform.select)
+    selected = _taps.selected_paths(shared, transform.select)
     covered = set()
     gramian = jnp.zeros((k, k), sums.dtype)
     if layers:
@@ -340,14 +246,14 @@ def _separable(model, tasks, params, batch, transform, wstate, key, axis_name, n
         use_k, use_b = kpath in selected, bpath in selected
         covered |= {kpath, bpath}
         if use_k or use_b:
-          gramian = gramian + _dense_gramian(a, delta, use_k, use_b)
+          gramian = gramian + _taps.dense_gramian(a, delta, use_k, use_b)
     rest = selected - covered
     if rest:
       rows = _map_rows(lambda c: enc_vjp(c)[0], dz, opts.chunk_size)
       jac = _psum(rows, axis_name) if need_jacobian else rows
       sel_jac = jac if transform.select is None else transform.select(jac)
       if covered:
-        sel_jac = [leaf for p, leaf in zip(_leaf_paths(jac), jax.tree.leaves(jac)) if p in rest]
+        sel_jac = [leaf for p, leaf in zip(_taps.leaf_paths(jac), jax.tree.leaves(jac)) if p in rest]
       gramian = gramian + gramian_of(sel_jac)
       if transform.select is not None:
         jac = transform.select(jac)
@@ -377,30 +283,6 @@ def _separable(model, tasks, params, batch, transform, wstate, key, axis_name, n
   }
   grads = {"shared": g_shared, "tasks": _psum(g_tasks, axis_name)}
   return StepGrads(losses, weights, wstate, grads, gradient_metrics(gramian, names))
-
-
-def _linear_head_kernels(model, tasks, params, z) -> list | None:
-  """Each head's kernel path when every head is one ``Dense`` applied to ``z``, else ``None``."""
-  paths = []
-  for t in tasks:
-    found = {}
-
-    def probe(tp, zz, t=t, found=found):
-      record = []
-      with nn.intercept_methods(_dense_interceptor(None, record)):
-        y = model.head(t.name, tp, zz)
-      found["ok"] = len(record) == 1 and record[0][1] is zz and record[0][2] is y
-      found["path"] = record[0][0] if record else None
-      return y
-
-    jax.eval_shape(probe, params["tasks"][t.name], z)
-    node = params["tasks"][t.name]
-    for name in found["path"] or ():
-      node = node.get(name) if isinstance(node, dict) else None
-    if not found["ok"] or not isinstance(node, dict) or getattr(node.get("kernel"), "ndim", 0) != 2:
-      return None
-    paths.append(found["path"])
-  return paths
 
 
 def _linear_heads(model, tasks, params, batch, transform, wstate, key, axis_name, names, opts, paths) -> StepGrads:
@@ -484,7 +366,7 @@ def compute(
   separable_ok = getattr(model, "encode", None) is not None and getattr(model, "head", None) is not None
   if separable_ok and opts.level == "representation" and transform.needs == "gramian":
     z = jax.eval_shape(model.encode, params["shared"], batch["inputs"])
-    paths = _linear_head_kernels(model, tasks, params, z) if hasattr(z, "shape") else None
+    paths = _taps.linear_head_kernels(model, tasks, params, z) if hasattr(z, "shape") else None
     if paths is not None:
       return _linear_heads(model, tasks, params, batch, transform, wstate, key, axis_name, names, opts, paths)
   if separable_ok:

@@ -9,6 +9,7 @@ import optax
 import pytest
 
 import jmtl
+from jmtl import _taps
 from jmtl import grads
 from jmtl import losses as L
 from jmtl import models
@@ -216,7 +217,7 @@ def test_representation_level_linear_heads_identity_and_fallback(head_hidden):
     model = models.mlp({"a": 3, "b": 1, "c": 2}, hidden=(7, 5), head_hidden=head_hidden, param_dtype=jnp.float64)
     params = model.init(jax.random.key(0), batch["inputs"])
     z = jax.eval_shape(model.encode, params["shared"], batch["inputs"])
-    assert (grads._linear_head_kernels(model, tasks, params, z) is not None) == (head_hidden == ())
+    assert (_taps.linear_head_kernels(model, tasks, params, z) is not None) == (head_hidden == ())
     out = run(model, params, batch, tasks, capture(), level="representation", heads="own")
     zz = model.encode(params["shared"], batch["inputs"])
     rows = []

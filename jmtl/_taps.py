@@ -1,0 +1,134 @@
+"""Dense-layer taps: a trunk's ``flax.linen.Dense`` layers and the Gramian identities they allow.
+
+For a Dense layer with input rows ``a`` and per-task output cotangents
+``δₖ``, the per-task kernel gradients are ``aᵀδₖ`` and
+``⟨aᵀδᵢ, aᵀδⱼ⟩ = Σ (a aᵀ) ⊙ (δᵢ δⱼᵀ)``: the Gramian without the Jacobian. The
+layers are found by intercepting ``nn.Dense.__call__`` while ``encode`` (or a
+head) is traced; a zero perturbation added to each output gives ``δₖ`` as a
+VJP cotangent. Private to :mod:`jmtl.grads`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+from typing import NamedTuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+
+class Layer(NamedTuple):
+  path: tuple[str, ...]  # module path inside params["shared"]
+  out_shape: tuple[int, ...]
+  out_dtype: Any
+
+
+def dense_interceptor(perturb, record):
+  """Adds ``perturb[i]`` to the i-th Dense output and records its input."""
+  counter = [0]
+
+  def interceptor(next_fun, args, kwargs, context):
+    if not (isinstance(context.module, nn.Dense) and context.method_name == "__call__"):
+      return next_fun(*args, **kwargs)
+    y = next_fun(*args, **kwargs)
+    i = counter[0]
+    counter[0] += 1
+    record.append((tuple(context.module.path), args[0], y))
+    return y if perturb is None else y + perturb[i]
+
+  return interceptor
+
+
+def discover_layers(encode, shared, inputs) -> list[Layer] | None:
+  """The trunk's Dense layers, if each is a distinct shared leaf pair used once."""
+  record = []
+
+  def probe(s, x):
+    with nn.intercept_methods(dense_interceptor(None, record)):
+      return encode(s, x)
+
+  jax.eval_shape(probe, shared, inputs)
+  paths = [p for p, _, _ in record]
+  layers = []
+  for path, _, y in record:
+    node = shared
+    for name in path:
+      node = node.get(name) if isinstance(node, dict) else None
+    if paths.count(path) != 1 or not isinstance(node, dict) or "kernel" not in node:
+      return None  # a shared module called twice (or living elsewhere): no exact identity, fall back
+    if node["kernel"].ndim != 2:
+      return None
+    layers.append(Layer(path, tuple(y.shape), y.dtype))
+  return layers
+
+
+def leaf_paths(tree) -> list[tuple]:
+  return [
+    tuple(getattr(k, "key", getattr(k, "idx", k)) for k in path)
+    for path, _ in jax.tree_util.tree_leaves_with_path(tree)
+  ]
+
+
+def selected_paths(shared, select) -> set[tuple]:
+  if select is None:
+    return set(leaf_paths(shared))
+  marked = jax.tree_util.tree_map_with_path(
+    lambda p, _: tuple(getattr(k, "key", getattr(k, "idx", k)) for k in p), shared
+  )
+  return set(jax.tree.leaves(select(marked), is_leaf=lambda x: isinstance(x, tuple)))
+
+
+def dense_gramian(a, delta, use_kernel, use_bias):
+  """Kernel and bias Gramian of one Dense layer from inputs ``a`` and per-task cotangents ``delta``.
+
+  ``a``: ``(..., I)`` rows of the layer input; ``delta``: ``(..., K, O)``
+  per-task output cotangents, tasks on the second-to-last axis so that every
+  product below is a plain matmul over a reshape (no transposed copies of the
+  ``K × rows × O`` array). Picks the cheaper of the identity
+  ``Σ (a aᵀ) ⊙ (δᵢ δⱼᵀ)`` and the explicit ``Jₖ = aᵀ δₖ``.
+  """
+  k, o_dim = delta.shape[-2:]
+  rows = a.reshape(-1, a.shape[-1]).astype(delta.dtype)
+  n, i_dim = rows.shape
+  d = delta.reshape(n, k, o_dim)
+  g = jnp.zeros((k, k), d.dtype)
+  batched = (((2,), (2,)), ((0,), (0,)))  # contract O, batch over the leading axis
+  if use_kernel:
+    identity_cost = n * n * i_dim + k * n * n * o_dim + k * k * n * o_dim
+    explicit_cost = k * n * i_dim * o_dim + k * k * i_dim * o_dim
+    if identity_cost <= explicit_cost:
+      m = (rows @ rows.T) @ d.reshape(n, k * o_dim)  # (a aᵀ) δₖ for every k at once
+      gk = jax.lax.dot_general(d, m.reshape(n, k, o_dim), batched).sum(0)
+    else:
+      jk = (rows.T @ d.reshape(n, k * o_dim)).reshape(i_dim, k, o_dim)  # Jₖ = aᵀ δₖ, stacked on axis 1
+      gk = jax.lax.dot_general(jk, jk, batched).sum(0)
+    g = g + 0.5 * (gk + gk.T)
+  if use_bias:
+    s = jnp.sum(d, axis=0)  # (K, O)
+    g = g + s @ s.T
+  return g
+
+
+def linear_head_kernels(model, tasks, params, z) -> list | None:
+  """Each head's kernel path when every head is one ``Dense`` applied to ``z``, else ``None``."""
+  paths = []
+  for t in tasks:
+    found = {}
+
+    def probe(tp, zz, t=t, found=found):
+      record = []
+      with nn.intercept_methods(dense_interceptor(None, record)):
+        y = model.head(t.name, tp, zz)
+      found["ok"] = len(record) == 1 and record[0][1] is zz and record[0][2] is y
+      found["path"] = record[0][0] if record else None
+      return y
+
+    jax.eval_shape(probe, params["tasks"][t.name], z)
+    node = params["tasks"][t.name]
+    for name in found["path"] or ():
+      node = node.get(name) if isinstance(node, dict) else None
+    if not found["ok"] or not isinstance(node, dict) or getattr(node.get("kernel"), "ndim", 0) != 2:
+      return None
+    paths.append(found["path"])
+  return paths
