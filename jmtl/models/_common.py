@@ -16,6 +16,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from jmtl.models._base import MultiTaskModel
+
 Array = jax.Array
 Params = Any
 
@@ -211,3 +213,41 @@ def init_heads(heads: Mapping[str, nn.Module], keys: Array, z_shape: tuple[int, 
   (4, 2)
   """
   return {name: init_module(mod, keys[i], z_shape, z_dtype) for i, (name, mod) in enumerate(heads.items())}
+
+
+def hard_sharing(names, where, trunk, heads, encode, trunk_input=None) -> MultiTaskModel:
+  """The :class:`MultiTaskModel` of a shared ``trunk`` and one head per task.
+
+  Args:
+    names: the task names, in order.
+    where: the constructor's name, for error messages.
+    trunk: the linen trunk, initialised into ``params["shared"]``.
+    heads: task name -> linen head (see :func:`dense_heads`).
+    encode: ``encode(shared, inputs) -> z``.
+    trunk_input: ``(shape, dtype) -> (shape, dtype)`` of what the trunk's
+      ``init`` sees, when ``encode`` reshapes the inputs first.
+
+  Examples:
+    >>> import jax, jax.numpy as jnp
+    >>> trunk = MLP(features=(3,), activate_last=True)
+    >>> heads = dense_heads({"a": 2}, (), jax.nn.relu, None, jnp.float32)
+    >>> m = hard_sharing(("a",), "demo", trunk, heads, lambda s, x: trunk.apply({"params": s}, x))
+    >>> m.apply(m.init(jax.random.key(0), jnp.ones((4, 5))), jnp.ones((4, 5)))["a"].shape
+    (4, 2)
+  """
+  head = make_head_fn(heads, where)
+
+  def init(key, inputs):
+    shape, dtype = jnp.shape(inputs), jnp.result_type(inputs)
+    trunk_shape, trunk_dtype = (shape, dtype) if trunk_input is None else trunk_input(shape, dtype)
+    keys = jax.random.split(key, len(names) + 1)
+    shared = init_module(trunk, keys[0], trunk_shape, trunk_dtype)
+    z = jax.eval_shape(encode, shared, jax.ShapeDtypeStruct((1, *shape[1:]), dtype))
+    return {"shared": shared, "tasks": init_heads(heads, keys[1:], z.shape, z.dtype)}
+
+  def apply(params, inputs):
+    check_tasks(params, names, where)
+    z = encode(params["shared"], inputs)
+    return {name: head(name, params["tasks"][name], z) for name in names}
+
+  return MultiTaskModel(init=init, apply=apply, encode=encode, head=head, task_names=names)

@@ -109,22 +109,12 @@ def cnn(
   names = tuple(dims)
   trunk = _ConvTrunk(features=features, dense=dense, activation=activation, dtype=dtype, param_dtype=param_dtype)
   heads = _common.dense_heads(dims, (), activation, dtype, param_dtype)
-  head = _common.make_head_fn(heads, where)
 
   def encode(shared: Params, inputs: Array) -> Array:
     return trunk.apply({"params": shared}, _as_nhwc(inputs, len(features), where))
 
-  def init(key: Array, inputs: Array) -> Params:
-    x = jax.ShapeDtypeStruct(jnp.shape(inputs), jnp.result_type(inputs))
-    x = jax.eval_shape(lambda a: _as_nhwc(a, len(features), where), x)
-    keys = jax.random.split(key, len(names) + 1)
-    shared = _common.init_module(trunk, keys[0], x.shape, x.dtype)
-    z = jax.eval_shape(encode, shared, jax.ShapeDtypeStruct((1, *x.shape[1:]), x.dtype))
-    return {"shared": shared, "tasks": _common.init_heads(heads, keys[1:], z.shape, z.dtype)}
+  def nhwc(shape, dtype):
+    x = jax.eval_shape(lambda a: _as_nhwc(a, len(features), where), jax.ShapeDtypeStruct(shape, dtype))
+    return x.shape, x.dtype
 
-  def apply(params: Params, inputs: Array) -> dict[str, Array]:
-    _common.check_tasks(params, names, where)
-    z = encode(params["shared"], inputs)
-    return {name: head(name, params["tasks"][name], z) for name in names}
-
-  return MultiTaskModel(init=init, apply=apply, encode=encode, head=head, task_names=names)
+  return _common.hard_sharing(names, where, trunk, heads, encode, nhwc)

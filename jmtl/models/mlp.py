@@ -78,7 +78,6 @@ def mlp(
     features=hidden, activation=activation, activate_last=True, flatten=True, dtype=dtype, param_dtype=param_dtype
   )
   heads = _common.dense_heads(dims, head_hidden, activation, dtype, param_dtype)
-  head = _common.make_head_fn(heads, where)
 
   def encode(shared: Params, inputs: Array) -> Array:
     x = _common.flatten_batch(inputs)
@@ -91,16 +90,4 @@ def mlp(
         )
     return trunk.apply({"params": shared}, x)
 
-  def init(key: Array, inputs: Array) -> Params:
-    shape, in_dtype = jnp.shape(inputs), jnp.result_type(inputs)
-    keys = jax.random.split(key, len(names) + 1)
-    shared = _common.init_module(trunk, keys[0], shape, in_dtype)
-    z = jax.eval_shape(encode, shared, jax.ShapeDtypeStruct((1, *shape[1:]), in_dtype))
-    return {"shared": shared, "tasks": _common.init_heads(heads, keys[1:], z.shape, z.dtype)}
-
-  def apply(params: Params, inputs: Array) -> dict[str, Array]:
-    _common.check_tasks(params, names, where)
-    z = encode(params["shared"], inputs)
-    return {name: head(name, params["tasks"][name], z) for name in names}
-
-  return MultiTaskModel(init=init, apply=apply, encode=encode, head=head, task_names=names)
+  return _common.hard_sharing(names, where, trunk, heads, encode)
