@@ -12,14 +12,24 @@ flax linen modules are adapters: each constructor returns a
 
 from jmtl.models._base import MultiTaskModel
 from jmtl.models.cnn import cnn
+from jmtl.models.cross_stitch import cross_stitch
+from jmtl.models.experts import cgc
+from jmtl.models.experts import mmoe
+from jmtl.models.experts import ple
 from jmtl.models.mlp import mlp
+from jmtl.models.resnet import resnet
 from jmtl.models.soft import soft_mlp
 from jmtl.models.soft import tower_params
 
 __all__ = [
   "MultiTaskModel",
+  "cgc",
   "cnn",
+  "cross_stitch",
   "mlp",
+  "mmoe",
+  "ple",
+  "resnet",
   "soft_mlp",
   "tower_params",
 ]
