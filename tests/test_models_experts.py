@@ -1,0 +1,365 @@
+"""Tests for the expert-based models: MMoE, CGC, PLE and DSelect-k.
+
+Parameters are filled from ``jax.eval_shape(model.init, ...)`` with numpy
+values (compiling initializers is slow on XLA:CPU), and the forward passes are
+checked against hand-written numpy references.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import jmtl
+from jmtl.models import cgc
+from jmtl.models import experts
+from jmtl.models import mlp
+from jmtl.models import mmoe
+from jmtl.models import ple
+
+KEY = jax.random.key(0)
+DIMS = {"a": 3, "b": 2, "c": 1}
+RTOL = dict(rtol=1e-5, atol=1e-6)
+
+
+def _x(shape, seed=1):
+  return np.random.default_rng(seed).standard_normal(shape).astype(np.float32)
+
+
+def _fill(model, x, seed=0):
+  """Parameters with the structure, shapes and dtypes of ``model.init``, without compiling it."""
+  rng = np.random.default_rng(seed)
+  spec = jax.eval_shape(model.init, KEY, x)
+  return jax.tree.map(lambda s: jnp.asarray(0.5 * rng.standard_normal(s.shape), s.dtype), spec)
+
+
+def _np(tree):
+  return jax.tree.map(np.asarray, tree)
+
+
+def _shapes(tree):
+  return jax.tree.map(lambda a: a.shape, tree)
+
+
+# --- numpy references --------------------------------------------------------
+
+
+def _relu(v):
+  return np.maximum(v, 0.0)
+
+
+def _softmax(v):
+  e = np.exp(v - v.max(-1, keepdims=True))
+  return e / e.sum(-1, keepdims=True)
+
+
+def _np_mlp(p, h, activate_last):
+  n = len(p)
+  for i in range(n):
+    h = h @ p[f"dense_{i}"]["kernel"] + p[f"dense_{i}"]["bias"]
+    if i < n - 1 or activate_last:
+      h = _relu(h)
+  return h
+
+
+def _np_experts(stacked, h):
+  """A list of each expert's output, one expert at a time."""
+  n = stacked["dense_0"]["kernel"].shape[0]
+  return [_np_mlp(jax.tree.map(lambda a, i=i: a[i], stacked), h, True) for i in range(n)]
+
+
+def _np_gate(p, h):
+  return _softmax(h @ p["kernel"] + p["bias"])
+
+
+def _np_mixture(gate, outs):
+  return sum(gate[:, i : i + 1] * o for i, o in enumerate(outs))
+
+
+def np_mmoe(params, x, names):
+  p = _np(params)
+  x = x.reshape(x.shape[0], -1)
+  outs = _np_experts(p["shared"]["experts"], x)
+  res = {}
+  for n in names:
+    mixed = _np_mixture(_np_gate(p["tasks"][n]["gate"], x), outs)
+    res[n] = _np_mlp(p["tasks"][n]["tower"], mixed, False)
+  return res
+
+
+def np_ple(params, x, names, num_levels):
+  p = _np(params)
+  x = x.reshape(x.shape[0], -1)
+  task_in, shared_in = dict.fromkeys(names, x), x
+  for lvl in range(num_levels):
+    key = f"level_{lvl}"
+    s_out = _np_experts(p["shared"][key]["experts"], shared_in)
+    t_out = {n: _np_experts(p["tasks"][n][key]["experts"], task_in[n]) for n in names}
+    new = {n: _np_mixture(_np_gate(p["tasks"][n][key]["gate"], task_in[n]), t_out[n] + s_out) for n in names}
+    if lvl < num_levels - 1:
+      every = [o for n in names for o in t_out[n]] + s_out
+      shared_in = _np_mixture(_np_gate(p["shared"][key]["gate"], shared_in), every)
+    task_in = new
+  return {n: _np_mlp(p["tasks"][n]["tower"], task_in[n], False) for n in names}
+
+
+# --- fixtures ----------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def mmoe_setup():
+  model = mmoe(DIMS, num_experts=3, expert_hidden=(6, 4), tower_hidden=(5,))
+  x = _x((4, 2, 3))
+  return model, _fill(model, x), x
+
+
+@pytest.fixture(scope="module")
+def cgc_setup():
+  model = cgc(DIMS, num_shared_experts=2, num_task_experts=2, expert_hidden=(6, 4), tower_hidden=(3,))
+  x = _x((4, 6))
+  return model, _fill(model, x), x
+
+
+@pytest.fixture(scope="module")
+def ple_setup():
+  model = ple(DIMS, num_levels=3, num_shared_experts=2, num_task_experts=1, expert_hidden=(5,))
+  x = _x((4, 2, 3))
+  return model, _fill(model, x), x
+
+
+# --- MMoE --------------------------------------------------------------------
+
+
+def test_mmoe_params_and_shapes(mmoe_setup):
+  model, params, x = mmoe_setup
+  assert model.encode is None and model.head is None
+  assert model.task_names == ("a", "b", "c")
+  shapes = _shapes(params)
+  assert shapes["shared"] == {
+    "experts": {"dense_0": {"kernel": (3, 6, 6), "bias": (3, 6)}, "dense_1": {"kernel": (3, 6, 4), "bias": (3, 4)}}
+  }
+  assert shapes["tasks"]["a"]["gate"] == {"kernel": (6, 3), "bias": (3,)}
+  assert shapes["tasks"]["b"]["tower"] == {
+    "dense_0": {"kernel": (4, 5), "bias": (5,)},
+    "dense_1": {"kernel": (5, 2), "bias": (2,)},
+  }
+  out = model.apply(params, x)
+  assert {k: v.shape for k, v in out.items()} == {"a": (4, 3), "b": (4, 2), "c": (4, 1)}
+
+
+def test_mmoe_matches_numpy_reference(mmoe_setup):
+  model, params, x = mmoe_setup
+  out, ref = model.apply(params, x), np_mmoe(params, x, model.task_names)
+  for n in model.task_names:
+    np.testing.assert_allclose(out[n], ref[n], **RTOL)
+
+
+def test_mmoe_with_one_expert_is_hard_sharing():
+  """One expert: the gate is the constant 1, so MMoE is mlp() with the expert as trunk."""
+  model = mmoe(DIMS, num_experts=1, expert_hidden=(6, 4), tower_hidden=(5,))
+  x = _x((4, 7), seed=3)
+  params = _fill(model, x, seed=4)
+  hard = mlp(DIMS, hidden=(6, 4), head_hidden=(5,))
+  hard_params = {
+    "shared": jax.tree.map(lambda a: a[0], params["shared"]["experts"]),
+    "tasks": {n: params["tasks"][n]["tower"] for n in DIMS},
+  }
+  assert _shapes(hard_params) == _shapes(jax.eval_shape(hard.init, KEY, x))
+  out, want = model.apply(params, x), hard.apply(hard_params, x)
+  for n in DIMS:
+    np.testing.assert_allclose(out[n], want[n], **RTOL)
+
+
+def test_mmoe_gates_are_convex_combinations(mmoe_setup):
+  model, params, x = mmoe_setup
+  _, forward = experts._mmoe_parts("mmoe", DIMS, 3, (6, 4), (5,), jax.nn.relu, None, jnp.float32)
+  preds, gates = forward(params, x)
+  for n in DIMS:
+    g = np.asarray(gates[n])
+    assert g.shape == (4, 3) and (g >= 0).all()
+    np.testing.assert_allclose(g.sum(-1), 1.0, rtol=1e-6)
+    np.testing.assert_allclose(preds[n], model.apply(params, x)[n], **RTOL)
+
+
+def test_experts_run_as_one_batched_kernel():
+  """The experts are vmapped: E experts give the same number of dot_generals as one."""
+  x = _x((2, 5))
+  count = {}
+  for e in (1, 4):
+    model = mmoe({"a": 2}, num_experts=e, expert_hidden=(3, 3))
+    count[e] = str(jax.make_jaxpr(model.apply)(_fill(model, x), x)).count("dot_general")
+  assert count[1] == count[4]
+
+
+# --- CGC / PLE ---------------------------------------------------------------
+
+
+def test_cgc_params_shapes_and_reference(cgc_setup):
+  model, params, x = cgc_setup
+  assert model.encode is None and model.head is None
+  shapes = _shapes(params)
+  assert shapes["shared"]["level_0"]["experts"]["dense_1"]["kernel"] == (2, 6, 4)
+  assert set(shapes["shared"]["level_0"]) == {"experts"}
+  assert shapes["tasks"]["a"]["level_0"]["experts"]["dense_0"]["kernel"] == (2, 6, 6)
+  assert shapes["tasks"]["a"]["level_0"]["gate"]["kernel"] == (6, 4)  # own 2 + shared 2
+  out, ref = model.apply(params, x), np_ple(params, x, model.task_names, 1)
+  for n, d in DIMS.items():
+    assert out[n].shape == (4, d)
+    np.testing.assert_allclose(out[n], ref[n], **RTOL)
+
+
+def test_ple_params_shapes_and_reference(ple_setup):
+  model, params, x = ple_setup
+  shapes = _shapes(params)
+  assert set(shapes["shared"]) == {"level_0", "level_1", "level_2"}
+  assert set(shapes["shared"]["level_1"]) == {"experts", "gate"}
+  assert set(shapes["shared"]["level_2"]) == {"experts"}
+  assert shapes["shared"]["level_0"]["gate"]["kernel"] == (6, 3 * 1 + 2)
+  assert shapes["shared"]["level_1"]["experts"]["dense_0"]["kernel"] == (2, 5, 5)
+  assert shapes["tasks"]["c"]["level_2"]["gate"]["kernel"] == (5, 3)
+  out, ref = model.apply(params, x), np_ple(params, x, model.task_names, 3)
+  for n, d in DIMS.items():
+    assert out[n].shape == (4, d)
+    np.testing.assert_allclose(out[n], ref[n], **RTOL)
+
+
+def test_ple_gates_are_convex_combinations(ple_setup):
+  _, params, x = ple_setup
+  _, forward = experts._extraction("ple", DIMS, 3, 2, 1, (5,), (), jax.nn.relu, None, jnp.float32)
+  _, levels = forward(params, x)
+  assert [sorted(g) for g in levels] == [["a", "b", "c", "shared"]] * 2 + [["a", "b", "c"]]
+  for gates in levels:
+    for n, gate in gates.items():
+      g = np.asarray(gate)
+      assert g.shape == (4, 5 if n == "shared" else 3) and (g >= 0).all()
+      np.testing.assert_allclose(g.sum(-1), 1.0, rtol=1e-6)
+
+
+def _perturbed(params, task, path=()):
+  """``params`` with every leaf of ``params['tasks'][task][*path]`` shifted by 1."""
+  tasks = dict(params["tasks"])
+  tasks[task] = _set(tasks[task], path, jax.tree.map(lambda a: a + 1.0, _get(tasks[task], path)))
+  return {"shared": params["shared"], "tasks": tasks}
+
+
+def _get(tree, path):
+  for key in path:
+    tree = tree[key]
+  return tree
+
+
+def _set(tree, path, value):
+  if not path:
+    return value
+  out = dict(tree)
+  out[path[0]] = _set(tree[path[0]], path[1:], value)
+  return out
+
+
+def test_cgc_split_is_separable(cgc_setup):
+  model, params, x = cgc_setup
+  base = model.apply(params, x)
+  moved = model.apply(_perturbed(params, "a"), x)
+  assert not np.allclose(moved["a"], base["a"])
+  for n in ("b", "c"):
+    np.testing.assert_array_equal(moved[n], base[n])
+
+
+def test_ple_split_is_not_separable(ple_setup):
+  """Task a's level-0 experts feed the shared gate, which feeds b: the split is not separable."""
+  model, params, x = ple_setup
+  base = model.apply(params, x)
+  moved = model.apply(_perturbed(params, "a", ("level_0", "experts")), x)
+  assert not np.allclose(moved["b"], base["b"], rtol=1e-4)
+  # The last level has no shared gate: its task experts only reach their own task.
+  last = model.apply(_perturbed(params, "a", ("level_2",)), x)
+  np.testing.assert_array_equal(last["b"], base["b"])
+  assert not np.allclose(last["a"], base["a"])
+
+
+# --- errors ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+  ("build", "match"),
+  [
+    (lambda: mmoe(DIMS, num_experts=0), r"mmoe: num_experts must be an int >= 1, got 0"),
+    (lambda: mmoe(DIMS, expert_hidden=()), r"mmoe: expert_hidden must have at least one"),
+    (lambda: mmoe(DIMS, tower_hidden=(0,)), r"mmoe: tower_hidden"),
+    (lambda: mmoe({}), r"mmoe: task_dims is empty"),
+    (lambda: cgc(DIMS, num_shared_experts=0), r"cgc: num_shared_experts must be an int >= 1, got 0"),
+    (lambda: cgc(DIMS, num_task_experts=1.5), r"cgc: num_task_experts"),
+    (lambda: ple(DIMS, num_levels=0), r"ple: num_levels must be an int >= 1, got 0"),
+    (lambda: ple(DIMS, activation="relu"), r"ple: activation must be callable"),
+  ],
+)
+def test_bad_arguments_raise(build, match):
+  with pytest.raises(ValueError, match=match):
+    build()
+
+
+def test_apply_checks_inputs_and_tasks(mmoe_setup, ple_setup):
+  model, params, x = mmoe_setup
+  with pytest.raises(ValueError, match=r"mmoe: inputs of shape \(4, 7\) flatten to 7 features.*expects 6"):
+    model.apply(params, np.zeros((4, 7), np.float32))
+  model, params, x = ple_setup
+  with pytest.raises(ValueError, match=r"ple: params\['tasks'\] has no entry for task\(s\) \['c'\]"):
+    model.apply({"shared": params["shared"], "tasks": {k: params["tasks"][k] for k in ("a", "b")}}, x)
+
+
+# --- train step --------------------------------------------------------------
+
+
+def _train_tasks(names):
+  return [jmtl.Task(n, jmtl.losses.softmax_cross_entropy) for n in names]
+
+
+def _train_batch(x, dims, seed=5):
+  rng = np.random.default_rng(seed)
+  return {"inputs": x, "labels": {n: jnp.asarray(rng.integers(0, d, size=x.shape[0])) for n, d in dims.items()}}
+
+
+TRAIN_DIMS = {"left": 3, "right": 2}
+TRAIN_BUILDERS = {
+  "mmoe": lambda: mmoe(TRAIN_DIMS, num_experts=3, expert_hidden=(4,)),
+  "cgc": lambda: cgc(TRAIN_DIMS, expert_hidden=(4,)),
+  "ple": lambda: ple(TRAIN_DIMS, num_levels=2, expert_hidden=(4,)),
+}
+
+
+@pytest.mark.parametrize("name", sorted(TRAIN_BUILDERS))
+def test_train_step_runs(name):
+  model = TRAIN_BUILDERS[name]()
+  x = _x((6, 2, 2, 1), seed=7)
+  params = _fill(model, x)
+  batch = _train_batch(x, TRAIN_DIMS)
+  tasks = _train_tasks(model.task_names)
+  opt = optax.sgd(0.1)
+  for weighting in (jmtl.weighting.mgda(), jmtl.weighting.equal()):
+    step = jax.jit(jmtl.make_train_step(model, tasks, opt, weighting))
+    state = jmtl.TrainState.create(params, opt, weighting, len(tasks), KEY)
+    for _ in range(2):
+      state, metrics = step(state, batch)
+      assert all(np.isfinite(metrics[f"loss/{n}"]) for n in model.task_names)
+      assert int(metrics["skipped"]) == 0
+    changed = jax.tree.map(lambda a, b: bool(np.any(np.asarray(a) != np.asarray(b))), params, state.params)
+    assert all(jax.tree.leaves(changed["shared"])), name
+    # MGDA may put weight 0 on a task (whose parameters may still move in PLE, through other tasks).
+    for n in model.task_names:
+      if float(metrics[f"weight/{n}"]) > 0:
+        assert any(jax.tree.leaves(changed["tasks"][n])), (name, n)
+
+
+def test_representation_level_raises():
+  model = TRAIN_BUILDERS["mmoe"]()
+  x = _x((6, 4), seed=7)
+  params = _fill(model, x)
+  opt = optax.sgd(0.1)
+  weighting = jmtl.weighting.mgda()
+  step = jmtl.make_train_step(model, _train_tasks(model.task_names), opt, weighting, level="representation")
+  state = jmtl.TrainState.create(params, opt, weighting, 2, KEY)
+  with pytest.raises(ValueError, match=r"representation.*encode and head"):
+    step(state, _train_batch(x, TRAIN_DIMS))
