@@ -88,6 +88,30 @@ class StepGrads(NamedTuple):
   weighting_state: Any
   grads: Any  # like params
   extra: dict  # Gramian-derived metrics
+  model_state: Any = None  # the model's new state (batch-norm statistics), if it has one
+
+
+def bind(model, model_state, axis_name):
+  """``(apply, encode)`` of ``model`` for one training step, each returning ``(out, new_model_state)``.
+
+  A stateless model's functions return ``model_state`` unchanged; a stateful
+  one (:attr:`jmtl.models.MultiTaskModel.init_state`) runs with
+  ``train=True`` and the pmap axis, so batch statistics are the global
+  batch's. ``encode`` is ``None`` when the model has none.
+  """
+  apply = getattr(model, "apply", model)
+  encode = getattr(model, "encode", None)
+  if getattr(model, "init_state", None) is None:
+    enc = None if encode is None else (lambda s, x: (encode(s, x), model_state))
+    return (lambda p, x: (apply(p, x), model_state)), enc
+  if model_state is None:
+    raise ValueError(
+      "the model has state (batch-norm statistics) but model_state is None; create the train state with "
+      "jmtl.TrainState.create(..., model_state=model.init_state(key, inputs))"
+    )
+  kw = {"train": True, "axis_name": axis_name}
+  enc = None if encode is None else (lambda s, x: encode(s, x, model_state, **kw))
+  return (lambda p, x: apply(p, x, model_state, **kw)), enc
 
 
 def _psum(x, axis_name):
@@ -128,25 +152,25 @@ def _call_weighting(transform, losses, wstate, key, gramian=None, jacobian=None)
 
 
 def _task_terms(apply, tasks, params, batch):
-  """``(Σ loss, Σ count)`` per task, stacked to ``(K,)`` each, from ``apply``."""
-  preds = apply(params, batch["inputs"])
+  """``(Σ loss, (Σ count, model_state))`` per task, stacked to ``(K,)`` each, from a bound ``apply``."""
+  preds, model_state = apply(params, batch["inputs"])
   terms = [tasks_lib.loss_terms(t, preds, batch) for t in tasks]
-  return jnp.stack([s for s, _ in terms]), jnp.stack([c for _, c in terms])
+  return jnp.stack([s for s, _ in terms]), (jnp.stack([c for _, c in terms]), model_state)
 
 
 def _loss_level(apply, tasks, params, batch, transform, wstate, key, axis_name) -> StepGrads:
   """One forward, one backward: ``∇ Σ wₖ Lₖ`` as a VJP with cotangent ``w``."""
-  sums, vjp_fn, counts = jax.vjp(lambda p: _task_terms(apply, tasks, p, batch), params, has_aux=True)
+  sums, vjp_fn, (counts, mstate) = jax.vjp(lambda p: _task_terms(apply, tasks, p, batch), params, has_aux=True)
   denom = _denominators(counts, axis_name)
   losses = _psum(sums / denom, axis_name)
   weights, wstate = _call_weighting(transform, losses, wstate, key)
   (grads,) = vjp_fn((weights / denom).astype(sums.dtype))
-  return StepGrads(losses, weights, wstate, _psum(grads, axis_name), {})
+  return StepGrads(losses, weights, wstate, _psum(grads, axis_name), {}, mstate)
 
 
 def _general(apply, tasks, params, batch, transform, wstate, key, axis_name, names, opts) -> StepGrads:
   """Any ``apply``: one VJP per task gives every task's gradient of all parameters."""
-  sums, vjp_fn, counts = jax.vjp(lambda p: _task_terms(apply, tasks, p, batch), params, has_aux=True)
+  sums, vjp_fn, (counts, mstate) = jax.vjp(lambda p: _task_terms(apply, tasks, p, batch), params, has_aux=True)
   denom = _denominators(counts, axis_name)
   losses = _psum(sums / denom, axis_name)
   rows = jnp.diag(1.0 / denom).astype(sums.dtype)
@@ -167,7 +191,7 @@ def _general(apply, tasks, params, batch, transform, wstate, key, axis_name, nam
       "tasks": combine_jacobian(jnp.ones_like(losses), jac["tasks"]),
     }
     weights = jnp.ones_like(losses)
-  return StepGrads(losses, weights, wstate, grads, gradient_metrics(gramian, names))
+  return StepGrads(losses, weights, wstate, grads, gradient_metrics(gramian, names), mstate)
 
 
 def _own_heads(weights, jac):
@@ -184,7 +208,7 @@ def _map_rows(fn, rows, chunk_size):
   return jax.lax.map(fn, rows, batch_size=chunk_size)
 
 
-def _separable(model, tasks, params, batch, transform, wstate, key, axis_name, names, opts) -> StepGrads:
+def _separable(model, encode, tasks, params, batch, transform, wstate, key, axis_name, names, opts) -> StepGrads:
   """The encode/head route: trunk once, heads per task, Gramian at the requested level."""
   inputs = batch["inputs"]
   shared = params["shared"]
@@ -195,24 +219,25 @@ def _separable(model, tasks, params, batch, transform, wstate, key, axis_name, n
   )
   layers = None
   if param_level and not need_jacobian:
-    layers = _taps.discover_layers(model.encode, shared, inputs)
+    layers = _taps.discover_layers(lambda s, x: encode(s, x)[0], shared, inputs)
   if layers:
 
     def enc(s, eps):
       record = []
       with nn.intercept_methods(_taps.dense_interceptor(eps, record)):
-        z = model.encode(s, inputs)
-      return z, [x for _, x, _ in record]
+        z, mstate = encode(s, inputs)
+      return z, ([x for _, x, _ in record], mstate)
 
     eps0 = [jnp.zeros(layer.out_shape, layer.out_dtype) for layer in layers]
   else:
 
     def enc(s, eps):
       del eps
-      return model.encode(s, inputs), []
+      z, mstate = encode(s, inputs)
+      return z, ([], mstate)
 
     eps0 = []
-  z, enc_vjp, acts = jax.vjp(enc, shared, eps0, has_aux=True)
+  z, enc_vjp, (acts, mstate) = jax.vjp(enc, shared, eps0, has_aux=True)
 
   sums, counts, head_vjps = [], [], []
   for t in tasks:
@@ -282,10 +307,10 @@ def _separable(model, tasks, params, batch, transform, wstate, key, axis_name, n
     t.name: jax.tree.map(lambda g, i=i: g * head_w[i].astype(g.dtype), head_grads[i]) for i, t in enumerate(tasks)
   }
   grads = {"shared": g_shared, "tasks": _psum(g_tasks, axis_name)}
-  return StepGrads(losses, weights, wstate, grads, gradient_metrics(gramian, names))
+  return StepGrads(losses, weights, wstate, grads, gradient_metrics(gramian, names), mstate)
 
 
-def _linear_heads(model, tasks, params, batch, transform, wstate, key, axis_name, names, opts, paths) -> StepGrads:
+def _linear_heads(model, encode, tasks, params, batch, transform, wstate, key, axis_name, names, opts, paths):
   """Representation level when every head is ``pred = z Wₖ + bₖ``: G and Σwₖdzₖ without any dzₖ.
 
   With ``δₖ = ∂Lₖ/∂predₖ`` (rows × Cₖ), ``dzₖ = δₖ Wₖᵀ`` and
@@ -294,7 +319,7 @@ def _linear_heads(model, tasks, params, batch, transform, wstate, key, axis_name
   the stacked ``(K, rows, D)`` array (the same identity as for trunk layers,
   applied to the heads).
   """
-  z, enc_vjp = jax.vjp(lambda sh: model.encode(sh, batch["inputs"]), params["shared"])
+  z, enc_vjp, mstate = jax.vjp(lambda sh: encode(sh, batch["inputs"]), params["shared"], has_aux=True)
   sums, counts, loss_vjps, head_vjps, kernels = [], [], [], [], []
   for t, path in zip(tasks, paths):
     tp = params["tasks"][t.name]
@@ -325,7 +350,7 @@ def _linear_heads(model, tasks, params, batch, transform, wstate, key, axis_name
   head_w = weights if opts.heads == "weighted" else jnp.ones_like(weights)
   g_tasks = {t.name: head_vjps[i]((deltas[i] * head_w[i]).astype(deltas[i].dtype))[0] for i, t in enumerate(tasks)}
   grads = {"shared": g_shared, "tasks": _psum(g_tasks, axis_name)}
-  return StepGrads(losses, weights, wstate, grads, gradient_metrics(gramian, names))
+  return StepGrads(losses, weights, wstate, grads, gradient_metrics(gramian, names), mstate)
 
 
 def compute(
@@ -338,8 +363,13 @@ def compute(
   key,
   axis_name: str | None,
   opts: GradientOptions,
+  model_state=None,
 ) -> StepGrads:
   """Losses, weights and the weighted gradient by the cheapest route that serves ``transform``.
+
+  ``model_state`` is a stateful model's state (see
+  :attr:`jmtl.models.MultiTaskModel.init_state`); the new one is
+  ``StepGrads.model_state``.
 
   Examples:
     >>> import jax, jax.numpy as jnp
@@ -355,7 +385,7 @@ def compute(
     [[1.0, -1.0], [-1.0, 1.0]]
   """
   names = tuple(t.name for t in tasks)
-  apply = getattr(model, "apply", model)
+  apply, encode = bind(model, model_state, axis_name)
   if transform.needs == "losses":
     return _loss_level(apply, tasks, params, batch, transform, wstate, key, axis_name)
   if not isinstance(params, dict) or not jax.tree.leaves(params.get("shared", {})):
@@ -363,14 +393,14 @@ def compute(
       f"a {transform.needs}-level weighting needs shared parameters, but params['shared'] is empty "
       "(soft-sharing models have none); use a loss-level weighting or a hard-sharing model"
     )
-  separable_ok = getattr(model, "encode", None) is not None and getattr(model, "head", None) is not None
+  separable_ok = encode is not None and getattr(model, "head", None) is not None
   if separable_ok and opts.level == "representation" and transform.needs == "gramian":
-    z = jax.eval_shape(model.encode, params["shared"], batch["inputs"])
+    z = jax.eval_shape(lambda s, x: encode(s, x)[0], params["shared"], batch["inputs"])
     paths = _taps.linear_head_kernels(model, tasks, params, z) if hasattr(z, "shape") else None
     if paths is not None:
-      return _linear_heads(model, tasks, params, batch, transform, wstate, key, axis_name, names, opts, paths)
+      return _linear_heads(model, encode, tasks, params, batch, transform, wstate, key, axis_name, names, opts, paths)
   if separable_ok:
-    return _separable(model, tasks, params, batch, transform, wstate, key, axis_name, names, opts)
+    return _separable(model, encode, tasks, params, batch, transform, wstate, key, axis_name, names, opts)
   if opts.level == "representation":
     raise ValueError("level='representation' needs a model with encode and head (see jmtl.models.MultiTaskModel)")
   return _general(apply, tasks, params, batch, transform, wstate, key, axis_name, names, opts)

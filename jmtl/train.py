@@ -45,6 +45,8 @@ class TrainState(NamedTuple):
     weighting_state: the weighting transform's state.
     rng: PRNG key; split once per step for stochastic weightings.
     num_skipped: int32 scalar, steps skipped for a non-finite loss or gradient.
+    model_state: a stateful model's state (batch-norm statistics; see
+      :attr:`jmtl.models.MultiTaskModel.init_state`), ``None`` otherwise.
   """
 
   step: Array
@@ -53,6 +55,7 @@ class TrainState(NamedTuple):
   weighting_state: Any
   rng: Array
   num_skipped: Array
+  model_state: Any = None
 
   @classmethod
   def create(
@@ -62,6 +65,7 @@ class TrainState(NamedTuple):
     weighting: WeightingTransform,
     num_tasks: int,
     rng: Array,
+    model_state: Any = None,
   ) -> TrainState:
     """The state before the first step.
 
@@ -80,6 +84,7 @@ class TrainState(NamedTuple):
       weighting_state=weighting.init(num_tasks),
       rng=rng,
       num_skipped=jnp.zeros((), jnp.int32),
+      model_state=model_state,
     )
 
 
@@ -166,7 +171,9 @@ def make_train_step(
   def step(state: TrainState, batch: Batch):
     tasks_lib.check_batch(tasks, batch)
     rng, key = jax.random.split(state.rng)
-    out = grads_lib.compute(model, tasks, state.params, batch, weighting, state.weighting_state, key, axis_name, opts)
+    out = grads_lib.compute(
+      model, tasks, state.params, batch, weighting, state.weighting_state, key, axis_name, opts, state.model_state
+    )
     losses, weights, wstate, grads = out.losses, out.weights, out.weighting_state, out.grads
     if penalty_fn is not None:
       pen, pgrads = jax.value_and_grad(penalty_fn)(state.params)
@@ -185,6 +192,7 @@ def make_train_step(
       weighting_state=_where_tree(ok, wstate, state.weighting_state),
       rng=rng,
       num_skipped=state.num_skipped + skipped.astype(jnp.int32),
+      model_state=_where_tree(ok, out.model_state, state.model_state),
     )
     metrics = {f"loss/{n}": losses[i] for i, n in enumerate(names)}
     metrics.update({f"weight/{n}": weights[i] for i, n in enumerate(names)})
@@ -202,10 +210,11 @@ def make_train_step(
 
 
 def make_eval_step(model, tasks: Sequence[tasks_lib.Task], *, axis_name: str | None = None):
-  """Builds ``eval_step(params, batch) -> stats``: summed metric statistics.
+  """Builds ``eval_step(params, batch, model_state=None) -> stats``: summed metric statistics.
 
   The statistics add across batches (and, with ``axis_name``, across
-  devices), so :func:`evaluate` gets exact metrics over a whole split.
+  devices), so :func:`evaluate` gets exact metrics over a whole split. A
+  stateful model (batch norm) runs in inference mode on ``model_state``.
 
   Examples:
     >>> import jax.numpy as jnp
@@ -218,10 +227,16 @@ def make_eval_step(model, tasks: Sequence[tasks_lib.Task], *, axis_name: str | N
   """
   tasks = tasks_lib.check_tasks(tasks)
   apply = _apply_fn(model)
+  stateful = getattr(model, "init_state", None) is not None
 
-  def eval_step(params, batch):
+  def eval_step(params, batch, model_state=None):
     tasks_lib.check_batch(tasks, batch)
-    preds = apply(params, batch["inputs"])
+    if stateful:
+      if model_state is None:
+        raise ValueError("eval_step: the model has state (batch-norm statistics); pass model_state=state.model_state")
+      preds, _ = apply(params, batch["inputs"], model_state, train=False)
+    else:
+      preds = apply(params, batch["inputs"])
     stats = {}
     for t in tasks:
       loss_sum, count = tasks_lib.loss_terms(t, preds, batch)
@@ -245,8 +260,10 @@ def compute_metrics(tasks: Sequence[tasks_lib.Task], stats) -> dict[str, float]:
   return out
 
 
-def evaluate(eval_step, params, batches, tasks: Sequence[tasks_lib.Task]) -> dict[str, float]:
+def evaluate(eval_step, params, batches, tasks: Sequence[tasks_lib.Task], model_state=None) -> dict[str, float]:
   """Runs ``eval_step`` over ``batches`` and returns the metrics of the whole split.
+
+  ``model_state`` is passed on for a stateful model (batch norm).
 
   Examples:
     >>> import jax.numpy as jnp
@@ -259,7 +276,8 @@ def evaluate(eval_step, params, batches, tasks: Sequence[tasks_lib.Task]) -> dic
   """
   total = None
   for batch in batches:
-    total = metrics_lib.add_stats(total, eval_step(params, batch))
+    stats = eval_step(params, batch) if model_state is None else eval_step(params, batch, model_state)
+    total = metrics_lib.add_stats(total, stats)
   if total is None:
     raise ValueError("evaluate: no batches")
   return compute_metrics(tasks, total)

@@ -13,6 +13,7 @@ flax linen modules are adapters: each constructor returns a
 from jmtl.models._base import MultiTaskModel
 from jmtl.models.cnn import cnn
 from jmtl.models.cross_stitch import cross_stitch
+from jmtl.models.dselect import dselect_k
 from jmtl.models.experts import cgc
 from jmtl.models.experts import mmoe
 from jmtl.models.experts import ple
@@ -26,6 +27,7 @@ __all__ = [
   "cgc",
   "cnn",
   "cross_stitch",
+  "dselect_k",
   "mlp",
   "mmoe",
   "ple",

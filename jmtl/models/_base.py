@@ -24,6 +24,14 @@ class MultiTaskModel(NamedTuple):
       ``head`` it unlocks the separable fast paths of the gradient engine.
     head: ``head(task, params["tasks"][task], z) -> prediction`` or ``None``.
     task_names: the tasks, in order.
+    init_state: ``init_state(key, inputs) -> model_state`` for a model with
+      state that is not trained by gradients (batch-norm statistics), else
+      ``None``. A stateful model's ``apply`` and ``encode`` take the state and
+      return the new one: ``apply(params, inputs, model_state, *, train,
+      axis_name=None) -> (predictions, model_state)``, likewise ``encode``
+      (``head`` stays stateless). ``train=True`` normalises with the batch's
+      statistics (the global batch's, over ``axis_name`` under pmap) and
+      updates the running ones; ``train=False`` uses the running ones.
   """
 
   init: Callable[[Array, Any], Params]
@@ -31,3 +39,9 @@ class MultiTaskModel(NamedTuple):
   encode: Callable[[Params, Any], Any] | None
   head: Callable[[str, Params, Any], Array] | None
   task_names: tuple[str, ...]
+  init_state: Callable[[Array, Any], Any] | None = None
+
+  @property
+  def stateful(self) -> bool:
+    """Whether the model carries a ``model_state`` (see ``init_state``)."""
+    return self.init_state is not None

@@ -102,8 +102,20 @@ def flatten_batch(x: Array) -> Array:
 
 
 @functools.partial(jax.jit, static_argnums=(0, 2))
-def _jit_init(module: nn.Module, key: Array, spec: jax.ShapeDtypeStruct) -> Params:
-  return params_of(module.init(key, jnp.zeros(spec.shape, spec.dtype)))
+def _jit_init(module: nn.Module, key: Array, spec: jax.ShapeDtypeStruct) -> dict[str, Params]:
+  return dict(module.init(key, jnp.zeros(spec.shape, spec.dtype)))
+
+
+def init_variables(module: nn.Module, key: Array, shape: tuple[int, ...], dtype: Any) -> dict[str, Params]:
+  """All linen variable collections of ``module``, as :func:`init_module` (jitted, cached).
+
+  >>> v = init_variables(nn.BatchNorm(use_running_average=True), jax.random.key(0), (8, 3), jnp.float32)
+  >>> sorted(v), v["batch_stats"]["var"].tolist()
+  (['batch_stats', 'params'], [1.0, 1.0, 1.0])
+  """
+  if len(shape) == 0:
+    raise ValueError(f"inputs must have a leading batch axis, got a scalar of shape {tuple(shape)}")
+  return _jit_init(module, key, jax.ShapeDtypeStruct((1, *shape[1:]), jnp.dtype(dtype)))
 
 
 def init_module(module: nn.Module, key: Array, shape: tuple[int, ...], dtype: Any) -> Params:
@@ -120,9 +132,7 @@ def init_module(module: nn.Module, key: Array, shape: tuple[int, ...], dtype: An
   >>> p["dense_0"]["kernel"].shape
   (5, 3)
   """
-  if len(shape) == 0:
-    raise ValueError(f"inputs must have a leading batch axis, got a scalar of shape {tuple(shape)}")
-  return _jit_init(module, key, jax.ShapeDtypeStruct((1, *shape[1:]), jnp.dtype(dtype)))
+  return params_of(init_variables(module, key, shape, dtype))
 
 
 def params_of(variables: Mapping[str, Any]) -> Params:
@@ -215,7 +225,7 @@ def init_heads(heads: Mapping[str, nn.Module], keys: Array, z_shape: tuple[int, 
   return {name: init_module(mod, keys[i], z_shape, z_dtype) for i, (name, mod) in enumerate(heads.items())}
 
 
-def hard_sharing(names, where, trunk, heads, encode, trunk_input=None) -> MultiTaskModel:
+def hard_sharing(names, where, trunk, heads, encode, trunk_input=None, stateful=False) -> MultiTaskModel:
   """The :class:`MultiTaskModel` of a shared ``trunk`` and one head per task.
 
   Args:
@@ -226,6 +236,9 @@ def hard_sharing(names, where, trunk, heads, encode, trunk_input=None) -> MultiT
     encode: ``encode(shared, inputs) -> z``.
     trunk_input: ``(shape, dtype) -> (shape, dtype)`` of what the trunk's
       ``init`` sees, when ``encode`` reshapes the inputs first.
+    stateful: the trunk has ``batch_stats``; then ``encode(shared, inputs,
+      model_state, *, train, axis_name=None) -> (z, model_state)`` and the
+      model state is the trunk's ``batch_stats``.
 
   Examples:
     >>> import jax, jax.numpy as jnp
@@ -237,17 +250,42 @@ def hard_sharing(names, where, trunk, heads, encode, trunk_input=None) -> MultiT
   """
   head = make_head_fn(heads, where)
 
-  def init(key, inputs):
+  def trunk_variables(key, inputs):
     shape, dtype = jnp.shape(inputs), jnp.result_type(inputs)
     trunk_shape, trunk_dtype = (shape, dtype) if trunk_input is None else trunk_input(shape, dtype)
+    return init_variables(trunk, key, trunk_shape, trunk_dtype)
+
+  def init(key, inputs):
     keys = jax.random.split(key, len(names) + 1)
-    shared = init_module(trunk, keys[0], trunk_shape, trunk_dtype)
-    z = jax.eval_shape(encode, shared, jax.ShapeDtypeStruct((1, *shape[1:]), dtype))
+    variables = trunk_variables(keys[0], inputs)
+    shared = params_of(variables)
+    x = jax.ShapeDtypeStruct((1, *jnp.shape(inputs)[1:]), jnp.result_type(inputs))
+    if stateful:
+      z, _ = jax.eval_shape(lambda s, v: encode(s, v, variables["batch_stats"], train=False), shared, x)
+    else:
+      z = jax.eval_shape(encode, shared, x)
     return {"shared": shared, "tasks": init_heads(heads, keys[1:], z.shape, z.dtype)}
 
-  def apply(params, inputs):
-    check_tasks(params, names, where)
-    z = encode(params["shared"], inputs)
+  def heads_of(params, z):
     return {name: head(name, params["tasks"][name], z) for name in names}
 
-  return MultiTaskModel(init=init, apply=apply, encode=encode, head=head, task_names=names)
+  if not stateful:
+
+    def apply(params, inputs):
+      check_tasks(params, names, where)
+      return heads_of(params, encode(params["shared"], inputs))
+
+    return MultiTaskModel(init=init, apply=apply, encode=encode, head=head, task_names=names)
+
+  def init_state(key, inputs):
+    # The same trunk key as ``init``: the statistics start at (mean 0, var 1) either way.
+    return trunk_variables(jax.random.split(key, len(names) + 1)[0], inputs)["batch_stats"]
+
+  def apply_stateful(params, inputs, model_state, *, train, axis_name=None):
+    check_tasks(params, names, where)
+    z, model_state = encode(params["shared"], inputs, model_state, train=train, axis_name=axis_name)
+    return heads_of(params, z), model_state
+
+  return MultiTaskModel(
+    init=init, apply=apply_stateful, encode=encode, head=head, task_names=names, init_state=init_state
+  )

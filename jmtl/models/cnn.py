@@ -49,7 +49,7 @@ def _as_nhwc(inputs: Array, num_stages: int, where: str) -> Array:
   h, w = x.shape[1], x.shape[2]
   if h >> num_stages == 0 or w >> num_stages == 0:
     raise ValueError(
-      f"{where}: inputs of shape {tuple(x.shape)} are too small for {num_stages} 2x2 max-pool stage(s); "
+      f"{where}: inputs of shape {tuple(x.shape)} are too small for {num_stages} stage(s) that halve H and W; "
       f"H and W must be at least {2**num_stages}"
     )
   return x

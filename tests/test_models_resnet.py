@@ -1,0 +1,194 @@
+"""Tests for the residual CNN trunk and model state (batch norm) through the train step and parallel wrappers."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import jmtl
+from jmtl import parallel
+from jmtl import weighting as W
+from jmtl.models import resnet
+
+DIMS = {"a": 3, "b": 2}
+TASKS = [jmtl.Task("a", jmtl.losses.softmax_cross_entropy), jmtl.Task("b", jmtl.losses.softmax_cross_entropy)]
+KEY = jax.random.key(0)
+
+
+def _batch(b=8, seed=0):
+  r = np.random.default_rng(seed)
+  return {
+    "inputs": r.standard_normal((b, 8, 8, 1)).astype(np.float32),
+    "labels": {"a": r.integers(0, 3, b).astype(np.int32), "b": r.integers(0, 2, b).astype(np.int32)},
+  }
+
+
+@pytest.fixture(scope="module")
+def bn():
+  model = resnet(DIMS, stage_features=(4, 8))
+  x = _batch()["inputs"]
+  rng = np.random.default_rng(0)
+  spec = jax.eval_shape(model.init, KEY, x)
+  params = jax.tree.map(lambda s: jnp.asarray(0.3 * rng.standard_normal(s.shape), s.dtype), spec)
+  return model, params, model.init_state(KEY, x)
+
+
+def test_structure_split_and_stateful_contract(bn):
+  model, params, state = bn
+  assert model.stateful and model.task_names == ("a", "b")
+  assert {"stem", "stem_norm", "stage1_block0_proj"} <= set(params["shared"])
+  assert "stage0_block0_proj" not in params["shared"]  # same width, stride 1: identity shortcut
+  assert set(state) == {k for k in params["shared"] if "norm" in k}
+  np.testing.assert_array_equal(state["stem_norm"]["BatchNorm_0"]["var"], np.ones(4))
+  x = _batch()["inputs"]
+  for train in (True, False):
+    preds, new = model.apply(params, x, state, train=train)
+    assert {k: v.shape for k, v in preds.items()} == {"a": (8, 3), "b": (8, 2)}
+    z, new_z = model.encode(params["shared"], x, state, train=train)
+    assert z.shape == (8, 8)
+    for t in DIMS:
+      np.testing.assert_allclose(preds[t], model.head(t, params["tasks"][t], z), rtol=1e-6)
+    jax.tree.map(np.testing.assert_array_equal, new, new_z)
+  # Hard sharing: task a's head never changes task b's prediction.
+  preds, _ = model.apply(params, x, state, train=True)
+  moved = jax.tree.map(lambda v: v + 1.0, params["tasks"]["a"])
+  preds2, _ = model.apply({**params, "tasks": {**params["tasks"], "a": moved}}, x, state, train=True)
+  np.testing.assert_array_equal(preds2["b"], preds["b"])
+  assert not np.allclose(preds2["a"], preds["a"])
+
+
+def test_train_step_updates_batch_stats_from_the_batch(bn):
+  """The stem's running mean after one step is 0.9 * 0 + 0.1 * (mean of the stem conv over B, H, W)."""
+  model, params, state0 = bn
+  batch = _batch()
+  opt = optax.sgd(0.01)
+  state = jmtl.TrainState.create(params, opt, W.equal(), 2, KEY, model_state=state0)
+  new, _ = jax.jit(jmtl.make_train_step(model, TASKS, opt))(state, batch)
+  stem = jax.lax.conv_general_dilated(
+    jnp.asarray(batch["inputs"]),
+    params["shared"]["stem"]["kernel"],
+    (1, 1),
+    "SAME",
+    dimension_numbers=("NHWC", "HWIO", "NHWC"),
+  )
+  got = new.model_state["stem_norm"]["BatchNorm_0"]
+  np.testing.assert_allclose(got["mean"], 0.1 * stem.mean(axis=(0, 1, 2)), rtol=1e-4, atol=1e-6)
+  np.testing.assert_allclose(got["var"], 0.9 + 0.1 * stem.var(axis=(0, 1, 2)), rtol=1e-4)
+  assert not np.allclose(new.params["shared"]["stem"]["kernel"], params["shared"]["stem"]["kernel"])
+  # Evaluation normalises with the running statistics: the eval step equals apply(train=False).
+  stats = jmtl.make_eval_step(model, TASKS)(new.params, batch, new.model_state)
+  preds, _ = model.apply(new.params, batch["inputs"], new.model_state, train=False)
+  ref = jmtl.losses.softmax_cross_entropy(preds["a"], batch["labels"]["a"]).sum()
+  np.testing.assert_allclose(stats["a"]["loss"][0], ref, rtol=1e-5)
+
+
+@pytest.mark.parametrize("name,level", [("mgda", "representation"), ("mgda", "parameter"), ("upgrad", "parameter")])
+def test_gradient_paths_carry_the_state(bn, name, level):
+  """Every gradient route returns the same new statistics as the loss-level route (one forward, same batch)."""
+  model, params, state0 = bn
+  batch, opt = _batch(), optax.sgd(0.01)
+  ref, _ = jax.jit(jmtl.make_train_step(model, TASKS, opt))(
+    jmtl.TrainState.create(params, opt, W.equal(), 2, KEY, model_state=state0), batch
+  )
+  t = getattr(W, name)()
+  got, m = jax.jit(jmtl.make_train_step(model, TASKS, opt, t, level=level))(
+    jmtl.TrainState.create(params, opt, t, 2, KEY, model_state=state0), batch
+  )
+  assert m["grad_cosine"].shape == (2, 2) and bool(jnp.isfinite(m["loss"]))
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7), got.model_state, ref.model_state)
+
+
+def test_nonfinite_step_keeps_the_state(bn):
+  model, params, state0 = bn
+  batch, opt = _batch(), optax.sgd(0.01)
+  batch["inputs"][0, 0, 0, 0] = np.nan
+  state = jmtl.TrainState.create(params, opt, W.equal(), 2, KEY, model_state=state0)
+  new, m = jax.jit(jmtl.make_train_step(model, TASKS, opt))(state, batch)
+  assert bool(m["skipped"])
+  jax.tree.map(np.testing.assert_array_equal, new.model_state, state0)
+
+
+def test_missing_state_is_a_clear_error(bn):
+  model, params, _ = bn
+  opt = optax.sgd(0.01)
+  state = jmtl.TrainState.create(params, opt, W.equal(), 2, KEY)
+  with pytest.raises(ValueError, match="model_state is None"):
+    jmtl.make_train_step(model, TASKS, opt)(state, _batch())
+  with pytest.raises(ValueError, match="pass model_state"):
+    jmtl.make_eval_step(model, TASKS)(params, _batch())
+
+
+@pytest.mark.parametrize("name", ["equal", "mgda"])
+def test_batch_stats_agree_between_one_device_pmap_and_mesh(bn, name):
+  """Batch statistics are the global batch's under pmap (synced over the axis) and under a mesh."""
+  model, params, state0 = bn
+  batches = [_batch(16, seed=s) for s in range(2)]
+  opt = optax.sgd(0.05)
+
+  def fresh():
+    t = getattr(W, name)()
+    return t, jmtl.TrainState.create(params, opt, t, 2, KEY, model_state=state0)
+
+  t, single = fresh()
+  step = parallel.jit(jmtl.make_train_step(model, TASKS, opt, t), donate=False)
+  for b in batches:
+    single, _ = step(single, b)
+
+  t, state = fresh()
+  pstep = parallel.pmap(jmtl.make_train_step(model, TASKS, opt, t, axis_name="data"), donate=False)
+  state = parallel.replicate(state)
+  for b in batches:
+    state, _ = pstep(state, parallel.shard_batch(b))
+  pmapped = parallel.unreplicate(state)
+
+  mesh = parallel.make_mesh(4)
+  t, state = fresh()
+  mstep = parallel.mesh_jit(jmtl.make_train_step(model, TASKS, opt, t), mesh, donate=False)
+  for b in batches:
+    state, _ = mstep(state, parallel.put_batch(b, mesh))
+
+  for got in (pmapped, state):
+    for a, b in ((got.model_state, single.model_state), (got.params, single.params)):
+      jax.tree.map(lambda u, v: np.testing.assert_allclose(u, v, rtol=2e-4, atol=2e-5), a, b)
+  assert not np.allclose(single.model_state["stem_norm"]["BatchNorm_0"]["mean"], 0.0)
+
+
+def test_group_norm_is_stateless_and_separable():
+  model = resnet(DIMS, stage_features=(4, 8), norm="group", groups=2)
+  assert not model.stateful and model.init_state is None
+  x = _batch()["inputs"]
+  params = model.init(KEY, x)
+  assert "GroupNorm_0" in params["shared"]["stem_norm"]
+  preds = model.apply(params, x)
+  np.testing.assert_allclose(preds["b"], model.head("b", params["tasks"]["b"], model.encode(params["shared"], x)))
+  # Group norm does not mix examples: one example alone gives its row of the batch result.
+  np.testing.assert_allclose(model.apply(params, x[3:4])["a"][0], preds["a"][3], rtol=1e-5, atol=1e-6)
+  opt = optax.sgd(0.05)
+  t = W.mgda()
+  state = jmtl.TrainState.create(params, opt, t, 2, KEY)
+  new, m = jax.jit(jmtl.make_train_step(model, TASKS, opt, t, level="representation"))(state, _batch())
+  assert new.model_state is None and bool(jnp.isfinite(m["loss"]))
+
+
+@pytest.mark.parametrize(
+  "kwargs,match",
+  [
+    ({"norm": "layer"}, "norm must be one of"),
+    ({"norm": "group", "groups": 3}, "divisible"),
+    ({"stage_features": ()}, "at least one stage"),
+    ({"blocks_per_stage": 0}, "blocks_per_stage"),
+    ({"momentum": 1.0}, "momentum"),
+  ],
+)
+def test_bad_arguments_raise(kwargs, match):
+  with pytest.raises(ValueError, match=match):
+    resnet(DIMS, **{"stage_features": (4, 8), **kwargs})
+
+
+def test_inputs_too_small_for_the_strided_stages(bn):
+  model, params, state = bn
+  with pytest.raises(ValueError, match=r"resnet: inputs of shape \(2, 1, 1, 1\) are too small for 1 stage"):
+    model.apply(params, np.zeros((2, 1, 1, 1), np.float32), state, train=False)
