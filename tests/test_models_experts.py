@@ -15,6 +15,8 @@ import pytest
 
 import jmtl
 from jmtl.models import cgc
+from jmtl.models import dselect
+from jmtl.models import dselect_k
 from jmtl.models import experts
 from jmtl.models import mlp
 from jmtl.models import mmoe
@@ -106,6 +108,38 @@ def np_ple(params, x, names, num_levels):
   return {n: _np_mlp(p["tasks"][n]["tower"], task_in[n], False) for n in names}
 
 
+def np_smooth_step(t, gamma):
+  t = np.asarray(t, np.float64)
+  cubic = -2 * t**3 / gamma**3 + 3 * t / (2 * gamma) + 0.5
+  return np.where(t <= -gamma / 2, 0.0, np.where(t >= gamma / 2, 1.0, cubic))
+
+
+def np_selector(z, num_experts, gamma):
+  """r(z) over all 2^m codes by the product formula, then the first E renormalised."""
+  m = z.shape[-1]
+  s = np_smooth_step(z, gamma)
+  r = np.stack(
+    [np.prod([s[..., b] if (j >> b) & 1 else 1 - s[..., b] for b in range(m)], axis=0) for j in range(2**m)], -1
+  )
+  r = r[..., :num_experts]
+  return r / r.sum(-1, keepdims=True)
+
+
+def np_dselect(params, x, names, num_experts, k, gamma):
+  p = _np(params)
+  x = x.reshape(x.shape[0], -1)
+  m = int(np.ceil(np.log2(num_experts)))
+  outs = _np_experts(p["shared"]["experts"], x)
+  res = {}
+  for n in names:
+    g = p["tasks"][n]["gate"]
+    z = (x @ g["z"]["kernel"] + g["z"]["bias"]).reshape(x.shape[0], k, m)
+    alpha = _softmax(x @ g["alpha"]["kernel"] + g["alpha"]["bias"])
+    gate = sum(alpha[:, i : i + 1] * np_selector(z[:, i], num_experts, gamma) for i in range(k))
+    res[n] = _np_mlp(p["tasks"][n]["tower"], _np_mixture(gate, outs), False)
+  return res
+
+
 # --- fixtures ----------------------------------------------------------------
 
 
@@ -128,6 +162,26 @@ def ple_setup():
   model = ple(DIMS, num_levels=3, num_shared_experts=2, num_task_experts=1, expert_hidden=(5,))
   x = _x((4, 2, 3))
   return model, _fill(model, x), x
+
+
+DSEL = dict(num_experts=3, k=2, expert_hidden=(6, 4), tower_hidden=(3,), gamma=2.0)
+
+
+@pytest.fixture(scope="module")
+def dselect_setup():
+  model = dselect_k(DIMS, **DSEL)
+  x = _x((5, 2, 3))
+  params = _fill(model, x)
+  # Small selector logits: the smooth region, where all codes get weight (exercised, not saturated).
+  for n in DIMS:
+    params["tasks"][n]["gate"]["z"] = jax.tree.map(lambda a: 0.2 * a, params["tasks"][n]["gate"]["z"])
+  return model, params, x
+
+
+def _dselect_forward():
+  d = DSEL
+  args = (DIMS, d["num_experts"], d["k"], d["expert_hidden"], d["tower_hidden"], d["gamma"])
+  return dselect._dselect_parts(*args, jax.nn.relu, None, jnp.float32)[1]
 
 
 # --- MMoE --------------------------------------------------------------------
@@ -157,9 +211,10 @@ def test_mmoe_matches_numpy_reference(mmoe_setup):
     np.testing.assert_allclose(out[n], ref[n], **RTOL)
 
 
-def test_mmoe_with_one_expert_is_hard_sharing():
-  """One expert: the gate is the constant 1, so MMoE is mlp() with the expert as trunk."""
-  model = mmoe(DIMS, num_experts=1, expert_hidden=(6, 4), tower_hidden=(5,))
+@pytest.mark.parametrize("build", [mmoe, lambda *a, **kw: dselect_k(*a, k=1, **kw)], ids=["mmoe", "dselect_k"])
+def test_one_expert_is_hard_sharing(build):
+  """One expert: the gate is the constant 1, so the model is mlp() with the expert as trunk."""
+  model = build(DIMS, num_experts=1, expert_hidden=(6, 4), tower_hidden=(5,))
   x = _x((4, 7), seed=3)
   params = _fill(model, x, seed=4)
   hard = mlp(DIMS, hidden=(6, 4), head_hidden=(5,))
@@ -280,6 +335,84 @@ def test_ple_split_is_not_separable(ple_setup):
   assert not np.allclose(last["a"], base["a"])
 
 
+# --- DSelect-k ---------------------------------------------------------------
+
+
+def test_smooth_step_closed_form_and_c1():
+  for gamma in (1.0, 2.5):
+    h = gamma / 2
+    s = dselect.smooth_step(jnp.array([-3 * h, -h, 0.0, h, 3 * h]), gamma)
+    np.testing.assert_array_equal(s, [0.0, 0.0, 0.5, 1.0, 1.0])
+    t = np.linspace(-2 * h, 2 * h, 41).astype(np.float32)
+    np.testing.assert_allclose(dselect.smooth_step(t, gamma), np_smooth_step(t, gamma), atol=1e-6)
+    # C¹: S' = 3/(2γ) - 6t²/γ³ on the ramp (0 at t = ±γ/2), 0 off it; continuous at the ends.
+    ds = np.asarray(jax.vmap(jax.grad(lambda u, g=gamma: dselect.smooth_step(u, g)))(t))
+    want = np.where(np.abs(t) < h, 1.5 / gamma - 6 * t.astype(np.float64) ** 2 / gamma**3, 0.0)
+    np.testing.assert_allclose(ds, want, atol=1e-5)
+    eps = 1e-3 * gamma
+    near = np.asarray(jax.vmap(jax.grad(lambda u, g=gamma: dselect.smooth_step(u, g)))(jnp.array([-h + eps, h - eps])))
+    assert (np.abs(near) <= 7 * eps / gamma**2).all()
+
+
+@pytest.mark.parametrize("num_experts", [4, 8, 3, 5])
+def test_binary_selector_is_a_distribution(num_experts):
+  m = dselect.num_code_bits(num_experts)
+  z = 0.3 * _x((6, m), seed=num_experts)
+  r = np.asarray(dselect.binary_selector(z, num_experts, 1.0))
+  assert r.shape == (6, num_experts) and (r >= 0).all()
+  np.testing.assert_allclose(r.sum(-1), 1.0, rtol=1e-6)
+  np.testing.assert_allclose(r, np_selector(z, num_experts, 1.0), rtol=1e-5, atol=1e-7)
+  if num_experts == 2**m:  # all 2^m codes sum to 1 before any renormalisation
+    raw = np_selector(z, 2**m, 1.0)
+    np.testing.assert_allclose(raw, r, rtol=1e-5, atol=1e-7)
+
+
+def test_binary_selector_saturated_is_exact_one_hot():
+  """|z| >= γ/2 selects exactly the expert whose code is the sign pattern of z (LSB first)."""
+  for j in range(5):
+    bits = np.array([(j >> b) & 1 for b in range(3)])
+    z = jnp.asarray(np.where(bits == 1, 0.5, -0.7), jnp.float32)
+    np.testing.assert_array_equal(dselect.binary_selector(z, 5, 1.0), np.eye(5)[j])
+  # A saturated code >= E names no expert: uniform fallback, never 0/0.
+  np.testing.assert_array_equal(dselect.binary_selector(jnp.array([5.0, 5.0, 5.0]), 5), np.full(5, 0.2, np.float32))
+  with pytest.raises(ValueError, match="2 code bits cannot address 5 experts"):
+    dselect.binary_selector(jnp.zeros(2), 5)
+
+
+def test_dselect_params_shapes_and_reference(dselect_setup):
+  model, params, x = dselect_setup
+  assert model.encode is None and model.head is None
+  shapes = _shapes(params)
+  assert shapes["shared"]["experts"]["dense_0"]["kernel"] == (3, 6, 6)
+  assert shapes["tasks"]["b"]["gate"] == {
+    "z": {"kernel": (6, 4), "bias": (4,)},  # k=2 selectors x m=2 bits
+    "alpha": {"kernel": (6, 2), "bias": (2,)},
+  }
+  out, ref = model.apply(params, x), np_dselect(params, x, model.task_names, 3, 2, 2.0)
+  for n, d in DIMS.items():
+    assert out[n].shape == (5, d)
+    np.testing.assert_allclose(out[n], ref[n], **RTOL)
+
+
+def test_dselect_gates_are_convex_and_select_exactly_with_large_logits(dselect_setup):
+  model, params, x = dselect_setup
+  forward = _dselect_forward()
+  preds, gates, selectors = forward(params, x)
+  for n in DIMS:
+    g = np.asarray(gates[n])
+    assert g.shape == (5, 3) and (g >= 0).all()
+    np.testing.assert_allclose(g.sum(-1), 1.0, rtol=1e-6)
+    np.testing.assert_allclose(preds[n], model.apply(params, x)[n], **RTOL)
+  # Large constant logits: selector 0 -> code (1, 0) = expert 1, selector 1 -> code (0, 1) = expert 2.
+  gate = dict(params["tasks"]["a"]["gate"])
+  gate["z"] = {"kernel": jnp.zeros_like(gate["z"]["kernel"]), "bias": jnp.array([50.0, -50.0, -50.0, 50.0])}
+  hard = _set(params, ("tasks", "a", "gate"), gate)
+  _, gates, selectors = forward(hard, x)
+  np.testing.assert_array_equal(selectors["a"], np.broadcast_to(np.eye(3)[[1, 2]], (5, 2, 3)))
+  g = np.asarray(gates["a"])
+  assert (g[:, 0] == 0).all() and np.allclose(g[:, 1] + g[:, 2], 1.0)
+
+
 # --- errors ------------------------------------------------------------------
 
 
@@ -294,6 +427,9 @@ def test_ple_split_is_not_separable(ple_setup):
     (lambda: cgc(DIMS, num_task_experts=1.5), r"cgc: num_task_experts"),
     (lambda: ple(DIMS, num_levels=0), r"ple: num_levels must be an int >= 1, got 0"),
     (lambda: ple(DIMS, activation="relu"), r"ple: activation must be callable"),
+    (lambda: dselect_k(DIMS, num_experts=3, k=4), r"dselect_k: k must be <= num_experts=3, got 4"),
+    (lambda: dselect_k(DIMS, k=0), r"dselect_k: k must be an int >= 1, got 0"),
+    (lambda: dselect_k(DIMS, gamma=0.0), r"dselect_k: gamma must be a positive finite number, got 0.0"),
   ],
 )
 def test_bad_arguments_raise(build, match):
@@ -327,6 +463,7 @@ TRAIN_BUILDERS = {
   "mmoe": lambda: mmoe(TRAIN_DIMS, num_experts=3, expert_hidden=(4,)),
   "cgc": lambda: cgc(TRAIN_DIMS, expert_hidden=(4,)),
   "ple": lambda: ple(TRAIN_DIMS, num_levels=2, expert_hidden=(4,)),
+  "dselect_k": lambda: dselect_k(TRAIN_DIMS, num_experts=3, k=2, expert_hidden=(4,)),
 }
 
 
