@@ -46,8 +46,9 @@ def get_config() -> ml_collections.ConfigDict:
   config.tasks = ""  # comma-separated subset of the dataset's tasks; "" = all
 
   config.model = ml_collections.ConfigDict()
-  config.model.name = "cnn"  # cnn | mlp | soft_mlp; its arguments are the group of the same name
+  config.model.name = "cnn"  # cnn | resnet | mlp | soft_mlp | ...; its arguments are the group of the same name
   config.model.cnn = ml_collections.ConfigDict(dict(features=(16, 32), dense=64))
+  config.model.resnet = ml_collections.ConfigDict(dict(stage_features=(16, 32), blocks_per_stage=1, norm="batch"))
   config.model.mlp = ml_collections.ConfigDict(dict(hidden=(256, 256), head_hidden=()))
   config.model.soft_mlp = ml_collections.ConfigDict(dict(hidden=(256, 256)))
 

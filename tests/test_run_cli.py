@@ -132,7 +132,7 @@ def test_static_grid_is_chosen_on_validation():
     (["--config.num_stepz=3"], "unknown config field 'num_stepz'"),
     (["--config.model.mlp.widths=(3,)"], "unknown config field 'model.mlp.widths'"),
     (["--config.num_steps=many"], "config field 'num_steps': cannot set 'many'"),
-    (["--config.model.name=resnet"], "config field 'model.name' is 'resnet'"),
+    (["--config.model.name=resnet"], "resnet: inputs must be images"),
     (["--config.dataset.options.num_trian=5"], "unknown config fields ['num_trian']"),
     (["--config.weighting=static", "--config.static_weights=(1.0,)"], "'static_weights' has 1 weights for 2 tasks"),
     (["--config.model.name=soft_mlp", "--config.weighting=mgda"], "model 'soft_mlp' has none"),

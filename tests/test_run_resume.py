@@ -114,3 +114,49 @@ def test_sigterm_saves_a_checkpoint_and_the_same_command_resumes(tmp_path, data_
   monkeypatch.setattr(logs.MetricsLog, "write", write)
   assert cli.main(args(data_dir, tmp_path, steps=60)) == 0
   assert json.loads((tmp_path / "results.json").read_text())["num_steps"] == 60
+
+
+def test_batch_norm_model_resumes_exactly(tmp_path, monkeypatch):
+  """A stateful model (running batch statistics) interrupted by SIGTERM and resumed ends like an uninterrupted run."""
+  from jmtl.data import multi_digits
+
+  data = str(tmp_path / "data")
+  sizes = dict(num_train=256, num_validation=128, num_test=128)
+  multi_digits.prepare(data, **sizes)
+  argv = [
+    "train",
+    "--config",
+    os.path.join(ROOT, "configs", "multi_digits.py"),
+    f"--config.dataset.data_dir={data}",
+    *(f"--config.dataset.options.{k}={v}" for k, v in sizes.items()),
+    "--config.model.name=resnet",
+    "--config.model.resnet.stage_features=(4, 8)",
+    "--config.batch_size=32",
+    "--config.num_steps=40",
+    "--config.log_every=10",
+    "--config.eval_every=20",
+    "--config.checkpoint_every=20",
+    "--config.eval_batch_size=128",
+    "--config.baselines=",
+    "--config.plots=false",
+    "--no-progress",
+    "--workdir",
+  ]
+  assert cli.main([*argv, str(tmp_path / "full")]) == 0
+  write = logs.MetricsLog.write
+
+  def terminating_write(self, step, kind, values):
+    out = write(self, step, kind, values)
+    if step == 30 and kind == "train":
+      os.kill(os.getpid(), signal.SIGTERM)
+    return out
+
+  monkeypatch.setattr(logs.MetricsLog, "write", terminating_write)
+  assert cli.main([*argv, str(tmp_path / "cut")]) == 128 + signal.SIGTERM
+  monkeypatch.setattr(logs.MetricsLog, "write", write)
+  assert cli.main([*argv, str(tmp_path / "cut")]) == 0
+  a = json.loads((tmp_path / "full" / "results.json").read_text())
+  b = json.loads((tmp_path / "cut" / "results.json").read_text())
+  for key in ("validation", "test", "selected_step", "val_score"):
+    assert a[key] == b[key], key
+  assert _records(tmp_path / "full") == _records(tmp_path / "cut")

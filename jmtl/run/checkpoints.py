@@ -1,10 +1,12 @@
 """Orbax checkpoints of a run: everything the rest of the run depends on, so a resumed run is exact.
 
-One checkpoint (a step directory under ``<workdir>/checkpoints``) holds four
+One checkpoint (a step directory under ``<workdir>/checkpoints``) holds these
 items:
 
 * ``params`` and ``best_params`` -- the model parameters now and the ones
-  model selection keeps (standard pytrees any orbax user can read);
+  model selection keeps (standard pytrees any orbax user can read), and for a
+  stateful model (batch norm) ``model_state`` and ``best_model_state`` beside
+  them;
 * ``train`` -- the rest of the device state, flattened into numbered leaves:
   step, optimizer and weighting state, rng (as raw key data), number of skipped
   steps, and the running sums of the metrics being logged;
@@ -56,6 +58,22 @@ def _abstract(tree: Any) -> Any:
   return jax.tree.map(spec, tree)
 
 
+def _parts(value: Any) -> tuple:
+  return value if isinstance(value, tuple) else (value,)
+
+
+def _item_names(name: str, value: Any) -> tuple[str, ...]:
+  """``params`` -> ``("params",)``, or ``("params", "model_state")`` for a ``(params, model_state)`` pair."""
+  if not isinstance(value, tuple):
+    return (name,)
+  return (name, name.replace("params", "model_state"))
+
+
+def _join(restored, name: str, like: Any) -> Any:
+  names = _item_names(name, like)
+  return tuple(restored[n] for n in names) if isinstance(like, tuple) else restored[name]
+
+
 class Checkpoints:
   """Saves and restores the state of one run under ``directory``.
 
@@ -79,35 +97,40 @@ class Checkpoints:
     return self.manager.latest_step()
 
   def save(self, step: int, params: Any, best_params: Any, train: Any, meta: dict) -> None:
-    args = ocp.args.Composite(
-      params=ocp.args.StandardSave(params),
-      best_params=ocp.args.StandardSave(best_params),
-      train=ocp.args.StandardSave(_to_savable(train)),
-      meta=ocp.args.JsonSave(meta),
-    )
-    self.manager.save(int(step), args=args, force=True)
+    """Saves one step. ``params``/``best_params`` are a pytree, or ``(params, model_state)`` for a stateful model."""
+    items = {"train": ocp.args.StandardSave(_to_savable(train)), "meta": ocp.args.JsonSave(meta)}
+    for name, value in (("params", params), ("best_params", best_params)):
+      for item, tree in zip(_item_names(name, value), _parts(value)):
+        items[item] = ocp.args.StandardSave(tree)
+    self.manager.save(int(step), args=ocp.args.Composite(**items), force=True)
     self.manager.wait_until_finished()
 
   def restore(self, params_like: Any, train_like: Any, step: int | None = None):
-    """Returns ``(params, best_params, train, meta)`` of ``step`` (default: the latest)."""
+    """Returns ``(params, best_params, train, meta)`` of ``step`` (default: the latest).
+
+    ``params_like`` (and so what comes back) is a pytree, or a tuple
+    ``(params, model_state)`` for a stateful model.
+    """
     step = self.latest_step() if step is None else step
-    args = ocp.args.Composite(
-      params=ocp.args.StandardRestore(_abstract(params_like)),
-      best_params=ocp.args.StandardRestore(_abstract(params_like)),
-      train=ocp.args.StandardRestore(_abstract(_to_savable(train_like))),
-      meta=ocp.args.JsonRestore(),
-    )
-    r = self.manager.restore(step, args=args)
-    return r.params, r.best_params, _from_saved(r.train, train_like), r.meta
+    items = {"train": ocp.args.StandardRestore(_abstract(_to_savable(train_like))), "meta": ocp.args.JsonRestore()}
+    for name in ("params", "best_params"):
+      for item, tree in zip(_item_names(name, params_like), _parts(params_like)):
+        items[item] = ocp.args.StandardRestore(_abstract(tree))
+    r = self.manager.restore(step, args=ocp.args.Composite(**items))
+    params, best = (_join(r, name, params_like) for name in ("params", "best_params"))
+    return params, best, _from_saved(r.train, train_like), r.meta
 
   def restore_params(self, params_like: Any, which: str = "best_params", step: int | None = None):
-    """One parameter item and the meta of ``step`` (default: the latest), e.g. to evaluate a finished run."""
+    """One parameter item (``(params, model_state)`` like ``params_like``) and the meta of ``step``.
+
+    ``step`` defaults to the latest, e.g. to evaluate a finished run.
+    """
     step = self.latest_step() if step is None else step
-    args = ocp.args.Composite(
-      **{which: ocp.args.StandardRestore(_abstract(params_like)), "meta": ocp.args.JsonRestore()}
-    )
-    r = self.manager.restore(step, args=args)
-    return r[which], r.meta
+    items = {"meta": ocp.args.JsonRestore()}
+    for item, tree in zip(_item_names(which, params_like), _parts(params_like)):
+      items[item] = ocp.args.StandardRestore(_abstract(tree))
+    r = self.manager.restore(step, args=ocp.args.Composite(**items))
+    return _join(r, which, params_like), r.meta
 
   def close(self) -> None:
     self.manager.close()

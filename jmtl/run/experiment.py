@@ -109,7 +109,8 @@ def evaluate_workdir(workdir: str, *, quiet: bool = False) -> dict[str, Any]:
     lambda: loop.create_train_state(config, run.model, run.optimizer, run.weighting, len(run.tasks), example)
   )
   step = ckpt.latest_step()
-  params, meta = ckpt.restore_params(state.params, "best_params" if config.select == "best" else "params")
+  which = "best_params" if config.select == "best" else "params"
+  params, meta = ckpt.restore_params(loop.variables(state), which)
   ckpt.close()
   results = {
     **evaluation.describe(run.tasks),

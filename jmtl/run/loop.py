@@ -60,9 +60,20 @@ def create_train_state(config, model, optimizer, weighting, num_tasks: int, exam
   def create(key, x):
     init_key, step_key = jax.random.split(key)
     params = model.init(init_key, x)
-    return jmtl.TrainState.create(params, optimizer, weighting, num_tasks, step_key)
+    model_state = model.init_state(init_key, x) if getattr(model, "init_state", None) else None
+    return jmtl.TrainState.create(params, optimizer, weighting, num_tasks, step_key, model_state)
 
   return jax.jit(create)(jax.random.key(config.seed), example["inputs"][:1])
+
+
+def variables(state: jmtl.TrainState):
+  """What evaluation and model selection need: ``params``, or ``(params, model_state)`` for a stateful model."""
+  return state.params if state.model_state is None else (state.params, state.model_state)
+
+
+def _rest(state: jmtl.TrainState) -> jmtl.TrainState:
+  """The state without what :func:`variables` holds (checkpointed as their own items)."""
+  return state._replace(params=(), model_state=None)
 
 
 def make_train_step(config, model, tasks, optimizer, weighting):
@@ -155,21 +166,26 @@ class Run:
     self.train_step, self.zero_sums = make_train_step(config, self.model, self.tasks, self.optimizer, self.weighting)
 
   def _check_shared(self) -> None:
-    if self.weighting.needs == "losses":
-      return
     x = self.data.sources["train"][0]["inputs"]
     spec = jax.ShapeDtypeStruct((1, *x.shape), np.float32)
-    params = jax.eval_shape(self.model.init, jax.random.key(0), spec)
+    try:
+      params = jax.eval_shape(self.model.init, jax.random.key(0), spec)
+    except ValueError as e:
+      raise ConfigError(f"model {self.config.model.name!r} on inputs of shape {tuple(x.shape)}: {e}") from e
+    if self.weighting.needs == "losses":
+      return
     if not jax.tree.leaves(params["shared"]):
       raise ConfigError(
         f"weighting {self.config.weighting!r} needs per-task gradients of shared parameters, "
         f"and model {self.config.model.name!r} has none (use a loss-level method or a hard-sharing model)"
       )
 
-  def evaluate(self, params, split: str) -> dict[str, float]:
+  def evaluate(self, weights, split: str) -> dict[str, float]:
+    """Metrics of ``split`` for :func:`variables` ``weights``."""
     size = min(self.config.eval_batch_size, len(self.data.sources[split]))
     batches = inputs.eval_batches(self.data, split, self.names, size)
-    return jmtl.evaluate(self.eval_step, params, batches, self.tasks)
+    params, model_state = weights if isinstance(weights, tuple) else (weights, None)
+    return jmtl.evaluate(self.eval_step, params, batches, self.tasks, model_state)
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, progress: bool = True, desc: str = "train"):
@@ -197,10 +213,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, progr
   sums = run.zero_sums(state, example)
   ckpt = Checkpoints(os.path.join(workdir, "checkpoints"), config.keep_checkpoints)
   host = {"best_score": None, "best_step": 0, "seconds": 0.0, "timed_steps": 0}
-  best = _copy(state.params)
+  best = _copy(variables(state))
   if ckpt.latest_step() is not None:
-    params, best, (rest, sums), meta = ckpt.restore(state.params, (state._replace(params=()), sums))
-    state = rest._replace(params=params)
+    now, best, (rest, sums), meta = ckpt.restore(variables(state), (_rest(state), sums))
+    params, model_state = now if isinstance(now, tuple) else (now, None)
+    state = rest._replace(params=params, model_state=model_state)
     batches.set_state(meta["data"])
     host = meta["host"]
   log = MetricsLog(workdir, resume_step=int(state.step) if ckpt.latest_step() is not None else None)
@@ -230,7 +247,7 @@ def _loop(run, state, sums, best, batches, ckpt, log, host, progress, desc):
       if step % config.eval_every == 0 or end:
         best = _validate(run, state, best, host, log, step)
       if step % config.checkpoint_every == 0 or end or caught:
-        ckpt.save(step, state.params, best, (state._replace(params=()), sums), _meta(batches, host))
+        ckpt.save(step, variables(state), best, (_rest(state), sums), _meta(batches, host))
       bar.update(step, record)
       if caught:
         bar.close()
@@ -256,14 +273,14 @@ def _log_train(run, state, sums, count, tick, first, host, log, step):
 
 
 def _validate(run, state, best, host, log, step):
-  values = run.evaluate(state.params, "validation")
+  values = run.evaluate(variables(state), "validation")
   log.write(step, "validation", values)
   score = evaluation.selection_score(values, run.tasks, run.config.select_metric)
   if run.config.select == "final":
     host["best_step"] = step
   elif host["best_score"] is None or score > host["best_score"]:
     host["best_score"], host["best_step"] = score, step
-    best = _copy(state.params)  # the state's buffers are donated to the next step
+    best = _copy(variables(state))  # the state's buffers are donated to the next step
   return best
 
 
@@ -272,7 +289,7 @@ def _meta(batches, host) -> dict:
 
 
 def _finish(run, workdir, state, best, host) -> dict[str, Any]:
-  params = best if run.config.select == "best" else state.params
+  params = best if run.config.select == "best" else variables(state)
   results = {
     **evaluation.describe(run.tasks),
     "units": inputs.units(run.data, run.names),

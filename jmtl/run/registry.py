@@ -45,7 +45,7 @@ METHODS: dict[str, tuple[str, dict[str, Any]]] = {
   "nash_mtl": ("nash_mtl", {}),
 }
 
-MODELS = ("mlp", "cnn", "soft_mlp")
+MODELS = ("mlp", "cnn", "resnet", "soft_mlp")
 OPTIMIZERS = ("adam", "adamw", "sgd")
 SCHEDULES = ("constant", "cosine")
 
