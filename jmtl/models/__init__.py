@@ -18,6 +18,7 @@ from jmtl.models.experts import cgc
 from jmtl.models.experts import mmoe
 from jmtl.models.experts import ple
 from jmtl.models.mlp import mlp
+from jmtl.models.mtan import mtan
 from jmtl.models.resnet import resnet
 from jmtl.models.soft import soft_mlp
 from jmtl.models.soft import tower_params
@@ -30,6 +31,7 @@ __all__ = [
   "dselect_k",
   "mlp",
   "mmoe",
+  "mtan",
   "ple",
   "resnet",
   "soft_mlp",
