@@ -38,6 +38,11 @@ def _fill(model, x, seed=0):
   return jax.tree.map(lambda s: jnp.asarray(0.5 * rng.standard_normal(s.shape), s.dtype), spec)
 
 
+def _run(fn, *args):
+  """``jax.jit(fn)(*args)``: one compile per function is cheaper on CPU than op-by-op dispatch."""
+  return jax.jit(fn)(*args)
+
+
 def _np(tree):
   return jax.tree.map(np.asarray, tree)
 
@@ -200,13 +205,13 @@ def test_mmoe_params_and_shapes(mmoe_setup):
     "dense_0": {"kernel": (4, 5), "bias": (5,)},
     "dense_1": {"kernel": (5, 2), "bias": (2,)},
   }
-  out = model.apply(params, x)
+  out = _run(model.apply, params, x)
   assert {k: v.shape for k, v in out.items()} == {"a": (4, 3), "b": (4, 2), "c": (4, 1)}
 
 
 def test_mmoe_matches_numpy_reference(mmoe_setup):
   model, params, x = mmoe_setup
-  out, ref = model.apply(params, x), np_mmoe(params, x, model.task_names)
+  out, ref = _run(model.apply, params, x), np_mmoe(params, x, model.task_names)
   for n in model.task_names:
     np.testing.assert_allclose(out[n], ref[n], **RTOL)
 
@@ -223,7 +228,7 @@ def test_one_expert_is_hard_sharing(build):
     "tasks": {n: params["tasks"][n]["tower"] for n in DIMS},
   }
   assert _shapes(hard_params) == _shapes(jax.eval_shape(hard.init, KEY, x))
-  out, want = model.apply(params, x), hard.apply(hard_params, x)
+  out, want = _run(model.apply, params, x), _run(hard.apply, hard_params, x)
   for n in DIMS:
     np.testing.assert_allclose(out[n], want[n], **RTOL)
 
@@ -231,12 +236,12 @@ def test_one_expert_is_hard_sharing(build):
 def test_mmoe_gates_are_convex_combinations(mmoe_setup):
   model, params, x = mmoe_setup
   _, forward = experts._mmoe_parts("mmoe", DIMS, 3, (6, 4), (5,), jax.nn.relu, None, jnp.float32)
-  preds, gates = forward(params, x)
+  preds, gates = _run(forward, params, x)
   for n in DIMS:
     g = np.asarray(gates[n])
     assert g.shape == (4, 3) and (g >= 0).all()
     np.testing.assert_allclose(g.sum(-1), 1.0, rtol=1e-6)
-    np.testing.assert_allclose(preds[n], model.apply(params, x)[n], **RTOL)
+    np.testing.assert_allclose(preds[n], _run(model.apply, params, x)[n], **RTOL)
 
 
 def test_experts_run_as_one_batched_kernel():
@@ -260,7 +265,7 @@ def test_cgc_params_shapes_and_reference(cgc_setup):
   assert set(shapes["shared"]["level_0"]) == {"experts"}
   assert shapes["tasks"]["a"]["level_0"]["experts"]["dense_0"]["kernel"] == (2, 6, 6)
   assert shapes["tasks"]["a"]["level_0"]["gate"]["kernel"] == (6, 4)  # own 2 + shared 2
-  out, ref = model.apply(params, x), np_ple(params, x, model.task_names, 1)
+  out, ref = _run(model.apply, params, x), np_ple(params, x, model.task_names, 1)
   for n, d in DIMS.items():
     assert out[n].shape == (4, d)
     np.testing.assert_allclose(out[n], ref[n], **RTOL)
@@ -275,7 +280,7 @@ def test_ple_params_shapes_and_reference(ple_setup):
   assert shapes["shared"]["level_0"]["gate"]["kernel"] == (6, 3 * 1 + 2)
   assert shapes["shared"]["level_1"]["experts"]["dense_0"]["kernel"] == (2, 5, 5)
   assert shapes["tasks"]["c"]["level_2"]["gate"]["kernel"] == (5, 3)
-  out, ref = model.apply(params, x), np_ple(params, x, model.task_names, 3)
+  out, ref = _run(model.apply, params, x), np_ple(params, x, model.task_names, 3)
   for n, d in DIMS.items():
     assert out[n].shape == (4, d)
     np.testing.assert_allclose(out[n], ref[n], **RTOL)
@@ -284,7 +289,7 @@ def test_ple_params_shapes_and_reference(ple_setup):
 def test_ple_gates_are_convex_combinations(ple_setup):
   _, params, x = ple_setup
   _, forward = experts._extraction("ple", DIMS, 3, 2, 1, (5,), (), jax.nn.relu, None, jnp.float32)
-  _, levels = forward(params, x)
+  _, levels = _run(forward, params, x)
   assert [sorted(g) for g in levels] == [["a", "b", "c", "shared"]] * 2 + [["a", "b", "c"]]
   for gates in levels:
     for n, gate in gates.items():
@@ -316,8 +321,8 @@ def _set(tree, path, value):
 
 def test_cgc_split_is_separable(cgc_setup):
   model, params, x = cgc_setup
-  base = model.apply(params, x)
-  moved = model.apply(_perturbed(params, "a"), x)
+  base = _run(model.apply, params, x)
+  moved = _run(model.apply, _perturbed(params, "a"), x)
   assert not np.allclose(moved["a"], base["a"])
   for n in ("b", "c"):
     np.testing.assert_array_equal(moved[n], base[n])
@@ -326,11 +331,11 @@ def test_cgc_split_is_separable(cgc_setup):
 def test_ple_split_is_not_separable(ple_setup):
   """Task a's level-0 experts feed the shared gate, which feeds b: the split is not separable."""
   model, params, x = ple_setup
-  base = model.apply(params, x)
-  moved = model.apply(_perturbed(params, "a", ("level_0", "experts")), x)
+  base = _run(model.apply, params, x)
+  moved = _run(model.apply, _perturbed(params, "a", ("level_0", "experts")), x)
   assert not np.allclose(moved["b"], base["b"], rtol=1e-4)
   # The last level has no shared gate: its task experts only reach their own task.
-  last = model.apply(_perturbed(params, "a", ("level_2",)), x)
+  last = _run(model.apply, _perturbed(params, "a", ("level_2",)), x)
   np.testing.assert_array_equal(last["b"], base["b"])
   assert not np.allclose(last["a"], base["a"])
 
@@ -341,16 +346,18 @@ def test_ple_split_is_not_separable(ple_setup):
 def test_smooth_step_closed_form_and_c1():
   for gamma in (1.0, 2.5):
     h = gamma / 2
-    s = dselect.smooth_step(jnp.array([-3 * h, -h, 0.0, h, 3 * h]), gamma)
+    step = jax.jit(lambda u, g=gamma: dselect.smooth_step(u, g))
+    s = step(jnp.array([-3 * h, -h, 0.0, h, 3 * h]))
     np.testing.assert_array_equal(s, [0.0, 0.0, 0.5, 1.0, 1.0])
     t = np.linspace(-2 * h, 2 * h, 41).astype(np.float32)
-    np.testing.assert_allclose(dselect.smooth_step(t, gamma), np_smooth_step(t, gamma), atol=1e-6)
+    np.testing.assert_allclose(step(t), np_smooth_step(t, gamma), atol=1e-6)
     # C¹: S' = 3/(2γ) - 6t²/γ³ on the ramp (0 at t = ±γ/2), 0 off it; continuous at the ends.
-    ds = np.asarray(jax.vmap(jax.grad(lambda u, g=gamma: dselect.smooth_step(u, g)))(t))
+    grad = jax.jit(jax.vmap(jax.grad(step)))
+    ds = np.asarray(grad(t))
     want = np.where(np.abs(t) < h, 1.5 / gamma - 6 * t.astype(np.float64) ** 2 / gamma**3, 0.0)
     np.testing.assert_allclose(ds, want, atol=1e-5)
     eps = 1e-3 * gamma
-    near = np.asarray(jax.vmap(jax.grad(lambda u, g=gamma: dselect.smooth_step(u, g)))(jnp.array([-h + eps, h - eps])))
+    near = np.asarray(grad(jnp.array([-h + eps, h - eps], jnp.float32)))
     assert (np.abs(near) <= 7 * eps / gamma**2).all()
 
 
@@ -388,7 +395,7 @@ def test_dselect_params_shapes_and_reference(dselect_setup):
     "z": {"kernel": (6, 4), "bias": (4,)},  # k=2 selectors x m=2 bits
     "alpha": {"kernel": (6, 2), "bias": (2,)},
   }
-  out, ref = model.apply(params, x), np_dselect(params, x, model.task_names, 3, 2, 2.0)
+  out, ref = _run(model.apply, params, x), np_dselect(params, x, model.task_names, 3, 2, 2.0)
   for n, d in DIMS.items():
     assert out[n].shape == (5, d)
     np.testing.assert_allclose(out[n], ref[n], **RTOL)
@@ -397,20 +404,31 @@ def test_dselect_params_shapes_and_reference(dselect_setup):
 def test_dselect_gates_are_convex_and_select_exactly_with_large_logits(dselect_setup):
   model, params, x = dselect_setup
   forward = _dselect_forward()
-  preds, gates, selectors = forward(params, x)
+  preds, gates, selectors = _run(forward, params, x)
   for n in DIMS:
     g = np.asarray(gates[n])
     assert g.shape == (5, 3) and (g >= 0).all()
     np.testing.assert_allclose(g.sum(-1), 1.0, rtol=1e-6)
-    np.testing.assert_allclose(preds[n], model.apply(params, x)[n], **RTOL)
+    np.testing.assert_allclose(preds[n], _run(model.apply, params, x)[n], **RTOL)
   # Large constant logits: selector 0 -> code (1, 0) = expert 1, selector 1 -> code (0, 1) = expert 2.
   gate = dict(params["tasks"]["a"]["gate"])
   gate["z"] = {"kernel": jnp.zeros_like(gate["z"]["kernel"]), "bias": jnp.array([50.0, -50.0, -50.0, 50.0])}
   hard = _set(params, ("tasks", "a", "gate"), gate)
-  _, gates, selectors = forward(hard, x)
+  _, gates, selectors = _run(forward, hard, x)
   np.testing.assert_array_equal(selectors["a"], np.broadcast_to(np.eye(3)[[1, 2]], (5, 2, 3)))
   g = np.asarray(gates["a"])
   assert (g[:, 0] == 0).all() and np.allclose(g[:, 1] + g[:, 2], 1.0)
+
+
+@pytest.mark.parametrize("name", ["mmoe", "cgc", "ple", "dselect_k"])
+def test_param_dtype_float64(name):
+  build = {"mmoe": mmoe, "cgc": cgc, "ple": ple, "dselect_k": dselect_k}[name]
+  with jax.enable_x64(True):
+    model = build({"a": 2}, expert_hidden=(3,), param_dtype=jnp.float64)
+    x = _x((2, 4)).astype(np.float64)
+    params = _fill(model, x)
+    assert {leaf.dtype for leaf in jax.tree.leaves(params)} == {jnp.dtype(jnp.float64)}
+    assert _run(model.apply, params, x)["a"].dtype == jnp.float64
 
 
 # --- errors ------------------------------------------------------------------
