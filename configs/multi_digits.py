@@ -46,9 +46,23 @@ def get_config() -> ml_collections.ConfigDict:
   config.tasks = ""  # comma-separated subset of the dataset's tasks; "" = all
 
   config.model = ml_collections.ConfigDict()
-  config.model.name = "cnn"  # cnn | resnet | mlp | soft_mlp | ...; its arguments are the group of the same name
+  # cnn | resnet | mtan | mlp | soft_mlp | cross_stitch | mmoe | cgc | ple | dselect_k;
+  # the model's arguments are the group of the same name.
+  config.model.name = "cnn"
   config.model.cnn = ml_collections.ConfigDict(dict(features=(16, 32), dense=64))
   config.model.resnet = ml_collections.ConfigDict(dict(stage_features=(16, 32), blocks_per_stage=1, norm="batch"))
+  config.model.mtan = ml_collections.ConfigDict(dict(features=(16, 32), trunk="cnn"))
+  config.model.cross_stitch = ml_collections.ConfigDict(dict(hidden=(256, 256), init_self=0.9))
+  config.model.mmoe = ml_collections.ConfigDict(dict(num_experts=4, expert_hidden=(256, 128), tower_hidden=(64,)))
+  config.model.cgc = ml_collections.ConfigDict(
+    dict(num_shared_experts=2, num_task_experts=1, expert_hidden=(256, 128), tower_hidden=(64,))
+  )
+  config.model.ple = ml_collections.ConfigDict(
+    dict(num_levels=2, num_shared_experts=2, num_task_experts=1, expert_hidden=(128,), tower_hidden=(64,))
+  )
+  config.model.dselect_k = ml_collections.ConfigDict(
+    dict(num_experts=4, k=2, expert_hidden=(256, 128), tower_hidden=(64,), gamma=1.0)
+  )
   config.model.mlp = ml_collections.ConfigDict(dict(hidden=(256, 256), head_hidden=()))
   config.model.soft_mlp = ml_collections.ConfigDict(dict(hidden=(256, 256)))
 

@@ -32,6 +32,12 @@ def get_config() -> ml_collections.ConfigDict:
   config.dataset.options = ml_collections.ConfigDict(dict(num_train=8000, num_validation=2000, num_test=5000))
   config.model.name = "mlp"
   config.model.mlp.hidden = (128, 128)
+  config.model.mtan.update(features=(128, 128), trunk="mlp")
+  config.model.cross_stitch.hidden = (128, 128)
+  config.model.mmoe.update(num_experts=6, expert_hidden=(64,), tower_hidden=(32,))
+  config.model.cgc.update(expert_hidden=(64,), tower_hidden=(32,))
+  config.model.ple.update(expert_hidden=(64,), tower_hidden=(32,))
+  config.model.dselect_k.update(num_experts=6, expert_hidden=(64,), tower_hidden=(32,))
   config.num_steps = 1500
   config.batch_size = 128
   return config

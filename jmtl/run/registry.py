@@ -45,7 +45,7 @@ METHODS: dict[str, tuple[str, dict[str, Any]]] = {
   "nash_mtl": ("nash_mtl", {}),
 }
 
-MODELS = ("mlp", "cnn", "resnet", "soft_mlp")
+MODELS = ("mlp", "cnn", "resnet", "mtan", "soft_mlp", "cross_stitch", "mmoe", "cgc", "ple", "dselect_k")
 OPTIMIZERS = ("adam", "adamw", "sgd")
 SCHEDULES = ("constant", "cosine")
 
