@@ -121,7 +121,7 @@ def test_missing_state_is_a_clear_error(bn):
     jmtl.make_eval_step(model, TASKS)(params, _batch())
 
 
-@pytest.mark.parametrize("name", ["equal", "mgda"])
+@pytest.mark.parametrize("name", ["mgda"])  # the separable path with the all-reduced Jacobian; "equal" passes too
 def test_batch_stats_agree_between_one_device_pmap_and_mesh(bn, name):
   """Batch statistics are the global batch's under pmap (synced over the axis) and under a mesh."""
   model, params, state0 = bn
