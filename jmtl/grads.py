@@ -402,5 +402,9 @@ def compute(
   if separable_ok:
     return _separable(model, encode, tasks, params, batch, transform, wstate, key, axis_name, names, opts)
   if opts.level == "representation":
-    raise ValueError("level='representation' needs a model with encode and head (see jmtl.models.MultiTaskModel)")
+    raise ValueError(
+      "level='representation' needs a model with encode and head (one shared representation z; see "
+      "jmtl.models.MultiTaskModel). This model has none -- cross-stitch, MMoE, CGC/PLE and DSelect-k mix shared "
+      "parts differently per task -- so use level='parameter' (the general path serves every method)"
+    )
   return _general(apply, tasks, params, batch, transform, wstate, key, axis_name, names, opts)
