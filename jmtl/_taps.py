@@ -110,6 +110,39 @@ def dense_gramian(a, delta, use_kernel, use_bias):
   return g
 
 
+def dense_gramian_chunked(a, delta, use_kernel, use_bias, chunk):
+  """:func:`dense_gramian` with tasks first, ``delta``: ``(K, ..., O)``, ``chunk`` tasks at a time.
+
+  Column ``j`` of the kernel Gramian is ``⟨δᵢ, (a aᵀ) δⱼ⟩`` for every ``i``,
+  so only ``chunk`` of the products ``(a aᵀ) δⱼ`` (or ``a (aᵀ δⱼ)``, whichever
+  association is cheaper) exist at once, never a second ``K × rows × O``
+  array. ``K`` must be a multiple of ``chunk``.
+  """
+  k, o_dim = delta.shape[0], delta.shape[-1]
+  rows = a.reshape(-1, a.shape[-1]).astype(delta.dtype)
+  n, i_dim = rows.shape
+  d = delta.reshape(k, n, o_dim)
+  g = jnp.zeros((k, k), d.dtype)
+  if use_kernel:
+    flat = d.reshape(k, n * o_dim)
+    if n * n * i_dim + k * n * n * o_dim <= 2 * k * n * i_dim * o_dim:
+      gram = rows @ rows.T
+      times_aat = lambda dj: gram @ dj
+    else:
+      times_aat = lambda dj: rows @ (rows.T @ dj)
+
+    def block(j):  # G[:, chunk tasks from j]ᵀ; slicing the one flat array keeps XLA from copying δ
+      dj = jax.lax.dynamic_slice_in_dim(flat, j * chunk, chunk).reshape(chunk, n, o_dim)
+      return jax.vmap(times_aat)(dj).reshape(chunk, n * o_dim) @ flat.T
+
+    cols = jax.lax.map(block, jnp.arange(k // chunk)).reshape(k, k)  # row j: G[:, j]
+    g = g + 0.5 * (cols + cols.T)
+  if use_bias:
+    s = jnp.sum(d, axis=1)  # (K, O)
+    g = g + s @ s.T
+  return g
+
+
 def linear_head_kernels(model, tasks, params, z) -> list | None:
   """Each head's kernel path when every head is one ``Dense`` applied to ``z``, else ``None``."""
   paths = []
