@@ -9,10 +9,16 @@ heads 512→10, softmax cross-entropy, batch 256, SGD. For each K it times:
   shared-parameter gradients, by the Dense-layer identity, no Jacobian);
 
 and prints JSON with the median step time, examples/s, XLA's peak-memory
-estimate of each compiled step, the step's FLOPs (XLA cost analysis) and the
-fraction of this machine's measured matmul rate it reaches.
+estimate of each compiled step (``peak_bytes``: arguments + outputs + temps
+− aliased, and ``peak_memory_ratio_to_equal``), the step's FLOPs (XLA cost
+analysis) and the fraction of this machine's measured matmul rate it reaches.
 
-    python -m benchmarks.gradient_step [--tasks 2 10 40]
+``--chunk-size C`` passes ``chunk_size=C`` to every step: at parameter level,
+when C < K, the Dense-layer Gramian is then taken one layer at a time, C
+tasks per trunk VJP (bounded memory); each row's ``chunked`` says whether
+that happened (C ≥ K is the unchunked route).
+
+    python -m benchmarks.gradient_step [--tasks 2 10 40] [--chunk-size 10]
 """
 
 from __future__ import annotations
@@ -35,11 +41,11 @@ from benchmarks.step_time import IN
 from benchmarks.step_time import reference_batch
 
 METHODS = {
-    "equal": (jmtl.weighting.equal, {}),
-    "mgda_representation": (jmtl.weighting.mgda, {"level": "representation"}),
-    "upgrad": (jmtl.weighting.upgrad, {}),
-    "mgda": (jmtl.weighting.mgda, {}),
-    "pcgrad": (jmtl.weighting.pcgrad, {}),
+  "equal": (jmtl.weighting.equal, {}),
+  "mgda_representation": (jmtl.weighting.mgda, {"level": "representation"}),
+  "upgrad": (jmtl.weighting.upgrad, {}),
+  "mgda": (jmtl.weighting.mgda, {}),
+  "pcgrad": (jmtl.weighting.pcgrad, {}),
 }
 
 
@@ -90,7 +96,7 @@ def main():
       runners[method] = _timing.looper(compiled, state, batch)
       info[method] = {"compile_s": round(compile_s, 2), "flops": float(cost.get("flops", 0.0)) if cost else None, **mem}
     med = _timing.time_steps(runners, steps_per_repeat=args.steps, repeats=args.repeats)
-    row = {"K": k, "batch": BATCH}
+    row = {"K": k, "batch": BATCH, "chunked": args.chunk_size is not None and args.chunk_size < k}
     for method in runners:
       r = {"step_ms": round(1e3 * med[method], 2), "examples_per_s": round(BATCH / med[method], 1), **info[method]}
       if r["flops"]:
@@ -101,17 +107,17 @@ def main():
       row[method] = r
     rows.append(row)
   print(
-      json.dumps(
-          {
-              "benchmark": "gradient_step",
-              "jax": jax.__version__,
-              "cpus": os.cpu_count(),
-              "matmul_gflops": round(rate / 1e9, 1),
-              "chunk_size": args.chunk_size,
-              "results": rows,
-          },
-          indent=1,
-      )
+    json.dumps(
+      {
+        "benchmark": "gradient_step",
+        "jax": jax.__version__,
+        "cpus": os.cpu_count(),
+        "matmul_gflops": round(rate / 1e9, 1),
+        "chunk_size": args.chunk_size,
+        "results": rows,
+      },
+      indent=1,
+    )
   )
 
 
