@@ -16,7 +16,9 @@ analysis) and the fraction of this machine's measured matmul rate it reaches.
 ``--chunk-size C`` passes ``chunk_size=C`` to every step: at parameter level,
 when C < K, the Dense-layer Gramian is then taken one layer at a time, C
 tasks per trunk VJP (bounded memory); each row's ``chunked`` says whether
-that happened (C ≥ K is the unchunked route).
+that happened (C ≥ K is the unchunked route). XLA's cost analysis counts a
+loop body once, so a chunked step's FLOPs are those of the same step
+unchunked (the same math).
 
     python -m benchmarks.gradient_step [--tasks 2 10 40] [--chunk-size 10]
 """
@@ -62,6 +64,12 @@ def matmul_rate(n: int = 2048, repeats: int = 5) -> float:
   return 2 * n**3 / sorted(times)[len(times) // 2]
 
 
+def flops(compiled) -> float | None:
+  cost = compiled.cost_analysis()
+  cost = cost[0] if isinstance(cost, list) else cost
+  return float(cost.get("flops", 0.0)) if cost else None
+
+
 def build(k, method, **extra):
   names = [f"t{i}" for i in range(k)]
   model = jmtl.models.mlp(dict.fromkeys(names, CLASSES), hidden=(HIDDEN, HIDDEN))
@@ -87,16 +95,17 @@ def main():
   rows = []
   for k in args.tasks:
     batch = reference_batch(k)
+    chunked = args.chunk_size is not None and args.chunk_size < k
     runners, info = {}, {}
     for method in args.methods:
       step, state = build(k, method, chunk_size=args.chunk_size)
       compiled, compile_s, mem = _timing.compile_step(step, state, batch)
-      cost = compiled.cost_analysis()
-      cost = cost[0] if isinstance(cost, list) else cost
+      # XLA's cost analysis counts a loop body once: a chunked step's FLOPs are those of the same math unchunked.
+      unchunked = _timing.compile_step(*build(k, method), batch)[0] if chunked else compiled
       runners[method] = _timing.looper(compiled, state, batch)
-      info[method] = {"compile_s": round(compile_s, 2), "flops": float(cost.get("flops", 0.0)) if cost else None, **mem}
+      info[method] = {"compile_s": round(compile_s, 2), "flops": flops(unchunked), **mem}
     med = _timing.time_steps(runners, steps_per_repeat=args.steps, repeats=args.repeats)
-    row = {"K": k, "batch": BATCH, "chunked": args.chunk_size is not None and args.chunk_size < k}
+    row = {"K": k, "batch": BATCH, "chunked": chunked}
     for method in runners:
       r = {"step_ms": round(1e3 * med[method], 2), "examples_per_s": round(BATCH / med[method], 1), **info[method]}
       if r["flops"]:
