@@ -9,10 +9,18 @@ heads 512→10, softmax cross-entropy, batch 256, SGD. For each K it times:
   shared-parameter gradients, by the Dense-layer identity, no Jacobian);
 
 and prints JSON with the median step time, examples/s, XLA's peak-memory
-estimate of each compiled step, the step's FLOPs (XLA cost analysis) and the
-fraction of this machine's measured matmul rate it reaches.
+estimate of each compiled step (``peak_bytes``: arguments + outputs + temps
+− aliased, and ``peak_memory_ratio_to_equal``), the step's FLOPs (XLA cost
+analysis) and the fraction of this machine's measured matmul rate it reaches.
 
-    python -m benchmarks.gradient_step [--tasks 2 10 40]
+``--chunk-size C`` passes ``chunk_size=C`` to every step: at parameter level,
+when C < K, the Dense-layer Gramian is then taken one layer at a time, C
+tasks per trunk VJP (bounded memory); each row's ``chunked`` says whether
+that happened (C ≥ K is the unchunked route). XLA's cost analysis counts a
+loop body once, so a chunked step's FLOPs are those of the same step
+unchunked (the same math).
+
+    python -m benchmarks.gradient_step [--tasks 2 10 40] [--chunk-size 10]
 """
 
 from __future__ import annotations
@@ -35,11 +43,11 @@ from benchmarks.step_time import IN
 from benchmarks.step_time import reference_batch
 
 METHODS = {
-    "equal": (jmtl.weighting.equal, {}),
-    "mgda_representation": (jmtl.weighting.mgda, {"level": "representation"}),
-    "upgrad": (jmtl.weighting.upgrad, {}),
-    "mgda": (jmtl.weighting.mgda, {}),
-    "pcgrad": (jmtl.weighting.pcgrad, {}),
+  "equal": (jmtl.weighting.equal, {}),
+  "mgda_representation": (jmtl.weighting.mgda, {"level": "representation"}),
+  "upgrad": (jmtl.weighting.upgrad, {}),
+  "mgda": (jmtl.weighting.mgda, {}),
+  "pcgrad": (jmtl.weighting.pcgrad, {}),
 }
 
 
@@ -54,6 +62,12 @@ def matmul_rate(n: int = 2048, repeats: int = 5) -> float:
     f(x).block_until_ready()
     times.append(time.perf_counter() - t0)
   return 2 * n**3 / sorted(times)[len(times) // 2]
+
+
+def flops(compiled) -> float | None:
+  cost = compiled.cost_analysis()
+  cost = cost[0] if isinstance(cost, list) else cost
+  return float(cost.get("flops", 0.0)) if cost else None
 
 
 def build(k, method, **extra):
@@ -81,16 +95,17 @@ def main():
   rows = []
   for k in args.tasks:
     batch = reference_batch(k)
+    chunked = args.chunk_size is not None and args.chunk_size < k
     runners, info = {}, {}
     for method in args.methods:
       step, state = build(k, method, chunk_size=args.chunk_size)
       compiled, compile_s, mem = _timing.compile_step(step, state, batch)
-      cost = compiled.cost_analysis()
-      cost = cost[0] if isinstance(cost, list) else cost
+      # XLA's cost analysis counts a loop body once: a chunked step's FLOPs are those of the same math unchunked.
+      unchunked = _timing.compile_step(*build(k, method), batch)[0] if chunked else compiled
       runners[method] = _timing.looper(compiled, state, batch)
-      info[method] = {"compile_s": round(compile_s, 2), "flops": float(cost.get("flops", 0.0)) if cost else None, **mem}
+      info[method] = {"compile_s": round(compile_s, 2), "flops": flops(unchunked), **mem}
     med = _timing.time_steps(runners, steps_per_repeat=args.steps, repeats=args.repeats)
-    row = {"K": k, "batch": BATCH}
+    row = {"K": k, "batch": BATCH, "chunked": chunked}
     for method in runners:
       r = {"step_ms": round(1e3 * med[method], 2), "examples_per_s": round(BATCH / med[method], 1), **info[method]}
       if r["flops"]:
@@ -101,17 +116,17 @@ def main():
       row[method] = r
     rows.append(row)
   print(
-      json.dumps(
-          {
-              "benchmark": "gradient_step",
-              "jax": jax.__version__,
-              "cpus": os.cpu_count(),
-              "matmul_gflops": round(rate / 1e9, 1),
-              "chunk_size": args.chunk_size,
-              "results": rows,
-          },
-          indent=1,
-      )
+    json.dumps(
+      {
+        "benchmark": "gradient_step",
+        "jax": jax.__version__,
+        "cpus": os.cpu_count(),
+        "matmul_gflops": round(rate / 1e9, 1),
+        "chunk_size": args.chunk_size,
+        "results": rows,
+      },
+      indent=1,
+    )
   )
 
 

@@ -8,7 +8,10 @@ gradient), which is what ``mtl_backward`` does. Needs the ``peers`` extra
 (``pip install torch==2.13.0 'torchjd[quadprog_projector]'``); without it the
 script says so and exits 0.
 
-    python -m benchmarks.peers_torchjd [--tasks 10 40]
+``--chunk-size C`` passes ``chunk_size=C`` to jmtl's steps (the bounded-memory
+parameter-level route when C < K; see ``benchmarks.gradient_step``).
+
+    python -m benchmarks.peers_torchjd [--tasks 10 40] [--chunk-size 10]
 """
 
 from __future__ import annotations
@@ -42,7 +45,7 @@ def torch_runner(k, method, batch):
   torch.set_num_threads(2)
   torch.manual_seed(0)
   trunk = torch.nn.Sequential(
-      torch.nn.Linear(IN, HIDDEN), torch.nn.ReLU(), torch.nn.Linear(HIDDEN, HIDDEN), torch.nn.ReLU()
+    torch.nn.Linear(IN, HIDDEN), torch.nn.ReLU(), torch.nn.Linear(HIDDEN, HIDDEN), torch.nn.ReLU()
   )
   heads = torch.nn.ModuleList([torch.nn.Linear(HIDDEN, CLASSES) for _ in range(k)])
   params = list(trunk.parameters()) + list(heads.parameters())
@@ -71,7 +74,7 @@ def torch_runner(k, method, batch):
   return run
 
 
-def jmtl_runner(k, method, batch):
+def jmtl_runner(k, method, batch, chunk_size=None):
   names = [f"t{i}" for i in range(k)]
   model = jmtl.models.mlp(dict.fromkeys(names, CLASSES), hidden=(HIDDEN, HIDDEN))
   tasks = [jmtl.Task(n, jmtl.losses.softmax_cross_entropy) for n in names]
@@ -79,7 +82,7 @@ def jmtl_runner(k, method, batch):
   weighting = JMTL[method]() if method in JMTL else jmtl.weighting.equal()
   params = model.init(jax.random.key(0), jnp.zeros((1, IN)))
   state = jmtl.TrainState.create(params, opt, weighting, k, jax.random.key(1))
-  step = jmtl.parallel.jit(jmtl.make_train_step(model, tasks, opt, weighting, heads="own"))
+  step = jmtl.parallel.jit(jmtl.make_train_step(model, tasks, opt, weighting, heads="own", chunk_size=chunk_size))
   compiled, _, _ = _timing.compile_step(step, state, batch)
   return _timing.looper(compiled, state, batch)
 
@@ -90,6 +93,7 @@ def main():
   ap.add_argument("--methods", nargs="+", default=["equal", "upgrad", "mgda", "pcgrad"])
   ap.add_argument("--repeats", type=int, default=5)
   ap.add_argument("--steps", type=int, default=3)
+  ap.add_argument("--chunk-size", type=int, default=None)
   args = ap.parse_args()
   try:
     import torch  # noqa: F401
@@ -104,21 +108,22 @@ def main():
     batch = reference_batch(k)
     runners = {}
     for method in args.methods:
-      runners[f"jmtl_{method}"] = jmtl_runner(k, method, batch)
+      runners[f"jmtl_{method}"] = jmtl_runner(k, method, batch, args.chunk_size)
       runners[f"torch_{method}"] = torch_runner(k, method, batch)
     med = _timing.time_steps(runners, steps_per_repeat=args.steps, repeats=args.repeats)
-    row = {"K": k, "batch": BATCH}
+    row = {"K": k, "batch": BATCH, "chunked": args.chunk_size is not None and args.chunk_size < k}
     for method in args.methods:
       j, t = med[f"jmtl_{method}"], med[f"torch_{method}"]
       row[method] = {"jmtl_ms": round(1e3 * j, 2), "torch_ms": round(1e3 * t, 2), "speedup": round(t / j, 2)}
     rows.append(row)
   out = {
-      "benchmark": "peers_torchjd",
-      "jax": jax.__version__,
-      "torch": version("torch"),
-      "torchjd": version("torchjd"),
-      "note": "torch_equal is plain autograd on the summed loss; the others use mtl_backward + jac_to_grad",
-      "results": rows,
+    "benchmark": "peers_torchjd",
+    "jax": jax.__version__,
+    "chunk_size": args.chunk_size,
+    "torch": version("torch"),
+    "torchjd": version("torchjd"),
+    "note": "torch_equal is plain autograd on the summed loss; the others use mtl_backward + jac_to_grad",
+    "results": rows,
   }
   print(json.dumps(out, indent=1))
   return 0

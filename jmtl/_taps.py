@@ -5,7 +5,11 @@ For a Dense layer with input rows ``a`` and per-task output cotangents
 ``⟨aᵀδᵢ, aᵀδⱼ⟩ = Σ (a aᵀ) ⊙ (δᵢ δⱼᵀ)``: the Gramian without the Jacobian. The
 layers are found by intercepting ``nn.Dense.__call__`` while ``encode`` (or a
 head) is traced; a zero perturbation added to each output gives ``δₖ`` as a
-VJP cotangent. Private to :mod:`jmtl.grads`.
+VJP cotangent. With ``chunk_size``, :mod:`jmtl.grads` takes the layers one at
+a time: :func:`chunk_loop` writes one layer's ``δ`` for every task, a chunk
+of tasks per trunk VJP, :func:`dense_gramian_chunked` consumes it, and
+:func:`task_cotangents` lets linear heads form each ``dzₖ`` inside the loop.
+Private to :mod:`jmtl.grads`.
 """
 
 from __future__ import annotations
@@ -110,6 +114,39 @@ def dense_gramian(a, delta, use_kernel, use_bias):
   return g
 
 
+def dense_gramian_chunked(a, delta, use_kernel, use_bias, chunk):
+  """:func:`dense_gramian` with tasks first, ``delta``: ``(K, ..., O)``, ``chunk`` tasks at a time.
+
+  Column ``j`` of the kernel Gramian is ``⟨δᵢ, (a aᵀ) δⱼ⟩`` for every ``i``,
+  so only ``chunk`` of the products ``(a aᵀ) δⱼ`` (or ``a (aᵀ δⱼ)``, whichever
+  association is cheaper) exist at once, never a second ``K × rows × O``
+  array. ``K`` must be a multiple of ``chunk``.
+  """
+  k, o_dim = delta.shape[0], delta.shape[-1]
+  rows = a.reshape(-1, a.shape[-1]).astype(delta.dtype)
+  n, i_dim = rows.shape
+  d = delta.reshape(k, n, o_dim)
+  g = jnp.zeros((k, k), d.dtype)
+  if use_kernel:
+    flat = d.reshape(k, n * o_dim)
+    if n * n * i_dim + k * n * n * o_dim <= 2 * k * n * i_dim * o_dim:
+      gram = rows @ rows.T
+      times_aat = lambda dj: gram @ dj
+    else:
+      times_aat = lambda dj: rows @ (rows.T @ dj)
+
+    def block(j):  # G[:, chunk tasks from j]ᵀ; slicing the one flat array keeps XLA from copying δ
+      dj = jax.lax.dynamic_slice_in_dim(flat, j * chunk, chunk).reshape(chunk, n, o_dim)
+      return jax.vmap(times_aat)(dj).reshape(chunk, n * o_dim) @ flat.T
+
+    cols = jax.lax.map(block, jnp.arange(k // chunk)).reshape(k, k)  # row j: G[:, j]
+    g = g + 0.5 * (cols + cols.T)
+  if use_bias:
+    s = jnp.sum(d, axis=1)  # (K, O)
+    g = g + s @ s.T
+  return g
+
+
 def linear_head_kernels(model, tasks, params, z) -> list | None:
   """Each head's kernel path when every head is one ``Dense`` applied to ``z``, else ``None``."""
   paths = []
@@ -132,3 +169,56 @@ def linear_head_kernels(model, tasks, params, z) -> list | None:
       return None
     paths.append(found["path"])
   return paths
+
+
+def task_cotangents(model, tasks, params, z, dpreds, dz):
+  """``(xs, cot_of)`` with ``cot_of(xs[k]) = dzₖ``, the smallest such ``xs`` the heads allow.
+
+  Linear heads (``predₖ = z Wₖ + bₖ``) give ``dzₖ = δₖ Wₖᵀ`` from the
+  head-output cotangents ``δₖ`` and kernels ``Wₖ`` (padded to the widest
+  head; zero columns add nothing), so a loop over tasks can form each
+  ``dzₖ`` when it needs it. Other heads: ``xs`` is the stacked ``dz``.
+  """
+  paths = linear_head_kernels(model, tasks, params, z) if hasattr(z, "shape") else None
+  if paths is None:
+    return dz, lambda x: x
+  kernels = []
+  for t, path in zip(tasks, paths):
+    node = params["tasks"][t.name]
+    for name in path:
+      node = node[name]
+    kernels.append(node["kernel"])
+  width = max(w.shape[1] for w in kernels)
+  pad = lambda x: jnp.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, width - x.shape[-1])])
+  xs = (jnp.stack([pad(d) for d in dpreds]), jnp.stack([pad(w).astype(dpreds[0].dtype) for w in kernels]))
+  return xs, lambda x: (x[0] @ x[1].T).astype(z.dtype)
+
+
+def even_chunks(xs, k, chunk_size):
+  """The chunk size that splits ``k`` tasks most evenly, and ``xs`` zero-padded to a multiple of it.
+
+  A zero cotangent gives zero gradients, so padded tasks add zero rows and
+  columns to a Gramian (sliced off by the caller).
+  """
+  size = -(-k // -(-k // chunk_size))
+  pad = -k % size
+  if pad:
+    xs = jax.tree.map(lambda x: jnp.pad(x, [(0, pad)] + [(0, 0)] * (x.ndim - 1)), xs)
+  return size, xs
+
+
+def chunk_loop(fn, xs, chunk, layer, fill):
+  """``vmap(fn)(xs)``, ``chunk`` rows at a time, written into one ``(K, *layer.out_shape)`` buffer.
+
+  The buffer starts as ``fill`` (a scalar): a fresh value per call, so XLA
+  neither shares one zero buffer between calls (and copies it) nor allocates
+  it before ``fill`` is computed.
+  """
+  k = jax.tree.leaves(xs)[0].shape[0]
+
+  def body(j, buf):
+    x = jax.tree.map(lambda v: jax.lax.dynamic_slice_in_dim(v, j * chunk, chunk), xs)
+    return jax.lax.dynamic_update_slice_in_dim(buf, jax.vmap(fn)(x).astype(buf.dtype), j * chunk, 0)
+
+  init = jnp.full((k, *layer.out_shape), fill.astype(layer.out_dtype), layer.out_dtype)
+  return jax.lax.fori_loop(0, k // chunk, body, init)
