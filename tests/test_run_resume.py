@@ -160,3 +160,6 @@ def test_batch_norm_model_resumes_exactly(tmp_path, monkeypatch):
   for key in ("validation", "test", "selected_step", "val_score"):
     assert a[key] == b[key], key
   assert _records(tmp_path / "full") == _records(tmp_path / "cut")
+  # jmtl eval restores the kept parameters *and* their batch statistics.
+  assert cli.main(["eval", "--workdir", str(tmp_path / "full")]) == 0
+  assert json.loads((tmp_path / "full" / "eval.json").read_text())["test"] == a["test"]
