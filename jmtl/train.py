@@ -182,17 +182,24 @@ def make_train_step(
       pen = jnp.zeros((), losses.dtype)
     grad_norm = optax.tree.norm(grads)
     ok = jnp.isfinite(grad_norm) & jnp.all(jnp.isfinite(losses)) & jnp.all(jnp.isfinite(weights)) & jnp.isfinite(pen)
-    updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
+    def apply(_):
+      updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+      return optax.apply_updates(state.params, updates), opt_state, wstate, out.model_state
+
+    def keep(_):
+      return state.params, state.opt_state, state.weighting_state, state.model_state
+
+    # A branch, not a select: the update is computed only when it is applied.
+    params, opt_state, wstate, model_state = jax.lax.cond(ok, apply, keep, None)
     skipped = jnp.logical_not(ok)
     new_state = TrainState(
       step=state.step + 1,
-      params=_where_tree(ok, params, state.params),
-      opt_state=_where_tree(ok, opt_state, state.opt_state),
-      weighting_state=_where_tree(ok, wstate, state.weighting_state),
+      params=params,
+      opt_state=opt_state,
+      weighting_state=wstate,
       rng=rng,
       num_skipped=state.num_skipped + skipped.astype(jnp.int32),
-      model_state=_where_tree(ok, out.model_state, state.model_state),
+      model_state=model_state,
     )
     metrics = {f"loss/{n}": losses[i] for i, n in enumerate(names)}
     metrics.update({f"weight/{n}": weights[i] for i, n in enumerate(names)})
