@@ -2,9 +2,9 @@
 
 Three routes, cheapest first (DESIGN §1, §4):
 
-* **loss level** (:func:`loss_level`): the weighting reads the losses only; one
+* **loss level** (``_loss_level``): the weighting reads the losses only; one
   forward and one backward with the weights as the VJP cotangent.
-* **separable** (:func:`separable`): the model exposes ``encode``/``head``. The
+* **separable** (``_separable``, ``_linear_heads``): the model exposes ``encode``/``head``. The
   trunk runs once; each head's loss and ``∂Lₖ/∂z`` come from that head's own
   VJP (never a full-model VJP per task, which would do K² head work). Then
 
@@ -20,7 +20,7 @@ Three routes, cheapest first (DESIGN §1, §4):
     outside such layers get their Jacobian rows from the trunk's VJP,
     ``chunk_size`` tasks at a time;
   - the update direction is one more trunk backward with ``Σₖ wₖ dzₖ``.
-* **general** (:func:`general`): any ``apply``; one full VJP per task. Correct,
+* **general** (``_general``): any ``apply``; one full VJP per task. Correct,
   and K times the backward cost.
 
 Data parallelism: with ``axis_name``, the Gramian is that of the *global*
