@@ -182,6 +182,7 @@ def make_train_step(
       pen = jnp.zeros((), losses.dtype)
     grad_norm = optax.tree.norm(grads)
     ok = jnp.isfinite(grad_norm) & jnp.all(jnp.isfinite(losses)) & jnp.all(jnp.isfinite(weights)) & jnp.isfinite(pen)
+
     def apply(_):
       updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
       return optax.apply_updates(state.params, updates), opt_state, wstate, out.model_state
