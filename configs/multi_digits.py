@@ -86,6 +86,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.optimizer.momentum = 0.9  # sgd
   config.optimizer.weight_decay = 1e-4  # adamw (decoupled)
 
+  config.devices = 1  # data parallelism: the global batch split over this many devices (0 = all); see README
   config.num_steps = 3000
   config.batch_size = 64
   config.eval_batch_size = 1000

@@ -163,3 +163,27 @@ def test_batch_norm_model_resumes_exactly(tmp_path, monkeypatch):
   # jmtl eval restores the kept parameters *and* their batch statistics.
   assert cli.main(["eval", "--workdir", str(tmp_path / "full")]) == 0
   assert json.loads((tmp_path / "full" / "eval.json").read_text())["test"] == a["test"]
+
+
+def test_data_parallel_run_matches_one_device_and_resumes(tmp_path, data_dir, monkeypatch):
+  """--config.devices=4: the global batch split over 4 devices gives the one-device run's metrics, interrupted or not."""
+  assert cli.main(args(data_dir, tmp_path / "one", steps=60)) == 0
+  write = logs.MetricsLog.write
+
+  def terminating_write(self, step, kind, values):
+    out = write(self, step, kind, values)
+    if step == 25 and kind == "train":
+      os.kill(os.getpid(), signal.SIGTERM)
+    return out
+
+  four = [*args(data_dir, tmp_path / "four", steps=60), "--config.devices=4"]
+  monkeypatch.setattr(logs.MetricsLog, "write", terminating_write)
+  assert cli.main(four) == 128 + signal.SIGTERM
+  monkeypatch.setattr(logs.MetricsLog, "write", write)
+  assert cli.main(four) == 0
+  a = json.loads((tmp_path / "one" / "results.json").read_text())
+  b = json.loads((tmp_path / "four" / "results.json").read_text())
+  for split in ("validation", "test"):
+    for key, value in a[split].items():
+      tol = 1e-3 if key.endswith("/loss") else 2 / 256  # an example on the decision boundary may flip
+      assert abs(b[split][key] - value) <= tol * max(1.0, abs(value)), (split, key, value, b[split][key])

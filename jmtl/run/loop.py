@@ -76,10 +76,30 @@ def _rest(state: jmtl.TrainState) -> jmtl.TrainState:
   return state._replace(params=(), model_state=None)
 
 
-def make_train_step(config, model, tasks, optimizer, weighting):
+def data_mesh(config) -> jax.sharding.Mesh | None:
+  """The data-parallel mesh of ``config.devices`` devices (0: all), or ``None`` for one device.
+
+  Examples:
+    >>> data_mesh(ml_collections.ConfigDict({"devices": 1})) is None
+    True
+  """
+  n = config.get("devices", 1)
+  n = jax.device_count() if n == 0 else n
+  return None if n == 1 else jmtl.parallel.make_mesh(n)
+
+
+def place(tree, mesh):
+  """``tree`` replicated over ``mesh`` (unchanged without one)."""
+  return tree if mesh is None else jax.device_put(tree, jmtl.parallel.replicated(mesh))
+
+
+def make_train_step(config, model, tasks, optimizer, weighting, mesh=None):
   """``step((state, sums), batch) -> (state, sums)``, jitted with the carry donated; ``sums`` add the metrics.
 
-  Also returns ``zero_sums(state, batch)``, the initial sums.
+  Also returns ``zero_sums(state, batch)``, the initial sums. With a ``mesh``
+  (:func:`data_mesh`) the step is one global program over it: the carry
+  replicated, every batch split along its leading axis, the gradient that of
+  the global batch (:func:`jmtl.parallel.mesh_jit`).
 
   Examples:
     >>> import optax
@@ -118,9 +138,11 @@ def make_train_step(config, model, tasks, optimizer, weighting):
   def zero_sums(state, batch):
     shapes = jax.eval_shape(step, state, batch)[1]
     shapes.pop("num_skipped")
-    return jax.device_put(jax.tree.map(lambda s: np.zeros(s.shape, np.float32), shapes))
+    return place(jax.device_put(jax.tree.map(lambda s: np.zeros(s.shape, np.float32), shapes)), mesh)
 
-  return jmtl.parallel.jit(logged_step), zero_sums
+  if mesh is None:
+    return jmtl.parallel.jit(logged_step), zero_sums
+  return jmtl.parallel.mesh_jit(logged_step, mesh), zero_sums
 
 
 # One compiled program each (op by op, every leaf would compile its own copy or zeros kernel).
@@ -162,8 +184,11 @@ class Run:
     self.optimizer = registry.make_optimizer(config)
     self.weighting = registry.make_weighting(config, len(self.tasks))
     self._check_shared()
-    self.eval_step = jax.jit(jmtl.make_eval_step(self.model, self.tasks))
-    self.train_step, self.zero_sums = make_train_step(config, self.model, self.tasks, self.optimizer, self.weighting)
+    self.mesh = data_mesh(config)
+    self.eval_step = _eval_step(jmtl.make_eval_step(self.model, self.tasks), self.mesh)
+    self.train_step, self.zero_sums = make_train_step(
+      config, self.model, self.tasks, self.optimizer, self.weighting, self.mesh
+    )
 
   def _check_shared(self) -> None:
     x = self.data.sources["train"][0]["inputs"]
@@ -183,9 +208,26 @@ class Run:
   def evaluate(self, weights, split: str) -> dict[str, float]:
     """Metrics of ``split`` for :func:`variables` ``weights``."""
     size = min(self.config.eval_batch_size, len(self.data.sources[split]))
+    if self.mesh is not None:  # a multiple of the device count (the last batch is padded to it)
+      size = max(size - size % self.mesh.size, self.mesh.size)
     batches = inputs.eval_batches(self.data, split, self.names, size)
     params, model_state = weights if isinstance(weights, tuple) else (weights, None)
     return jmtl.evaluate(self.eval_step, params, batches, self.tasks, model_state)
+
+
+def _eval_step(eval_step, mesh):
+  """``eval_step`` jitted; with a mesh, each batch split over it and the statistics summed globally."""
+  if mesh is None:
+    return jax.jit(eval_step)
+  sharded = jax.jit(
+    eval_step,
+    in_shardings=(
+      jmtl.parallel.replicated(mesh),
+      jmtl.parallel.batch_sharding(mesh),
+      jmtl.parallel.replicated(mesh),
+    ),
+  )
+  return lambda params, batch, model_state=None: sharded(params, batch, model_state)
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, progress: bool = True, desc: str = "train"):
@@ -209,7 +251,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, progr
   workdir_lib.open_run(workdir, config)
   batches = inputs.TrainBatches(run.data, run.names, config)
   example = batches.example()
-  state = create_train_state(config, run.model, run.optimizer, run.weighting, len(run.tasks), example)
+  state = place(create_train_state(config, run.model, run.optimizer, run.weighting, len(run.tasks), example), run.mesh)
   sums = run.zero_sums(state, example)
   ckpt = Checkpoints(os.path.join(workdir, "checkpoints"), config.keep_checkpoints)
   host = {"best_score": None, "best_step": 0, "seconds": 0.0, "timed_steps": 0}

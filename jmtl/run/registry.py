@@ -13,6 +13,7 @@ from collections.abc import Mapping
 from collections.abc import Sequence
 from typing import Any
 
+import jax
 import ml_collections
 import optax
 
@@ -246,6 +247,15 @@ def check(config: ml_collections.ConfigDict) -> None:
   _check_choice("grad.level", config.grad.level, ("parameter", "representation"))
   _check_choice("grad.heads", config.grad.heads, ("weighted", "own"))
   _check_choice("grad.cross_device", config.grad.cross_device, ("exact", "approximate"))
+  devices = config.get("devices", 1)
+  if isinstance(devices, bool) or not isinstance(devices, int) or not 0 <= devices <= jax.device_count():
+    raise ConfigError(
+      f"config field 'devices' must be an int from 0 (all) to {jax.device_count()} (this machine's devices), "
+      f"got {devices!r}"
+    )
+  n = devices or jax.device_count()
+  if config.batch_size % n:
+    raise ConfigError(f"config field 'batch_size' ({config.batch_size}) must be a multiple of devices ({n})")
   if config.sharing.soft and config.model.name != "soft_mlp":
     raise ConfigError(f"config field 'sharing.soft' = {config.sharing.soft} needs model.name='soft_mlp'")
   for name in method_names(config.weighting):
