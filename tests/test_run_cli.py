@@ -136,6 +136,8 @@ def test_static_grid_is_chosen_on_validation():
     (["--config.dataset.options.num_trian=5"], "unknown config fields ['num_trian']"),
     (["--config.weighting=static", "--config.static_weights=(1.0,)"], "'static_weights' has 1 weights for 2 tasks"),
     (["--config.model.name=soft_mlp", "--config.weighting=mgda"], "model 'soft_mlp' has none"),
+    (["--config.devices=5"], "config field 'devices' must be an int from 0 (all) to 4"),
+    (["--config.devices=3"], "config field 'batch_size' (32) must be a multiple of devices (3)"),
   ],
 )
 def test_config_errors_are_one_line_exit_2_and_write_nothing(data_dir, tmp_path, capsys, extra, message):
