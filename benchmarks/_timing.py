@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import platform
 import resource
 import statistics
 import time
@@ -61,3 +63,33 @@ def looper(compiled, state, batch):
 
 def max_rss_bytes() -> int:
   return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def measure(steps: dict, batch, *, batch_size: int, steps_per_repeat: int, repeats: int) -> tuple[dict, dict]:
+  """Compiles and times ``steps`` (name -> ``(jitted step, state)``) on one batch, interleaved.
+
+  Returns ``(rows, median seconds)``: ``rows[name]`` holds ``step_ms``,
+  ``examples_per_s``, ``compile_s`` and XLA's memory analysis.
+  """
+  runners, info = {}, {}
+  for name, (step, state) in steps.items():
+    compiled, compile_s, mem = compile_step(step, state, batch)
+    runners[name] = looper(compiled, state, batch)
+    info[name] = {"compile_s": round(compile_s, 3), **mem}
+  med = time_steps(runners, steps_per_repeat=steps_per_repeat, repeats=repeats)
+  rows = {
+    name: {"step_ms": round(1e3 * med[name], 3), "examples_per_s": round(batch_size / med[name], 1), **info[name]}
+    for name in runners
+  }
+  return rows, med
+
+
+def environment() -> dict:
+  """What a result was measured on (printed with every benchmark's JSON)."""
+  return {
+    "jax": jax.__version__,
+    "device": jax.devices()[0].device_kind,
+    "cpus": os.cpu_count(),
+    "python": platform.python_version(),
+    "max_rss_bytes": max_rss_bytes(),
+  }

@@ -16,8 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 
 import jax
 import jax.numpy as jnp
@@ -89,30 +87,13 @@ def main():
       "jmtl_equal": jmtl_step(config, model, tasks, opt, "equal", batch),
       "jmtl_mgda": jmtl_step(config, model, tasks, opt, "mgda", batch),
     }
-    runners, info = {}, {}
-    for key, (step, state) in steps.items():
-      compiled, compile_s, mem = _timing.compile_step(step, state, batch)
-      runners[key] = _timing.looper(compiled, state, batch)
-      info[key] = {"compile_s": round(compile_s, 2), **mem}
-    med = _timing.time_steps(runners, steps_per_repeat=args.steps, repeats=args.repeats)
-    row = {"model": name, "separable": model.encode is not None, "stateful": model.stateful}
-    for key in runners:
-      row[key] = {"step_ms": round(1e3 * med[key], 3), "examples_per_s": round(BATCH / med[key], 1), **info[key]}
+    timed, med = _timing.measure(steps, batch, batch_size=BATCH, steps_per_repeat=args.steps, repeats=args.repeats)
+    row = {"model": name, "separable": model.encode is not None, "stateful": model.stateful, **timed}
     row["ratio_equal_over_bare"] = round(med["jmtl_equal"] / med["bare_jax"], 3)
     row["ratio_mgda_over_equal"] = round(med["jmtl_mgda"] / med["jmtl_equal"], 3)
     rows.append(row)
     print(json.dumps({k: row[k] for k in ("model", "ratio_equal_over_bare", "ratio_mgda_over_equal")}), flush=True)
-  out = {
-    "benchmark": "architectures",
-    "batch": BATCH,
-    "jax": jax.__version__,
-    "device": jax.devices()[0].device_kind,
-    "cpus": os.cpu_count(),
-    "python": platform.python_version(),
-    "max_rss_bytes": _timing.max_rss_bytes(),
-    "results": rows,
-  }
-  print(json.dumps(out, indent=1))
+  print(json.dumps({"benchmark": "architectures", "batch": BATCH, **_timing.environment(), "results": rows}, indent=1))
 
 
 if __name__ == "__main__":

@@ -18,8 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import statistics
 import tempfile
 import time
@@ -153,11 +151,7 @@ def main():
     "benchmark": "input_pipeline",
     "batch": BATCH,
     "target_ratio": 10,
-    "jax": jax.__version__,
-    "device": jax.devices()[0].device_kind,
-    "cpus": os.cpu_count(),
-    "python": platform.python_version(),
-    "max_rss_bytes": _timing.max_rss_bytes(),
+    **_timing.environment(),
     "pipeline": rows,
     "train_step": step,
   }

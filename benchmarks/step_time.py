@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 
 import jax
 import jax.numpy as jnp
@@ -84,27 +82,12 @@ def main():
   rows = []
   for k in args.tasks:
     batch = reference_batch(k)
-    runners, info = {}, {}
-    for name, (step, state) in {"jmtl_equal": jmtl_step(k), "bare_jax": bare_step(k)}.items():
-      compiled, compile_s, mem = _timing.compile_step(step, state, batch)
-      runners[name] = _timing.looper(compiled, state, batch)
-      info[name] = {"compile_s": round(compile_s, 3), **mem}
-    med = _timing.time_steps(runners, steps_per_repeat=args.steps, repeats=args.repeats)
-    row = {"K": k, "batch": BATCH}
-    for name in runners:
-      row[name] = {"step_ms": round(1e3 * med[name], 3), "examples_per_s": round(BATCH / med[name], 1), **info[name]}
+    steps = {"jmtl_equal": jmtl_step(k), "bare_jax": bare_step(k)}
+    timed, med = _timing.measure(steps, batch, batch_size=BATCH, steps_per_repeat=args.steps, repeats=args.repeats)
+    row = {"K": k, "batch": BATCH, **timed}
     row["ratio_jmtl_over_bare"] = round(med["jmtl_equal"] / med["bare_jax"], 3)
     rows.append(row)
-  out = {
-    "benchmark": "step_time",
-    "jax": jax.__version__,
-    "device": jax.devices()[0].device_kind,
-    "cpus": os.cpu_count(),
-    "python": platform.python_version(),
-    "max_rss_bytes": _timing.max_rss_bytes(),
-    "results": rows,
-  }
-  print(json.dumps(out, indent=1))
+  print(json.dumps({"benchmark": "step_time", **_timing.environment(), "results": rows}, indent=1))
 
 
 if __name__ == "__main__":

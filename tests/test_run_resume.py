@@ -72,6 +72,21 @@ def _records(workdir):
   ]
 
 
+def _run_until_sigterm(argv, monkeypatch, step):
+  """Runs ``jmtl`` in-process, SIGTERM after the train record of ``step``; returns the exit code."""
+  write = logs.MetricsLog.write
+
+  def terminating_write(self, at, kind, values):
+    out = write(self, at, kind, values)
+    if at == step and kind == "train":
+      os.kill(os.getpid(), signal.SIGTERM)
+    return out
+
+  with monkeypatch.context() as m:
+    m.setattr(logs.MetricsLog, "write", terminating_write)
+    return cli.main(argv)
+
+
 def test_sigkill_then_rerun_ends_exactly_like_an_uninterrupted_run(tmp_path, data_dir):
   env = {**os.environ, "PYTHONPATH": ROOT, "PAUSE_AT": "150", "MARKER": str(tmp_path / "paused")}
   full, killed = tmp_path / "full", tmp_path / "killed"
@@ -99,19 +114,9 @@ def test_sigkill_then_rerun_ends_exactly_like_an_uninterrupted_run(tmp_path, dat
 
 
 def test_sigterm_saves_a_checkpoint_and_the_same_command_resumes(tmp_path, data_dir, monkeypatch, capsys):
-  write = logs.MetricsLog.write
-
-  def terminating_write(self, step, kind, values):
-    out = write(self, step, kind, values)
-    if step == 25 and kind == "train":
-      os.kill(os.getpid(), signal.SIGTERM)
-    return out
-
-  monkeypatch.setattr(logs.MetricsLog, "write", terminating_write)
-  assert cli.main(args(data_dir, tmp_path, steps=60)) == 128 + signal.SIGTERM
+  assert _run_until_sigterm(args(data_dir, tmp_path, steps=60), monkeypatch, 25) == 128 + signal.SIGTERM
   assert "interrupted by SIGTERM at step 25; checkpoint saved" in capsys.readouterr().err
   assert sorted(os.listdir(tmp_path / "checkpoints")) == ["25"]
-  monkeypatch.setattr(logs.MetricsLog, "write", write)
   assert cli.main(args(data_dir, tmp_path, steps=60)) == 0
   assert json.loads((tmp_path / "results.json").read_text())["num_steps"] == 60
 
@@ -143,17 +148,7 @@ def test_batch_norm_model_resumes_exactly(tmp_path, monkeypatch):
     "--workdir",
   ]
   assert cli.main([*argv, str(tmp_path / "full")]) == 0
-  write = logs.MetricsLog.write
-
-  def terminating_write(self, step, kind, values):
-    out = write(self, step, kind, values)
-    if step == 30 and kind == "train":
-      os.kill(os.getpid(), signal.SIGTERM)
-    return out
-
-  monkeypatch.setattr(logs.MetricsLog, "write", terminating_write)
-  assert cli.main([*argv, str(tmp_path / "cut")]) == 128 + signal.SIGTERM
-  monkeypatch.setattr(logs.MetricsLog, "write", write)
+  assert _run_until_sigterm([*argv, str(tmp_path / "cut")], monkeypatch, 30) == 128 + signal.SIGTERM
   assert cli.main([*argv, str(tmp_path / "cut")]) == 0
   a = json.loads((tmp_path / "full" / "results.json").read_text())
   b = json.loads((tmp_path / "cut" / "results.json").read_text())
@@ -166,20 +161,10 @@ def test_batch_norm_model_resumes_exactly(tmp_path, monkeypatch):
 
 
 def test_data_parallel_run_matches_one_device_and_resumes(tmp_path, data_dir, monkeypatch):
-  """--config.devices=4: the global batch split over 4 devices gives the one-device run's metrics, interrupted or not."""
+  """--config.devices=4: a batch split over 4 devices gives the one-device metrics, interrupted or not."""
   assert cli.main(args(data_dir, tmp_path / "one", steps=60)) == 0
-  write = logs.MetricsLog.write
-
-  def terminating_write(self, step, kind, values):
-    out = write(self, step, kind, values)
-    if step == 25 and kind == "train":
-      os.kill(os.getpid(), signal.SIGTERM)
-    return out
-
   four = [*args(data_dir, tmp_path / "four", steps=60), "--config.devices=4"]
-  monkeypatch.setattr(logs.MetricsLog, "write", terminating_write)
-  assert cli.main(four) == 128 + signal.SIGTERM
-  monkeypatch.setattr(logs.MetricsLog, "write", write)
+  assert _run_until_sigterm(four, monkeypatch, 25) == 128 + signal.SIGTERM
   assert cli.main(four) == 0
   a = json.loads((tmp_path / "one" / "results.json").read_text())
   b = json.loads((tmp_path / "four" / "results.json").read_text())
