@@ -15,20 +15,12 @@ import pytest
 import jmtl
 from jmtl.models import cross_stitch
 from jmtl.models.cross_stitch import stitch_init
+from tests.test_models import _fill
+from tests.test_models import _x
 
 KEY = jax.random.key(0)
 DIMS = {"a": 3, "b": 2, "c": 4}
 RTOL = dict(rtol=1e-5, atol=1e-5)
-
-
-def _x(shape, seed=1):
-  return np.random.default_rng(seed).standard_normal(shape).astype(np.float32)
-
-
-def _fill(model, x, seed=0):
-  rng = np.random.default_rng(seed)
-  spec = jax.eval_shape(model.init, KEY, x)
-  return jax.tree.map(lambda s: jnp.asarray(0.5 * rng.standard_normal(s.shape), s.dtype), spec)
 
 
 def _with_alpha(params, fn):

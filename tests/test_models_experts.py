@@ -21,21 +21,12 @@ from jmtl.models import experts
 from jmtl.models import mlp
 from jmtl.models import mmoe
 from jmtl.models import ple
+from tests.test_models import _fill
+from tests.test_models import _x
 
 KEY = jax.random.key(0)
 DIMS = {"a": 3, "b": 2, "c": 1}
 RTOL = dict(rtol=1e-5, atol=1e-6)
-
-
-def _x(shape, seed=1):
-  return np.random.default_rng(seed).standard_normal(shape).astype(np.float32)
-
-
-def _fill(model, x, seed=0):
-  """Parameters with the structure, shapes and dtypes of ``model.init``, without compiling it."""
-  rng = np.random.default_rng(seed)
-  spec = jax.eval_shape(model.init, KEY, x)
-  return jax.tree.map(lambda s: jnp.asarray(0.5 * rng.standard_normal(s.shape), s.dtype), spec)
 
 
 def _run(fn, *args):

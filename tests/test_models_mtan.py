@@ -18,6 +18,8 @@ import pytest
 import jmtl
 from jmtl.models import mtan
 from jmtl.models.mtan import _Attention
+from tests.test_models import _fill
+from tests.test_models import _x
 
 KEY = jax.random.key(0)
 DIMS = {"left": 4, "right": 3}
@@ -26,16 +28,6 @@ TRUNKS = {
   "cnn": dict(features=(3, 4), x_shape=(2, 8, 8)),
   "mlp": dict(features=(5, 4), x_shape=(2, 2, 3)),
 }
-
-
-def _x(shape, seed=1):
-  return np.random.default_rng(seed).standard_normal(shape).astype(np.float32)
-
-
-def _fill(model, x, seed=0):
-  rng = np.random.default_rng(seed)
-  spec = jax.eval_shape(model.init, KEY, x)
-  return jax.tree.map(lambda s: jnp.asarray(0.5 * rng.standard_normal(s.shape), s.dtype), spec)
 
 
 # --- numpy reference --------------------------------------------------------
