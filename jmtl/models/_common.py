@@ -74,6 +74,27 @@ def validate_sizes(sizes: Sequence[int], field: str, where: str) -> tuple[int, .
   return tuple(sizes)
 
 
+def check_activation(activation: Any, where: str) -> None:
+  """Fails unless ``activation`` is callable.
+
+  >>> check_activation("relu", "mlp")
+  Traceback (most recent call last):
+  ...
+  ValueError: mlp: activation must be callable, got 'relu'
+  """
+  if not callable(activation):
+    raise ValueError(f"{where}: activation must be callable, got {activation!r}")
+
+
+def stack_trees(trees: Sequence[Params]) -> Params:
+  """Stacks identically structured pytrees along a new leading axis (for one vmapped kernel).
+
+  >>> stack_trees([{"w": jnp.zeros(2)}, {"w": jnp.ones(2)}])["w"].shape
+  (2, 2)
+  """
+  return jax.tree.map(lambda *leaves: jnp.stack(leaves), *trees)
+
+
 def check_tasks(params: Params, names: tuple[str, ...], where: str) -> None:
   """Fails with a clear message when ``params["tasks"]`` misses a task.
 

@@ -104,8 +104,7 @@ def cnn(
   dims = _common.validate_task_dims(task_dims, where)
   features = _common.validate_sizes(features, "features", where)
   (dense,) = _common.validate_sizes((dense,), "dense", where)
-  if not callable(activation):
-    raise ValueError(f"{where}: activation must be callable, got {activation!r}")
+  _common.check_activation(activation, where)
   names = tuple(dims)
   trunk = _ConvTrunk(features=features, dense=dense, activation=activation, dtype=dtype, param_dtype=param_dtype)
   heads = _common.dense_heads(dims, (), activation, dtype, param_dtype)

@@ -25,11 +25,6 @@ Array = jax.Array
 Params = Any
 
 
-def _stack(trees: Sequence[Params]) -> Params:
-  """Stacks identically structured pytrees along a new leading (task) axis."""
-  return jax.tree.map(lambda *leaves: jnp.stack(leaves), *trees)
-
-
 def stitch_init(num_tasks: int, init_self: float, width: int | None = None, dtype: Any = jnp.float32) -> Array:
   """The initial cross-stitch matrix: ``init_self`` on the diagonal, the rest of each row spread evenly.
 
@@ -140,8 +135,7 @@ def cross_stitch(
   hidden = _common.validate_sizes(hidden, "hidden", where)
   if not hidden:
     raise ValueError(f"{where}: hidden must have at least one layer width (the stitches follow hidden layers), got ()")
-  if not callable(activation):
-    raise ValueError(f"{where}: activation must be callable, got {activation!r}")
+  _common.check_activation(activation, where)
   if isinstance(init_self, bool) or not isinstance(init_self, (int, float)) or not 0.0 <= init_self <= 1.0:
     raise ValueError(f"{where}: init_self must be a number in [0, 1], got {init_self!r}")
   if not isinstance(per_unit, bool):
@@ -200,14 +194,14 @@ def cross_stitch(
   def apply(params: Params, inputs: Array) -> dict[str, Array]:
     x = _common.flatten_batch(inputs)
     check(params, x, inputs)
-    cols = _stack([params["tasks"][name]["column"] for name in names])
+    cols = _common.stack_trees([params["tasks"][name]["column"] for name in names])
     h = x
     for i, layer in enumerate(layers):
       run = lambda p, a, layer=layer: layer.apply({"params": p}, a)
       h = jax.vmap(run, in_axes=(0, None if i == 0 else 0))(cols[f"dense_{i}"], h)  # (K, B, hidden[i])
       h = stitch(params["shared"][f"stitch_{i}"], activation(h))
     if uniform:
-      head_stack = _stack([params["tasks"][name]["head"] for name in names])
+      head_stack = _common.stack_trees([params["tasks"][name]["head"] for name in names])
       ys = jax.vmap(lambda p, z: first_head.apply({"params": p}, z))(head_stack, h)
       return {name: ys[i] for i, name in enumerate(names)}
     return {name: heads[name].apply({"params": params["tasks"][name]["head"]}, h[i]) for i, name in enumerate(names)}

@@ -208,7 +208,7 @@ def _dselect_parts(
   gamma = float(gamma)
   sizes = _experts._expert_sizes(expert_hidden, where)
   tower_hidden = _common.validate_sizes(tower_hidden, "tower_hidden", where)
-  _experts._check_activation(activation, where)
+  _common.check_activation(activation, where)
   names = tuple(dims)
   m = num_code_bits(num_experts)
   expert = _experts._expert_module(sizes, activation, dtype, param_dtype)

@@ -47,23 +47,14 @@ def _expert_sizes(expert_hidden: Sequence[int], where: str) -> tuple[int, ...]:
   return sizes
 
 
-def _check_activation(activation: Any, where: str) -> None:
-  if not callable(activation):
-    raise ValueError(f"{where}: activation must be callable, got {activation!r}")
-
-
 def _expert_module(sizes: tuple[int, ...], activation, dtype, param_dtype) -> _common.MLP:
   """One expert: ``Dense + activation`` per width, the last one activated too."""
   return _common.MLP(features=sizes, activation=activation, activate_last=True, dtype=dtype, param_dtype=param_dtype)
 
 
-def _stack(trees: Sequence[Params]) -> Params:
-  return jax.tree.map(lambda *leaves: jnp.stack(leaves), *trees)
-
-
 def _init_stack(module: nn.Module, key: Array, n: int, shape: tuple[int, ...], dtype: Any) -> Params:
   """``n`` independent inits of ``module`` (one cached compile) stacked on a leading axis."""
-  return _stack([_common.init_module(module, k, shape, dtype) for k in jax.random.split(key, n)])
+  return _common.stack_trees([_common.init_module(module, k, shape, dtype) for k in jax.random.split(key, n)])
 
 
 def _run_stack(module: nn.Module, stacked: Params, x: Array) -> Array:
@@ -179,7 +170,7 @@ def _mmoe_parts(
   num_experts = _positive_int(num_experts, "num_experts", where)
   sizes = _expert_sizes(expert_hidden, where)
   tower_hidden = _common.validate_sizes(tower_hidden, "tower_hidden", where)
-  _check_activation(activation, where)
+  _common.check_activation(activation, where)
   names = tuple(dims)
   expert = _expert_module(sizes, activation, dtype, param_dtype)
   gate = nn.Dense(num_experts, dtype=dtype, param_dtype=param_dtype)
@@ -238,7 +229,7 @@ def _extraction(
   n_t = _positive_int(num_task_experts, "num_task_experts", where)
   sizes = _expert_sizes(expert_hidden, where)
   tower_hidden = _common.validate_sizes(tower_hidden, "tower_hidden", where)
-  _check_activation(activation, where)
+  _common.check_activation(activation, where)
   names = tuple(dims)
   num_tasks = len(names)
   expert = _expert_module(sizes, activation, dtype, param_dtype)

@@ -71,8 +71,7 @@ def mlp(
   dims = _common.validate_task_dims(task_dims, where)
   hidden = _common.validate_sizes(hidden, "hidden", where)
   head_hidden = _common.validate_sizes(head_hidden, "head_hidden", where)
-  if not callable(activation):
-    raise ValueError(f"{where}: activation must be callable, got {activation!r}")
+  _common.check_activation(activation, where)
   names = tuple(dims)
   trunk = _common.MLP(
     features=hidden, activation=activation, activate_last=True, flatten=True, dtype=dtype, param_dtype=param_dtype

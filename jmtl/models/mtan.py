@@ -252,8 +252,7 @@ def mtan(
   head_hidden = _common.validate_sizes(head_hidden, "head_hidden", where)
   if trunk not in _TRUNKS:
     raise ValueError(f"{where}: trunk must be one of {_TRUNKS}, got {trunk!r}")
-  if not callable(activation):
-    raise ValueError(f"{where}: activation must be callable, got {activation!r}")
+  _common.check_activation(activation, where)
   names = tuple(dims)
   kw = dict(kind=trunk, activation=activation, dtype=dtype, param_dtype=param_dtype)
   trunk_mod = _Trunk(features=features, **kw)

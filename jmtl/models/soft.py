@@ -23,11 +23,6 @@ Array = jax.Array
 Params = Any
 
 
-def _stack(trees: Sequence[Params]) -> Params:
-  """Stacks identically structured pytrees along a new leading axis."""
-  return jax.tree.map(lambda *leaves: jnp.stack(leaves), *trees)
-
-
 def tower_params(params: Params, task_names: Sequence[str] | None = None) -> list[Params]:
   """The K tower pytrees of a :func:`soft_mlp` parameter dict, in task order.
 
@@ -131,8 +126,7 @@ def soft_mlp(
   hidden = _common.validate_sizes(hidden, "hidden", where)
   if not hidden:
     raise ValueError(f"{where}: hidden must have at least one layer width, got {hidden!r}")
-  if not callable(activation):
-    raise ValueError(f"{where}: activation must be callable, got {activation!r}")
+  _common.check_activation(activation, where)
   names = tuple(dims)
   tower = _common.MLP(
     features=hidden, activation=activation, activate_last=True, flatten=True, dtype=dtype, param_dtype=param_dtype
@@ -166,10 +160,10 @@ def soft_mlp(
         f"{where}: inputs of shape {tuple(jnp.shape(inputs))} flatten to {x.shape[1]} features, "
         f"but the towers' dense_0 kernel expects {expected}"
       )
-    stacked = _stack(tower_params(params, names))
+    stacked = _common.stack_trees(tower_params(params, names))
     zs = jax.vmap(run_tower, in_axes=(0, None))(stacked, x)  # (K, B, hidden[-1])
     if uniform:
-      head_stack = _stack([params["tasks"][name]["head"] for name in names])
+      head_stack = _common.stack_trees([params["tasks"][name]["head"] for name in names])
       ys = jax.vmap(lambda p, z: first_head.apply({"params": p}, z))(head_stack, zs)
       return {name: ys[i] for i, name in enumerate(names)}
     return {name: heads[name].apply({"params": params["tasks"][name]["head"]}, zs[i]) for i, name in enumerate(names)}
