@@ -172,3 +172,5 @@ def test_data_parallel_run_matches_one_device_and_resumes(tmp_path, data_dir, mo
     for key, value in a[split].items():
       tol = 1e-3 if key.endswith("/loss") else 2 / 256  # an example on the decision boundary may flip
       assert abs(b[split][key] - value) <= tol * max(1.0, abs(value)), (split, key, value, b[split][key])
+  assert cli.main(["eval", "--workdir", str(tmp_path / "four")]) == 0  # restores onto the mesh too
+  assert json.loads((tmp_path / "four" / "eval.json").read_text())["test"] == b["test"]
