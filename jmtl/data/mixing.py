@@ -4,8 +4,9 @@
 :func:`task_probabilities` and then the next example of that task's source
 (without replacement within an epoch of that source). It returns the
 multi-label layout of :mod:`jmtl.data.pipeline` (the other tasks' labels masked
-out) and shares its reading, sharding and resumable-iterator machinery, so
-batch ``s`` is a pure function of ``(seed, s)`` here too.
+out) and shares its reading and sharding machinery (:mod:`jmtl.data._batching`)
+and its resumable iterator (:class:`jmtl.data.pipeline.Pipeline`), so batch
+``s`` is a pure function of ``(seed, s)`` here too.
 """
 
 from __future__ import annotations
@@ -19,14 +20,14 @@ from typing import Any
 import grain
 import numpy as np
 
-from jmtl.data.pipeline import Example
+from jmtl.data._batching import Example
+from jmtl.data._batching import Permutations
+from jmtl.data._batching import Reader
+from jmtl.data._batching import input_dtype
+from jmtl.data._batching import probe
+from jmtl.data._batching import process_slice
+from jmtl.data._batching import spec
 from jmtl.data.pipeline import Pipeline
-from jmtl.data.pipeline import _input_dtype
-from jmtl.data.pipeline import _Permutations
-from jmtl.data.pipeline import _probe
-from jmtl.data.pipeline import _process_slice
-from jmtl.data.pipeline import _Reader
-from jmtl.data.pipeline import _spec
 
 _RULES = ("proportional", "uniform", "temperature")
 
@@ -68,7 +69,7 @@ class _TaskPlan:
   def __init__(self, probs, batch: int, seed: int, sizes, shuffle: bool):
     self.cdf = np.cumsum(probs)
     self.batch, self.seed, self.sizes = batch, int(seed), [int(s) for s in sizes]
-    self.perms = _Permutations(seed, shuffle, streams=len(sizes))
+    self.perms = Permutations(seed, shuffle, streams=len(sizes))
     self._init_cache()
 
   def _init_cache(self):
@@ -123,7 +124,7 @@ class _TaskPlan:
 
 
 class _MultiInputBatch:
-  def __init__(self, plan: _TaskPlan, readers: list[_Reader], rows: tuple[int, int], x_spec, specs):
+  def __init__(self, plan: _TaskPlan, readers: list[Reader], rows: tuple[int, int], x_spec, specs):
     self.plan, self.readers, self.rows, self.x_spec, self.specs = plan, readers, rows, x_spec, specs
 
   def __call__(self, step: int) -> Example:
@@ -206,18 +207,18 @@ def multi_input(
     raise ValueError("multi_input needs at least one task source")
   names = list(sources)
   probs = task_probabilities({k: len(s) for k, s in sources.items()}, rule, temperature)
-  probes = {k: _probe(s, transform, f"multi_input, task {k!r}") for k, s in sources.items()}
+  probes = {k: probe(s, transform, f"multi_input, task {k!r}") for k, s in sources.items()}
   for k, ex in probes.items():
     if k not in ex["labels"]:
       raise ValueError(f"multi_input: the source of task {k!r} gives no label {k!r} (labels: {sorted(ex['labels'])})")
-  x_specs = {k: (np.shape(ex["inputs"]), _input_dtype(np.asarray(ex["inputs"]).dtype)) for k, ex in probes.items()}
+  x_specs = {k: (np.shape(ex["inputs"]), input_dtype(np.asarray(ex["inputs"]).dtype)) for k, ex in probes.items()}
   if len(set(x_specs.values())) > 1:
     shown = {k: f"{s} {d}" for k, (s, d) in x_specs.items()}
     raise ValueError(f"multi_input: all tasks must share one input shape and dtype, got {shown}")
-  specs = {k: _spec(probes[k]["labels"][k]) for k in names}
-  p, _, local = _process_slice(batch_size, shard, True)
+  specs = {k: spec(probes[k]["labels"][k]) for k in names}
+  p, _, local = process_slice(batch_size, shard, True)
   plan = _TaskPlan(list(probs.values()), batch_size, seed, [len(sources[k]) for k in names], shuffle)
-  readers = [_Reader(sources[k], {k: specs[k]}, transform) for k in names]
+  readers = [Reader(sources[k], {k: specs[k]}, transform) for k in names]
   fn = _MultiInputBatch(plan, readers, (p * local, (p + 1) * local), x_specs[names[0]], specs)
   ds = grain.MapDataset.range(sys.maxsize if num_steps is None else num_steps).map(fn)
   fingerprint = dict(layout="multi_input", seed=int(seed), sizes={k: len(sources[k]) for k in names}, rule=rule)

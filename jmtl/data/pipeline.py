@@ -25,7 +25,6 @@ global batch, so the global batches do not depend on the number of processes
 from __future__ import annotations
 
 import sys
-import threading
 from collections.abc import Callable
 from collections.abc import Mapping
 from typing import Any
@@ -33,47 +32,12 @@ from typing import Any
 import grain
 import numpy as np
 
-Example = dict[str, Any]
-
-
-class _Permutations:
-  """``perm(stream, epoch, n)``: the order of ``range(n)`` in an epoch, from ``default_rng([seed, 1, stream, epoch])``.
-
-  Cached (a few per stream) and rebuilt on demand, so it pickles small and is
-  safe to share between grain's threads.
-  """
-
-  def __init__(self, seed: int, shuffle: bool, streams: int = 1):
-    self.seed, self.shuffle, self.capacity = int(seed), shuffle, 2 * streams + 1
-    self.__setstate__(dict(self.__dict__))
-
-  def __getstate__(self):
-    return {k: self.__dict__[k] for k in ("seed", "shuffle", "capacity")}
-
-  def __setstate__(self, state):
-    self.__dict__.update(state)
-    self._lock, self._cache = threading.Lock(), {}
-
-  def __call__(self, stream: int, epoch: int, n: int) -> np.ndarray:
-    key = (stream, epoch if self.shuffle else 0, n)
-    with self._lock:
-      if key not in self._cache:
-        rng = np.random.default_rng([self.seed, 1, stream, epoch])
-        self._cache[key] = rng.permutation(n) if self.shuffle else np.arange(n)
-        if len(self._cache) > self.capacity:
-          self._cache.pop(next(iter(self._cache)))
-      return self._cache[key]
-
-
-def _label_dtype(dtype) -> np.dtype:
-  dtype = np.dtype(dtype)
-  if dtype == np.bool_ or np.issubdtype(dtype, np.integer):
-    return np.dtype(np.int32)
-  return np.dtype(np.float32) if np.issubdtype(dtype, np.floating) else dtype
-
-
-def _input_dtype(dtype) -> np.dtype:
-  return np.dtype(np.float32) if np.dtype(dtype) == np.float64 else np.dtype(dtype)
+from jmtl.data._batching import Example
+from jmtl.data._batching import Permutations
+from jmtl.data._batching import Reader
+from jmtl.data._batching import probe
+from jmtl.data._batching import process_slice
+from jmtl.data._batching import spec
 
 
 class ArraySource:
@@ -121,8 +85,8 @@ class ArraySource:
       >>> len(src), src.labels["a"].tolist(), src.labels["a"].dtype
       (5, [0, 1, 2, 3, 4], dtype('int32'))
     """
-    ex = _probe(source, None, "ArraySource.from_source")
-    reader = _Reader(source, {k: _spec(v) for k, v in ex["labels"].items()}, None)
+    ex = probe(source, None, "ArraySource.from_source")
+    reader = Reader(source, {k: spec(v) for k, v in ex["labels"].items()}, None)
     parts = [reader.read(range(i, min(i + chunk, len(source)))) for i in range(0, len(source), chunk)]
     cat = lambda key, k: np.concatenate([part[key][k] for part in parts])
     masks = {k: cat("masks", k) for k in ex["labels"]}
@@ -196,83 +160,10 @@ class normalize_images:
     return {**example, "inputs": (x - self.mean) / self.std}
 
 
-class _Reader:
-  """Reads a list of indices from a source into a batch of fixed structure."""
-
-  def __init__(self, source, specs: Mapping[str, tuple], transform: Callable | None):
-    self.source, self.specs, self.transform = source, dict(specs), transform
-    self._batched = transform is None or getattr(transform, "elementwise", False)
-
-  def read(self, indices) -> Example:
-    indices = [int(i) for i in indices]
-    if self._batched and hasattr(self.source, "gather"):
-      batch = self.source.gather(indices)
-    else:
-      getitems = getattr(self.source, "__getitems__", None)
-      examples = getitems(indices) if getitems else [self.source[i] for i in indices]
-      if not self._batched:
-        examples = [self.transform(e) for e in examples]
-      batch = self._stack(examples)
-    if self._batched and self.transform is not None:
-      batch = self.transform(batch)
-    return self._finish(batch, len(indices))
-
-  def _stack(self, examples) -> Example:
-    labels, masks = {}, {}
-    for k, (shape, dtype) in self.specs.items():
-      have = [k in e["labels"] for e in examples]
-      labels[k] = np.stack(
-        [np.asarray(e["labels"][k]) if h else np.zeros(shape, dtype) for e, h in zip(examples, have)]
-      )
-      masks[k] = np.asarray([float((e.get("masks") or {}).get(k, 1.0)) * h for e, h in zip(examples, have)])
-    return {"inputs": np.stack([np.asarray(e["inputs"]) for e in examples]), "labels": labels, "masks": masks}
-
-  def _finish(self, batch: Example, n: int) -> Example:
-    x = np.asarray(batch["inputs"])
-    masks = batch.get("masks") or {}
-    out = {"inputs": x.astype(_input_dtype(x.dtype), copy=False), "labels": {}, "masks": {}}
-    for k, (_, dtype) in self.specs.items():
-      out["labels"][k] = np.asarray(batch["labels"][k]).astype(dtype, copy=False)
-      out["masks"][k] = np.asarray(masks[k], np.float32) if k in masks else np.ones((n,), np.float32)
-    return out
-
-
-def _probe(source, transform, where: str) -> Example:
-  if len(source) == 0:
-    raise ValueError(f"{where}: the source is empty")
-  ex = source[0]
-  if transform is not None:
-    ex = transform(ex)
-  if not isinstance(ex, Mapping) or "inputs" not in ex or not isinstance(ex.get("labels"), Mapping):
-    raise ValueError(f"{where}: an example must be {{'inputs': ..., 'labels': {{task: ...}}}}, got {type(ex)}")
-  return ex
-
-
-def _spec(y) -> tuple[tuple[int, ...], np.dtype]:
-  return np.shape(y), _label_dtype(np.asarray(y).dtype)
-
-
-def _process_slice(batch_size: int, shard: bool, drop_remainder: bool) -> tuple[int, int, int]:
-  """(process index, process count, local batch size)."""
-  if batch_size < 1:
-    raise ValueError(f"batch_size must be positive, got {batch_size}")
-  p, count = 0, 1
-  if shard:
-    import jax
-
-    p, count = jax.process_index(), jax.process_count()
-  if batch_size % count or (count > 1 and not drop_remainder):
-    raise ValueError(
-      f"with {count} processes the global batch_size ({batch_size}) must be divisible by the process count and "
-      f"drop_remainder must be True (got {drop_remainder}), so every process yields batches of one shape"
-    )
-  return p, count, batch_size // count
-
-
 class _EpochBatch:
   """Step -> the example indices of this process's rows of that global batch."""
 
-  def __init__(self, n: int, batch: int, per_epoch: int, perms: _Permutations, rows: tuple[int, int]):
+  def __init__(self, n: int, batch: int, per_epoch: int, perms: Permutations, rows: tuple[int, int]):
     self.n, self.batch, self.per_epoch, self.perms, self.rows = n, batch, per_epoch, perms, rows
 
   def __call__(self, step: int) -> np.ndarray:
@@ -387,20 +278,20 @@ def multi_label(
     >>> bool((next(it2)["labels"]["a"] == next(it)["labels"]["a"]).all())
     True
   """
-  ex = _probe(source, transform, "multi_label")
+  ex = probe(source, transform, "multi_label")
   names = list(getattr(source, "tasks", None) or ex["labels"])
   missing = [k for k in names if k not in ex["labels"]]
   if missing:
     raise ValueError(f"multi_label: example 0 has no label for tasks {missing}; cannot infer their label shapes")
-  specs = {k: _spec(ex["labels"][k]) for k in names}
-  p, count, local = _process_slice(batch_size, shard, drop_remainder)
+  specs = {k: spec(ex["labels"][k]) for k in names}
+  p, count, local = process_slice(batch_size, shard, drop_remainder)
   n = len(source)
   if (n // batch_size if drop_remainder else n) == 0:
     raise ValueError(f"multi_label: {n} examples make no batch of {batch_size} with drop_remainder={drop_remainder}")
   per_epoch = n // batch_size if drop_remainder else -(-n // batch_size)
-  fn = _EpochBatch(n, batch_size, per_epoch, _Permutations(seed, shuffle), (p * local, (p + 1) * local))
+  fn = _EpochBatch(n, batch_size, per_epoch, Permutations(seed, shuffle), (p * local, (p + 1) * local))
   ds = grain.MapDataset.range(sys.maxsize if num_epochs is None else per_epoch * num_epochs).map(fn)
-  ds = ds.map(_Reader(source, specs, transform).read)
+  ds = ds.map(Reader(source, specs, transform).read)
   fingerprint = dict(layout="multi_label", seed=int(seed), num_examples=n, batch_size=batch_size, shuffle=shuffle)
   fingerprint |= dict(drop_remainder=drop_remainder, process=[p, count])
   tasks = {k: dict((getattr(source, "tasks", None) or {}).get(k) or {}) for k in names}

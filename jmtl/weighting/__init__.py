@@ -1,19 +1,30 @@
 """Task-weighting transforms: per-task losses (and Gramian/Jacobian) -> weights.
 
 Every transform is a :class:`WeightingTransform` (``init``, ``update``,
-``needs``); they compose with :func:`chain`, and a user's own transform built
-with :func:`stateless` or by hand chains with the built-ins.
+``needs``) whose ``update(losses, state, **inputs)`` reads the inputs it needs
+and ignores the rest. They compose with :func:`chain` and :func:`named_chain`;
+:func:`inject_hyperparams` schedules their numeric arguments; a user's own
+transform built with :func:`stateless` or by hand chains with the built-ins.
+:func:`methods` lists the built-in methods by name.
 """
 
+from jmtl.weighting._base import INPUTS
 from jmtl.weighting._base import NEEDS
 from jmtl.weighting._base import ChainState
 from jmtl.weighting._base import EmptyState
+from jmtl.weighting._base import InjectHyperparamsState
 from jmtl.weighting._base import WeightingTransform
 from jmtl.weighting._base import aggregate
 from jmtl.weighting._base import as_aggregator
 from jmtl.weighting._base import chain
+from jmtl.weighting._base import checked_gramian
 from jmtl.weighting._base import combine_jacobian
 from jmtl.weighting._base import gramian_of
+from jmtl.weighting._base import inject_hyperparams
+from jmtl.weighting._base import is_task_vector
+from jmtl.weighting._base import last_layer
+from jmtl.weighting._base import methods
+from jmtl.weighting._base import named_chain
 from jmtl.weighting._base import needs_of
 from jmtl.weighting._base import stateless
 from jmtl.weighting._elementwise import graddrop
@@ -44,6 +55,7 @@ from jmtl.weighting._static import equal
 from jmtl.weighting._static import static
 
 __all__ = [
+  "INPUTS",
   "NEEDS",
   "ChainState",
   "DWAState",
@@ -52,6 +64,7 @@ __all__ = [
   "GradNormState",
   "GradVacState",
   "IMTLLState",
+  "InjectHyperparamsState",
   "NashMTLState",
   "UncertaintyState",
   "WeightingTransform",
@@ -60,6 +73,7 @@ __all__ = [
   "as_aggregator",
   "cagrad",
   "chain",
+  "checked_gramian",
   "combine_jacobian",
   "dualproj",
   "dwa",
@@ -72,7 +86,12 @@ __all__ = [
   "gramian_of",
   "imtl_g",
   "imtl_l",
+  "inject_hyperparams",
+  "is_task_vector",
+  "last_layer",
+  "methods",
   "mgda",
+  "named_chain",
   "nash_mtl",
   "needs_of",
   "pcgrad",

@@ -1,28 +1,42 @@
-"""The weighting-transform protocol, ``chain`` and ``aggregate``.
+"""The weighting-transform protocol: ``WeightingTransform``, ``chain``, ``named_chain`` and ``aggregate``.
 
-A weighting transform maps per-task losses (and, when it asks for them, the
-Gramian or the Jacobian of the shared parameters) to task weights ``w`` of
-shape ``(K,)``. The train step then follows ``∇θ Σₖ stop_gradient(wₖ) Lₖ``.
-The type is modelled on :class:`optax.GradientTransformation`: a NamedTuple of
-pure functions, so transforms are values that jit, vmap and compose.
+A weighting transform maps per-task losses (and whatever else the engine
+gives it) to task weights ``w`` of shape ``(K,)``; the train step then follows
+``∇θ Σₖ stop_gradient(wₖ) Lₖ``. The type is modelled on optax's
+``GradientTransformationExtraArgs``: a NamedTuple of pure functions whose
+``update`` takes keyword *inputs* and ignores those it does not read, so a
+new input (a second batch, validation losses, the step) never touches the
+existing transforms. See ``docs/design.md`` ("The weighting protocol").
 """
 
 from __future__ import annotations
 
+import functools
+import inspect
+import re
 from collections.abc import Callable
+from collections.abc import Sequence
 from typing import Any
 from typing import NamedTuple
 from typing import Protocol
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 Array = jax.Array
 WeightingState = Any
 
-#: What a transform must see, cheapest first. A transform that needs the
+#: What a transform must see, cheapest first: the level of per-task gradient
+#: information the engine computes for it. A transform that needs the
 #: Jacobian can also be given the Gramian, so the order is a total one.
 NEEDS = ("losses", "gramian", "jacobian")
+
+#: The inputs the train step passes to ``update`` (by keyword). ``gramian`` and
+#: ``jacobian`` only when the transform's ``needs`` asks for them; ``key`` (a
+#: fresh PRNG key) and ``step`` (the int32 step count) always; anything a user
+#: adds with ``make_train_step(..., weighting_inputs=...)`` too.
+INPUTS = ("gramian", "jacobian", "key", "step")
 
 
 class InitFn(Protocol):
@@ -31,16 +45,8 @@ class InitFn(Protocol):
 
 
 class UpdateFn(Protocol):
-  def __call__(
-    self,
-    losses: Array,
-    state: WeightingState,
-    *,
-    gramian: Array | None = None,
-    jacobian: Any = None,
-    key: Array | None = None,
-  ) -> tuple[Array, WeightingState]:
-    """Returns task weights of shape ``(K,)`` and the new state."""
+  def __call__(self, losses: Array, state: WeightingState, **inputs: Any) -> tuple[Array, WeightingState]:
+    """Returns task weights of shape ``(K,)`` and the new state; ignores inputs it does not read."""
 
 
 class WeightingTransform(NamedTuple):
@@ -48,32 +54,127 @@ class WeightingTransform(NamedTuple):
 
   Attributes:
     init: ``init(num_tasks) -> state``.
-    update: ``update(losses, state, *, gramian=None, jacobian=None, key=None)
-      -> (weights, state)``. ``losses`` has shape ``(K,)``; ``gramian`` is the
-      ``(K, K)`` matrix ``J Jᵀ`` of the shared-parameter gradients; ``jacobian``
-      is ``J`` stacked on a leading task axis (an array ``(K, P)`` or a pytree
-      whose leaves are ``(K, ...)``); ``key`` is a PRNG key for stochastic
-      methods. A ``"jacobian"`` transform may return element-wise weights
-      instead of ``(K,)`` ones (see :func:`combine_jacobian`); it goes last in
-      a :func:`chain`.
+    update: ``update(losses, state, **inputs) -> (weights, state)``.
+      ``losses`` has shape ``(K,)``; the inputs (:data:`INPUTS`) are
+      ``gramian``, the ``(K, K)`` matrix ``J Jᵀ`` of the shared-parameter
+      gradients; ``jacobian``, ``J`` stacked on a leading task axis (an array
+      ``(K, P)`` or a pytree of ``(K, ...)`` leaves); ``key``, a PRNG key;
+      ``step``, the step count; and whatever else the caller adds. A
+      transform reads what it needs and ignores the rest. A ``"jacobian"``
+      transform may return element-wise weights instead of ``(K,)`` ones (see
+      :func:`combine_jacobian`); it goes last in a :func:`chain`.
     needs: one of :data:`NEEDS`: what the engine must compute for ``update``.
     select: ``None`` (the Gramian/Jacobian is over all of ``params["shared"]``)
-      or ``select(shared_params) -> subtree``: the part it is over, e.g. the
-      last shared layer for GradNorm.
+      or ``select(shared_params) -> subtree``: the part it is over, e.g.
+      :func:`last_layer` for GradNorm.
+    label: what ``repr`` shows, e.g. ``"cagrad(c=0.5, rescale=True, max_iter=64)"``
+      (set by the built-ins; ``None`` shows the tuple).
   """
 
   init: InitFn
   update: UpdateFn
   needs: str = "losses"
   select: Callable[[Any], Any] | None = None
+  label: str | None = None
+
+  def __repr__(self) -> str:
+    if self.label is not None:
+      return self.label
+    return f"WeightingTransform(needs={self.needs!r}, select={_short(self.select)})"
 
 
 class EmptyState(NamedTuple):
   """State of a stateless transform."""
 
 
+# ---------------------------------------------------------------------------------------------------------------------
+# The method registry: every built-in is a factory decorated with ``method``.
+
+_METHODS: dict[str, Callable[..., WeightingTransform]] = {}
+_STATIC: dict[str, tuple[str, ...]] = {}
+
+
+def _short(value) -> str:
+  """A one-line repr of a hyper-parameter value."""
+  if value is None or isinstance(value, bool | int | float | str):
+    return repr(value)
+  if isinstance(value, WeightingTransform):
+    return repr(value)
+  if isinstance(value, tuple | list) and all(isinstance(v, bool | int | float) for v in value):
+    return repr(list(value))
+  if isinstance(value, np.ndarray | jax.Array) and not isinstance(value, jax.core.Tracer):
+    return repr(np.asarray(value).tolist())
+  if callable(value) and hasattr(value, "__name__"):
+    return value.__name__
+  return type(value).__name__ + "(...)"
+
+
+def method(*, static: Sequence[str] = ()):
+  """Registers a weighting factory as a built-in method and labels what it returns.
+
+  The returned transform's ``repr`` shows the factory's name and every
+  argument, defaults included. ``static`` names the numeric arguments that
+  fix a program's structure (iteration caps, periods) and so cannot be
+  injected by :func:`inject_hyperparams`.
+  """
+
+  def decorate(factory):
+    name = factory.__name__
+    signature = inspect.signature(factory)
+
+    @functools.wraps(factory)
+    def build(*args, **kwargs) -> WeightingTransform:
+      bound = signature.bind(*args, **kwargs)
+      bound.apply_defaults()
+      t = factory(*args, **kwargs)
+      label = f"{name}({', '.join(f'{k}={_short(v)}' for k, v in bound.arguments.items())})"
+      return t._replace(label=label)
+
+    _METHODS[name] = build
+    _STATIC[name] = tuple(static)
+    return build
+
+  return decorate
+
+
+def methods() -> dict[str, Callable[..., WeightingTransform]]:
+  """The built-in weighting methods, name -> factory (what the runner's ``weighting`` names).
+
+  Examples:
+    >>> import jmtl
+    >>> {"equal", "upgrad", "famo"} <= set(jmtl.weighting.methods())
+    True
+    >>> jmtl.weighting.methods()["cagrad"](0.4)
+    cagrad(c=0.4, rescale=True, max_iter=64)
+  """
+  return dict(sorted(_METHODS.items()))
+
+
+def static_args_of(factory) -> tuple[str, ...]:
+  """The arguments of a registered method that :func:`inject_hyperparams` leaves as Python values."""
+  return _STATIC.get(getattr(factory, "__name__", ""), ())
+
+
+def is_concrete(*values) -> bool:
+  """Whether no leaf of ``values`` is a tracer: argument checks run only on concrete values.
+
+  Under :func:`inject_hyperparams` a factory is called with traced
+  hyper-parameters inside the jitted step; its checks ran already, on the
+  initial values, when the wrapper was built.
+  """
+  return not any(isinstance(leaf, jax.core.Tracer) for leaf in jax.tree.leaves(values))
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Helpers for transforms.
+
+
 def stateless(weight_fn, needs: str = "losses") -> WeightingTransform:
-  """Builds a transform from ``weight_fn(losses, gramian=, jacobian=, key=)``.
+  """Builds a transform from ``weight_fn(losses, **inputs)``.
+
+  ``weight_fn`` is called with every input the caller gives, and with
+  ``gramian``, ``jacobian`` and ``key`` set to ``None`` when absent, so it can
+  name the ones it reads and take the rest as ``**_``.
 
   Args:
     weight_fn: a pure function of the losses (and of whatever ``needs``
@@ -102,8 +203,8 @@ def stateless(weight_fn, needs: str = "losses") -> WeightingTransform:
     del num_tasks
     return EmptyState()
 
-  def update_fn(losses, state, *, gramian=None, jacobian=None, key=None):
-    w = weight_fn(losses, gramian=gramian, jacobian=jacobian, key=key)
+  def update_fn(losses, state, **inputs):
+    w = weight_fn(losses, **{"gramian": None, "jacobian": None, "key": None, **inputs})
     return jax.tree.map(lambda x: jnp.asarray(x, losses.dtype), w), state
 
   return WeightingTransform(init_fn, update_fn, needs)
@@ -119,6 +220,36 @@ def needs_of(*transforms: WeightingTransform) -> str:
   for t in transforms:
     _check_needs(t.needs)
   return max((t.needs for t in transforms), key=NEEDS.index, default="losses")
+
+
+def checked_gramian(name: str, losses: Array, gramian: Array | None) -> Array:
+  """The Gramian a transform reads: checked against the losses, without gradient, float32 at least, symmetric.
+
+  A Gramian accumulated leaf by leaf can differ from its transpose in the
+  last bits; eigen-solvers and pairwise rules assume symmetry.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> checked_gramian("demo", jnp.ones(2), jnp.array([[1.0, 2.0], [0.0, 1.0]])).tolist()
+    [[1.0, 1.0], [1.0, 1.0]]
+  """
+  if gramian is None:
+    raise ValueError(f"{name} weighs tasks from the Gramian of their gradients: pass gramian=(K, K) to update")
+  k = losses.shape[0] if losses.ndim == 1 else -1
+  if gramian.shape != (k, k):
+    raise ValueError(
+      f"{name}: losses have shape {losses.shape}, so the gramian must be ({k}, {k}); got {gramian.shape}"
+    )
+  g = jax.lax.stop_gradient(gramian)
+  g = g.astype(jnp.promote_types(g.dtype, jnp.float32))
+  return (g + g.T) / 2
+
+
+def required_key(name: str, key: Array | None, why: str) -> Array:
+  """``key``, or a ``ValueError`` saying that ``name`` needs one and why."""
+  if key is None:
+    raise ValueError(f"{name} {why}: pass key=... (a PRNG key, fresh every step) to update")
+  return key
 
 
 def scale_jacobian(weights: Array, jacobian):
@@ -160,29 +291,77 @@ def combine_jacobian(weights, jacobian):
     >>> combine_jacobian(jnp.array([[1.0, 0.0], [0.0, 1.0]]), J).tolist()
     [1.0, 4.0]
   """
-  if jax.tree_util.treedef_is_leaf(jax.tree.structure(weights)) and jnp.ndim(weights) == 1:
+  if is_task_vector(weights):
     return jax.tree.map(lambda j: jnp.tensordot(weights.astype(j.dtype), j, 1), jacobian)
   return jax.tree.map(lambda w, j: jnp.sum(w.astype(j.dtype) * j, axis=0), weights, jacobian)
+
+
+def is_task_vector(weights) -> bool:
+  """Whether ``weights`` is one ``(K,)`` vector (not element-wise weights)."""
+  return jax.tree_util.treedef_is_leaf(jax.tree.structure(weights)) and jnp.ndim(weights) == 1
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Composition.
 
 
 class ChainState(NamedTuple):
   inner: tuple  # one state per chained transform
 
 
+def _rescaled(inputs: dict, w: Array, key) -> dict:
+  """The inputs as the next transform of a chain sees them, after weights ``w`` so far."""
+  out = dict(inputs)
+  if out.get("gramian") is not None:
+    out["gramian"] = out["gramian"] * jnp.outer(w, w).astype(out["gramian"].dtype)
+  if out.get("jacobian") is not None:
+    out["jacobian"] = scale_jacobian(w, out["jacobian"])
+  if "key" in out:
+    out["key"] = key
+  return out
+
+
+def _chain_parts(transforms: Sequence[WeightingTransform]):
+  """``(needs, select)`` of a chain of ``transforms``, checked."""
+  needs = needs_of(*transforms)
+  selects = {t.select for t in transforms if t.select is not None}
+  if len(selects) > 1:
+    raise ValueError("chain: the transforms select different parameter subsets for their Gramian/Jacobian")
+  return needs, (selects.pop() if selects else None)
+
+
+def _chain_update(transforms, states, losses, inputs):
+  """Runs ``transforms`` in sequence; returns the product of their weights and their new states."""
+  key = inputs.get("key")
+  keys = [None] * len(transforms) if key is None else list(jax.random.split(key, len(transforms)))
+  w = jnp.ones_like(losses)
+  new_states = []
+  for t, s, k in zip(transforms, states, keys):
+    wt, new_state = t.update(w * losses, s, **_rescaled(inputs, w, k))
+    # A Jacobian-level transform may answer with element-wise weights; they
+    # absorb the task weights so far (and such a transform goes last).
+    w = w * wt if jnp.ndim(wt) == 1 and wt.shape == w.shape else scale_jacobian(w, wt)
+    new_states.append(new_state)
+  return w, new_states
+
+
 def chain(*transforms: WeightingTransform) -> WeightingTransform:
   """Applies transforms in sequence; the weights multiply.
 
   Transform ``b`` after ``a`` sees the problem as ``a`` weighted it: losses
-  ``w_a·L``, Gramian ``diag(w_a) G diag(w_a)``, Jacobian rows ``w_a,k Jₖ``. The
-  chained weights are ``w_a·w_b`` (element-wise), so the update direction is
-  ``Σₖ w_a,k w_b,k ∇Lₖ`` -- what ``b`` would choose on the rescaled problem.
+  ``w_a·L``, Gramian ``diag(w_a) G diag(w_a)``, Jacobian rows ``w_a,k Jₖ``;
+  every other input passes through unchanged (a ``key`` is split, one part
+  per transform). The chained weights are ``w_a·w_b`` (element-wise), so the
+  update direction is ``Σₖ w_a,k w_b,k ∇Lₖ`` -- what ``b`` would choose on the
+  rescaled problem.
 
   Args:
     *transforms: the transforms, applied left to right.
 
   Returns:
     A :class:`WeightingTransform` whose ``needs`` is the most expensive of the
-    parts'.
+    parts' and whose state is a :class:`ChainState` (read it by position, or
+    use :func:`named_chain` to read it by name).
 
   Examples:
     >>> import jax.numpy as jnp
@@ -192,35 +371,168 @@ def chain(*transforms: WeightingTransform) -> WeightingTransform:
     >>> w, _ = t.update(jnp.array([0.3, 0.7]), t.init(2))
     >>> w.tolist()
     [1.0, 3.0]
+    >>> t
+    chain(static(weights=[2.0, 1.0]), static(weights=[0.5, 3.0]))
   """
-  needs = needs_of(*transforms)
-  selects = {t.select for t in transforms if t.select is not None}
-  if len(selects) > 1:
-    raise ValueError("chain: the transforms select different parameter subsets for their Gramian/Jacobian")
-  select = selects.pop() if selects else None
+  needs, select = _chain_parts(transforms)
 
   def init_fn(num_tasks):
     return ChainState(tuple(t.init(num_tasks) for t in transforms))
 
-  def update_fn(losses, state, *, gramian=None, jacobian=None, key=None):
-    keys = [None] * len(transforms) if key is None else list(jax.random.split(key, len(transforms)))
-    w = jnp.ones_like(losses)
-    new_states = []
-    for t, s, k in zip(transforms, state.inner, keys):
-      wt, new_state = t.update(
-        w * losses,
-        s,
-        gramian=None if gramian is None else gramian * jnp.outer(w, w),
-        jacobian=None if jacobian is None else scale_jacobian(w, jacobian),
-        key=k,
-      )
-      # A Jacobian-level transform may answer with element-wise weights; they
-      # absorb the task weights so far (and such a transform goes last).
-      w = w * wt if jnp.ndim(wt) == 1 and wt.shape == w.shape else scale_jacobian(w, wt)
-      new_states.append(new_state)
-    return w, ChainState(tuple(new_states))
+  def update_fn(losses, state, **inputs):
+    w, states = _chain_update(transforms, state.inner, losses, inputs)
+    return w, ChainState(tuple(states))
 
-  return WeightingTransform(init_fn, update_fn, needs, select)
+  label = f"chain({', '.join(map(repr, transforms))})"
+  return WeightingTransform(init_fn, update_fn, needs, select, label)
+
+
+def named_chain(*named: tuple[str, WeightingTransform]) -> WeightingTransform:
+  """:func:`chain` whose state is a dict, read by name: ``state["upgrad"]``.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> import jmtl
+    >>> t = jmtl.weighting.named_chain(("prior", jmtl.weighting.static([1.0, 2.0])),
+    ...                                ("dwa", jmtl.weighting.dwa()))
+    >>> w, state = t.update(jnp.array([1.0, 1.0]), t.init(2))
+    >>> w.tolist(), int(state["dwa"].count)
+    ([1.0, 2.0], 0)
+  """
+  names = [n for n, _ in named]
+  if len(set(names)) != len(names) or not all(isinstance(n, str) and n for n in names):
+    raise ValueError(f"named_chain: names must be distinct non-empty strings, got {names}")
+  transforms = [t for _, t in named]
+  needs, select = _chain_parts(transforms)
+
+  def init_fn(num_tasks):
+    return {n: t.init(num_tasks) for n, t in named}
+
+  def update_fn(losses, state, **inputs):
+    w, states = _chain_update(transforms, [state[n] for n in names], losses, inputs)
+    return w, dict(zip(names, states))
+
+  label = f"named_chain({', '.join(f'({n!r}, {t!r})' for n, t in named)})"
+  return WeightingTransform(init_fn, update_fn, needs, select, label)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Scheduled hyper-parameters.
+
+
+class InjectHyperparamsState(NamedTuple):
+  """State of :func:`inject_hyperparams`."""
+
+  count: Array  # () int32: update calls so far (a schedule's argument)
+  hyperparams: dict  # name -> () or (n,) float array: the values used at the last call
+  inner_state: WeightingState  # the wrapped transform's state
+
+
+def _is_numeric(value) -> bool:
+  if isinstance(value, bool) or value is None:
+    return False
+  if isinstance(value, int | float | np.ndarray | jax.Array):
+    return True
+  return (
+    isinstance(value, tuple | list)
+    and len(value) > 0
+    and all(isinstance(v, int | float) and not isinstance(v, bool) for v in value)
+  )
+
+
+def inject_hyperparams(factory, *, static_args: Sequence[str] = ()):
+  """Wraps a weighting factory so that its numeric arguments live in the state, and may be scheduled.
+
+  The analogue of :func:`optax.inject_hyperparams`: ``inject_hyperparams(
+  cagrad)(c=schedule)`` builds a transform whose state holds the current
+  ``c``; a numeric argument given as a callable ``count -> value`` is a
+  schedule, evaluated at every call (``count`` = calls so far). On each call
+  the factory is rebuilt with the current values, so any method (or a user's
+  factory) works unchanged. Arguments named in ``static_args`` -- and those a
+  built-in declares static, such as ``max_iter`` -- stay Python values.
+
+  Args:
+    factory: a function of hyper-parameters that returns a
+      :class:`WeightingTransform` (any built-in, or a user's).
+    static_args: argument names never injected.
+
+  Returns:
+    A function with the factory's arguments that returns a
+    :class:`WeightingTransform` with state :class:`InjectHyperparamsState`.
+
+  Examples:
+    Anneal CAGrad's ``c`` from 0 (equal weighting) to 0.5 over 100 calls:
+
+    >>> import jax.numpy as jnp, optax
+    >>> import jmtl
+    >>> t = jmtl.weighting.inject_hyperparams(jmtl.weighting.cagrad)(c=optax.linear_schedule(0.0, 0.5, 100))
+    >>> state = t.init(2)
+    >>> w, state = t.update(jnp.ones(2), state, gramian=jnp.array([[1.0, -0.5], [-0.5, 1.0]]))
+    >>> w.tolist(), float(state.hyperparams["c"])
+    ([0.5, 0.5], 0.0)
+    >>> t
+    inject_hyperparams(cagrad(c=schedule(...), rescale=True, max_iter=64))
+  """
+  signature = inspect.signature(factory)
+  static = set(static_args) | set(static_args_of(factory))
+
+  def wrapped(*args, **kwargs) -> WeightingTransform:
+    bound = signature.bind(*args, **kwargs)
+    bound.apply_defaults()
+    values = dict(bound.arguments)
+    injected = {
+      k: v
+      for k, v in values.items()
+      if k not in static and (_is_numeric(v) or (callable(v) and _takes_numbers(signature.parameters[k])))
+    }
+    fixed = {k: v for k, v in values.items() if k not in injected}
+    first = {k: (v(0) if callable(v) else v) for k, v in injected.items()}
+    template = factory(**fixed, **first)  # checks the arguments once, on concrete values
+    dtype = jax.dtypes.canonicalize_dtype(float)
+
+    def current(count, stored):
+      return {k: (jnp.asarray(v(count), dtype) if callable(v) else stored[k]) for k, v in injected.items()}
+
+    def init_fn(num_tasks):
+      hyperparams = {k: jnp.asarray(v, dtype) for k, v in first.items()}
+      return InjectHyperparamsState(jnp.zeros((), jnp.int32), hyperparams, template.init(num_tasks))
+
+    def update_fn(losses, state, **inputs):
+      hyperparams = current(state.count, state.hyperparams)
+      w, inner = factory(**fixed, **hyperparams).update(losses, state.inner_state, **inputs)
+      return w, InjectHyperparamsState(state.count + 1, hyperparams, inner)
+
+    shown = ", ".join(f"{k}={_short_hp(v)}" for k, v in values.items())
+    label = f"inject_hyperparams({getattr(factory, '__name__', 'factory')}({shown}))"
+    return WeightingTransform(init_fn, update_fn, template.needs, template.select, label)
+
+  return wrapped
+
+
+def _takes_numbers(parameter: inspect.Parameter) -> bool:
+  """Whether a callable given for ``parameter`` is a schedule: its default is a number, or it has none."""
+  return parameter.default is inspect.Parameter.empty or _is_numeric(parameter.default)
+
+
+def _short_hp(value) -> str:
+  return f"{value.__name__}(...)" if callable(value) and not isinstance(value, WeightingTransform) else _short(value)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Applying a transform to a stacked Jacobian.
+
+
+def _direction(transform, jacobian, state, losses, inputs):
+  """``(Σₖ wₖ Jₖ, new state)`` of one ``update`` on a stacked Jacobian."""
+  first = jax.tree.leaves(jacobian)[0]
+  if losses is None:
+    losses = jnp.ones((first.shape[0],), first.dtype)
+  if transform.needs != "losses":
+    inputs["gramian"] = gramian_of(jacobian)
+  if transform.needs == "jacobian":
+    inputs["jacobian"] = jacobian
+  w, state = transform.update(losses, state, **inputs)
+  return combine_jacobian(w, jacobian), state
 
 
 def aggregate(
@@ -229,7 +541,7 @@ def aggregate(
   *,
   losses: Array | None = None,
   state: WeightingState | None = None,
-  key: Array | None = None,
+  **inputs,
 ):
   """Applies ``transform`` once to a stacked Jacobian and returns the direction.
 
@@ -240,7 +552,7 @@ def aggregate(
     losses: the per-task losses, for transforms that read them (ones if not
       given).
     state: the transform's state (a fresh one if not given).
-    key: a PRNG key for stochastic transforms.
+    **inputs: further inputs, e.g. ``key`` for stochastic transforms.
 
   Returns:
     ``Σₖ wₖ Jₖ``, shaped like one row of ``jacobian``.
@@ -252,27 +564,16 @@ def aggregate(
     >>> jmtl.weighting.aggregate(jmtl.weighting.static([1.0, 0.5]), J).tolist()
     [1.0, 1.0]
   """
-  k = jax.tree.leaves(jacobian)[0].shape[0]
-  if losses is None:
-    losses = jnp.ones((k,), jax.tree.leaves(jacobian)[0].dtype)
   if state is None:
-    state = transform.init(k)
-  gramian = gramian_of(jacobian) if transform.needs != "losses" else None
-  w, _ = transform.update(
-    losses,
-    state,
-    gramian=gramian,
-    jacobian=jacobian if transform.needs == "jacobian" else None,
-    key=key,
-  )
-  return combine_jacobian(w, jacobian)
+    state = transform.init(jax.tree.leaves(jacobian)[0].shape[0])
+  return _direction(transform, jacobian, state, losses, inputs)[0]
 
 
 def as_aggregator(transform: WeightingTransform, num_tasks: int):
   """Wraps ``transform`` as an :class:`optax.experimental.aggregating.Aggregator`.
 
   The aggregator's ``update(per_task_grads, state, params=None, *, losses=None,
-  key=None)`` takes gradients stacked on a leading task axis and returns their
+  **inputs)`` takes gradients stacked on a leading task axis and returns their
   weighted sum, so a weighting transform can sit inside
   ``optax.experimental.aggregating.process``.
 
@@ -284,25 +585,31 @@ def as_aggregator(transform: WeightingTransform, num_tasks: int):
     >>> d["w"].tolist()
     [4.0]
   """
-  from optax.experimental import _aggregating
+  from optax.experimental import aggregating
 
   def init_fn(params):
     del params
     return transform.init(num_tasks)
 
-  def update_fn(per_task_grads, state, params=None, *, losses=None, key=None, **extra):
-    del params, extra
-    k = jax.tree.leaves(per_task_grads)[0].shape[0]
-    if losses is None:
-      losses = jnp.ones((k,), jax.tree.leaves(per_task_grads)[0].dtype)
-    gramian = gramian_of(per_task_grads) if transform.needs != "losses" else None
-    w, state = transform.update(
-      losses,
-      state,
-      gramian=gramian,
-      jacobian=per_task_grads if transform.needs == "jacobian" else None,
-      key=key,
-    )
-    return combine_jacobian(w, per_task_grads), state
+  def update_fn(per_task_grads, state, params=None, *, losses=None, **inputs):
+    del params
+    return _direction(transform, per_task_grads, state, losses, inputs)
 
-  return _aggregating.Aggregator(init_fn, update_fn)
+  return aggregating.Aggregator(init_fn, update_fn)
+
+
+def last_layer(shared) -> dict:
+  """The last top-level layer of the shared parameters (``dense_10`` after ``dense_9``).
+
+  GradNorm's default parameter subset ``W`` (the paper's "last shared layer").
+
+  Examples:
+    >>> sorted(last_layer({"dense_0": 1, "dense_10": 2, "dense_9": 3}))
+    ['dense_10']
+  """
+  if not isinstance(shared, dict) or not shared:
+    raise ValueError(
+      f"last_layer: the shared parameters must be a non-empty dict of layers, got {type(shared).__name__}"
+    )
+  key = max(shared, key=lambda k: [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", str(k))])
+  return {key: shared[key]}

@@ -18,6 +18,9 @@ import numpy as np
 
 from jmtl.weighting._base import EmptyState
 from jmtl.weighting._base import WeightingTransform
+from jmtl.weighting._base import is_concrete
+from jmtl.weighting._base import method
+from jmtl.weighting._base import required_key
 
 
 def _sign_dropout(jac, key, leak):
@@ -36,6 +39,7 @@ def _sign_dropout(jac, key, leak):
   return (leak + (1 - leak) * mask).astype(jac.dtype)
 
 
+@method()
 def graddrop(leak: float | Sequence[float] = 0.0) -> WeightingTransform:
   """Gradient sign dropout (GradDrop).
 
@@ -86,20 +90,19 @@ def graddrop(leak: float | Sequence[float] = 0.0) -> WeightingTransform:
     >>> jmtl.weighting.aggregate(t, J, key=jax.random.key(0))[0].tolist()
     3.0
   """
-  leak = np.asarray(leak, np.float64)
-  if leak.ndim > 1 or not np.all((leak >= 0) & (leak <= 1)):
+  leak = np.asarray(leak, np.float64) if is_concrete(leak) else jnp.asarray(leak)
+  if is_concrete(leak) and (leak.ndim > 1 or not np.all((leak >= 0) & (leak <= 1))):
     raise ValueError(f"graddrop: leak must be a number or a 1-D sequence of numbers in [0, 1], got {leak.tolist()}")
 
   def init_fn(num_tasks):
     del num_tasks
     return EmptyState()
 
-  def update_fn(losses, state, *, gramian=None, jacobian=None, key=None):
-    del gramian
+  def update_fn(losses, state, **inputs):
+    jacobian = inputs.get("jacobian")
     if jacobian is None:
       raise ValueError("graddrop needs the Jacobian: pass jacobian=... (an array (K, ...) or a pytree of them)")
-    if key is None:
-      raise ValueError("graddrop draws a random sign per element: pass key=... (a PRNG key, fresh every step)")
+    key = required_key("graddrop", inputs.get("key"), "draws a random sign per element")
     leaves, treedef = jax.tree.flatten(jacobian)
     k = losses.shape[0]
     shapes = [leaf.shape for leaf in leaves]

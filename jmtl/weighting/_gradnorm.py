@@ -11,6 +11,10 @@ import jax.numpy as jnp
 import optax
 
 from jmtl.weighting._base import WeightingTransform
+from jmtl.weighting._base import checked_gramian
+from jmtl.weighting._base import is_concrete
+from jmtl.weighting._base import last_layer
+from jmtl.weighting._base import method
 
 Array = jax.Array
 
@@ -29,10 +33,11 @@ class GradNormState(NamedTuple):
   has_initial: Array  # () bool: whether ``initial_losses`` is set
 
 
+@method()
 def gradnorm(
   alpha: float = 1.5,
   optimizer: optax.GradientTransformation | None = None,
-  select: Callable[[Any], Any] | None = None,
+  select: Callable[[Any], Any] | None = last_layer,
 ) -> WeightingTransform:
   """Gradient normalization (GradNorm).
 
@@ -65,7 +70,10 @@ def gradnorm(
       gradient norms (which varies by orders of magnitude between models), and
       0.025 moves O(1) weights visibly within tens of steps.
     select: ``select(shared_params) -> subtree``, the parameter subset ``W``
-      the engine computes the Gramian over (``None``: all shared parameters).
+      the engine computes the Gramian over: by default
+      :func:`~jmtl.weighting.last_layer`, the paper's choice (the last
+      top-level entry of ``params["shared"]``); ``None``: all shared
+      parameters.
 
   Returns:
     A :class:`WeightingTransform` with state :class:`GradNormState` that needs
@@ -82,7 +90,7 @@ def gradnorm(
     >>> [round(float(x), 3) for x in state.weights]  # 1 + 0.1·1, 1 − 0.1·3, renormalised
     [1.222, 0.778]
   """
-  if not alpha >= 0:
+  if is_concrete(alpha) and not alpha >= 0:
     raise ValueError(f"gradnorm: alpha must be non-negative, got {alpha}")
   if optimizer is None:
     optimizer = optax.adam(0.025)
@@ -94,20 +102,16 @@ def gradnorm(
     weights = jnp.ones((num_tasks,), dtype)
     return GradNormState(weights, optimizer.init(weights), jnp.zeros((num_tasks,), dtype), jnp.asarray(False))
 
-  def update_fn(losses, state, *, gramian=None, jacobian=None, key=None):
-    del jacobian, key
+  def update_fn(losses, state, **inputs):
     k = state.weights.shape[0]
-    if gramian is None:
-      raise ValueError("gradnorm needs the Gramian: pass gramian=... of shape (K, K) to update")
-    if losses.shape != (k,) or gramian.shape != (k, k):
-      raise ValueError(
-        f"gradnorm: state is for {k} tasks, got losses of shape {losses.shape} and a Gramian of shape {gramian.shape}"
-      )
+    gramian = checked_gramian("gradnorm", losses, inputs.get("gramian"))
+    if losses.shape != (k,):
+      raise ValueError(f"gradnorm: state is for {k} tasks, got losses of shape {losses.shape}")
     dtype = state.weights.dtype
     w = state.weights
     current = jax.lax.stop_gradient(losses).astype(dtype)
     initial = jnp.where(state.has_initial, state.initial_losses, current)
-    norms = jnp.sqrt(jnp.maximum(jnp.diagonal(jax.lax.stop_gradient(gramian)).astype(dtype), 0))
+    norms = jnp.sqrt(jnp.maximum(jnp.diagonal(gramian).astype(dtype), 0))
 
     tiny = jnp.finfo(dtype).tiny
     log_ratio = jnp.log(jnp.maximum(current, tiny)) - jnp.log(jnp.maximum(initial, tiny))

@@ -21,6 +21,9 @@ import jax
 import jax.numpy as jnp
 
 from jmtl.weighting._base import WeightingTransform
+from jmtl.weighting._base import checked_gramian
+from jmtl.weighting._base import is_concrete
+from jmtl.weighting._base import method
 from jmtl.weighting._base import stateless
 from jmtl.weighting._solvers import cagrad_qp
 from jmtl.weighting._solvers import lower_bound_qp
@@ -31,22 +34,10 @@ from jmtl.weighting._solvers import simplex_qp
 Array = jax.Array
 
 
-def _gramian_arg(name, losses, gramian):
-  """The Gramian, checked, without gradient, in a float dtype of at least 32 bits."""
-  if gramian is None:
-    raise ValueError(f"{name} weighs tasks from the Gramian of their gradients: pass gramian=(K, K) to update")
-  k = losses.shape[0]
-  if gramian.shape != (k, k):
-    raise ValueError(
-      f"{name}: losses have shape {losses.shape}, so the gramian must be ({k}, {k}); got {gramian.shape}"
-    )
-  g = jax.lax.stop_gradient(gramian)
-  return g.astype(jnp.promote_types(g.dtype, jnp.float32))
-
-
 _MGDA_NORMALIZATIONS = ("none", "l2", "loss", "loss+")
 
 
+@method(static=("max_iter",))
 def mgda(normalization: str = "none", *, max_iter: int | None = None) -> WeightingTransform:
   """Multiple-gradient descent (MGDA): the min-norm point of the gradients' hull.
 
@@ -93,7 +84,7 @@ def mgda(normalization: str = "none", *, max_iter: int | None = None) -> Weighti
     raise ValueError(f"mgda: normalization must be one of {_MGDA_NORMALIZATIONS}, got {normalization!r}")
 
   def weight_fn(losses, *, gramian=None, **_):
-    g = _gramian_arg("mgda", losses, gramian)
+    g = checked_gramian("mgda", losses, gramian)
     if normalization != "none":
       g, _ = normalise_gramian(g)  # so that dividing by n below cannot overflow
       norms = jnp.sqrt(jnp.maximum(jnp.diagonal(g), 0))
@@ -109,6 +100,7 @@ def mgda(normalization: str = "none", *, max_iter: int | None = None) -> Weighti
   return stateless(weight_fn, needs="gramian")
 
 
+@method(static=("max_iter",))
 def upgrad(*, max_iter: int | None = None) -> WeightingTransform:
   """Unconflicting projection of gradients (UPGrad).
 
@@ -144,13 +136,14 @@ def upgrad(*, max_iter: int | None = None) -> WeightingTransform:
   """
 
   def weight_fn(losses, *, gramian=None, **_):
-    g = _gramian_arg("upgrad", losses, gramian)
+    g = checked_gramian("upgrad", losses, gramian)
     k = g.shape[0]
     return jnp.mean(lower_bound_qp(g, jnp.eye(k, dtype=g.dtype), max_iter=max_iter), axis=0)
 
   return stateless(weight_fn, needs="gramian")
 
 
+@method(static=("max_iter",))
 def dualproj(*, max_iter: int | None = None) -> WeightingTransform:
   """The mean gradient projected onto the dual cone of the gradients (DualProj).
 
@@ -183,13 +176,14 @@ def dualproj(*, max_iter: int | None = None) -> WeightingTransform:
   """
 
   def weight_fn(losses, *, gramian=None, **_):
-    g = _gramian_arg("dualproj", losses, gramian)
+    g = checked_gramian("dualproj", losses, gramian)
     k = g.shape[0]
     return lower_bound_qp(g, jnp.full((k,), 1.0 / k, g.dtype), max_iter=max_iter)
 
   return stateless(weight_fn, needs="gramian")
 
 
+@method(static=("max_iter",))
 def cagrad(c: float = 0.5, *, rescale: bool = True, max_iter: int = 64) -> WeightingTransform:
   """Conflict-averse gradient descent (CAGrad).
 
@@ -228,11 +222,11 @@ def cagrad(c: float = 0.5, *, rescale: bool = True, max_iter: int = 64) -> Weigh
     >>> [round(float(x), 4) for x in d]
     [0.1835, 1.2041, 1.2041]
   """
-  if not c >= 0:
+  if is_concrete(c) and not c >= 0:
     raise ValueError(f"cagrad: c must be non-negative, got {c}")
 
   def weight_fn(losses, *, gramian=None, **_):
-    g = _gramian_arg("cagrad", losses, gramian)
+    g = checked_gramian("cagrad", losses, gramian)
     k = g.shape[0]
     w_star, coef = cagrad_qp(g, c, max_iter=max_iter)
     w = 1.0 / k + coef * w_star
@@ -248,6 +242,7 @@ class NashMTLState(NamedTuple):
   weights: Array  # (K,) float: α of the last solve (0 before the first), reused between solves; the next warm start
 
 
+@method(static=("max_iter", "update_weights_every"))
 def nash_mtl(
   *,
   max_norm: float | None = None,
@@ -300,7 +295,7 @@ def nash_mtl(
     >>> [round(float(x), 5) for x in w]  # orthogonal gradients: αₖ = 1/‖gₖ‖
     [1.0, 0.5]
   """
-  if max_norm is not None and not max_norm > 0:
+  if max_norm is not None and is_concrete(max_norm) and not max_norm > 0:
     raise ValueError(f"nash_mtl: max_norm must be positive or None, got {max_norm}")
   if int(update_weights_every) != update_weights_every or update_weights_every < 1:
     raise ValueError(f"nash_mtl: update_weights_every must be a positive integer, got {update_weights_every}")
@@ -321,9 +316,8 @@ def nash_mtl(
     del g
     return prev
 
-  def update_fn(losses, state, *, gramian=None, jacobian=None, key=None):
-    del jacobian, key
-    g = _gramian_arg("nash_mtl", losses, gramian)
+  def update_fn(losses, state, **inputs):
+    g = checked_gramian("nash_mtl", losses, inputs.get("gramian"))
     if state.weights.shape != losses.shape:
       raise ValueError(f"nash_mtl: state is for {state.weights.shape[0]} tasks, got losses of shape {losses.shape}")
     prev = state.weights.astype(g.dtype)

@@ -18,6 +18,8 @@ import numpy as np
 import optax
 
 from jmtl.weighting._base import WeightingTransform
+from jmtl.weighting._base import is_concrete
+from jmtl.weighting._base import method
 
 Array = jax.Array
 
@@ -50,8 +52,8 @@ def _learned_scales(name, state_cls, optimizer, init_value, *, weight_fn, grad_f
     s = jnp.full((num_tasks,), init_value, _float_dtype())
     return state_cls(s, optimizer.init(s))
 
-  def update_fn(losses, state, *, gramian=None, jacobian=None, key=None):
-    del gramian, jacobian, key
+  def update_fn(losses, state, **inputs):
+    del inputs
     s, opt_state = state
     if losses.shape != s.shape:
       raise ValueError(f"{name}: state is for {s.shape[0]} tasks, got losses of shape {losses.shape}")
@@ -65,6 +67,7 @@ def _learned_scales(name, state_cls, optimizer, init_value, *, weight_fn, grad_f
   return WeightingTransform(init_fn, update_fn, "losses")
 
 
+@method(static=("init_log_var",))
 def uncertainty(
   optimizer: optax.GradientTransformation | None = None,
   init_log_var: float = 0.0,
@@ -123,6 +126,7 @@ def uncertainty(
   )
 
 
+@method(static=("init_log_scale",))
 def imtl_l(
   optimizer: optax.GradientTransformation | None = None,
   init_log_scale: float = 0.0,
@@ -177,6 +181,7 @@ class FAMOState(NamedTuple):
   has_prev: Array  # () bool: whether ``prev_log_loss`` holds a real value
 
 
+@method()
 def famo(
   learning_rate: float = 0.025,
   weight_decay: float = 1e-3,
@@ -242,10 +247,11 @@ def famo(
   """
   if optimizer is None:
     optimizer = optax.chain(optax.add_decayed_weights(weight_decay), optax.adam(learning_rate))
-  bounds = np.zeros(()) if min_losses is None else np.asarray(min_losses, np.float64)
-  if bounds.ndim > 1 or not np.all(np.isfinite(bounds)):
+  bounds = np.zeros(()) if min_losses is None else min_losses
+  bounds = np.asarray(bounds, np.float64) if is_concrete(bounds) else jnp.asarray(bounds)
+  if is_concrete(bounds) and (bounds.ndim > 1 or not np.all(np.isfinite(bounds))):
     raise ValueError(f"famo: min_losses must be a finite scalar or 1-D sequence, got {bounds.tolist()}")
-  if not eps > 0:
+  if is_concrete(eps) and not eps > 0:
     raise ValueError(f"famo: eps must be positive, got {eps}")
 
   def init_fn(num_tasks):
@@ -253,8 +259,8 @@ def famo(
     logits = jnp.zeros((num_tasks,), dtype)
     return FAMOState(logits, optimizer.init(logits), jnp.zeros((num_tasks,), dtype), jnp.asarray(False))
 
-  def update_fn(losses, state, *, gramian=None, jacobian=None, key=None):
-    del gramian, jacobian, key
+  def update_fn(losses, state, **inputs):
+    del inputs
     k = state.logits.shape[0]
     if losses.shape != (k,) or bounds.shape not in ((), (k,)):
       raise ValueError(

@@ -8,6 +8,9 @@ import jax
 import jax.numpy as jnp
 
 from jmtl.weighting._base import WeightingTransform
+from jmtl.weighting._base import is_concrete
+from jmtl.weighting._base import method
+from jmtl.weighting._base import required_key
 from jmtl.weighting._base import stateless
 
 Array = jax.Array
@@ -23,6 +26,7 @@ class DWAState(NamedTuple):
   prev_mean: Array  # (K,) float: L̄(t−2), mean loss of the period before it
 
 
+@method(static=("period",))
 def dwa(temperature: float = 2.0, period: int = 1) -> WeightingTransform:
   """Dynamic Weight Average (DWA).
 
@@ -55,7 +59,7 @@ def dwa(temperature: float = 2.0, period: int = 1) -> WeightingTransform:
     >>> [round(float(x), 3) for x in w]  # from r = (0.5/1, 1/1)
     [0.876, 1.124]
   """
-  if not temperature > 0:
+  if is_concrete(temperature) and not temperature > 0:
     raise ValueError(f"dwa: temperature must be positive, got {temperature}")
   if int(period) != period or period < 1:
     raise ValueError(f"dwa: period must be a positive integer, got {period}")
@@ -66,8 +70,8 @@ def dwa(temperature: float = 2.0, period: int = 1) -> WeightingTransform:
     zero = jnp.zeros((), jnp.int32)
     return DWAState(zero, zero, zeros, zeros, zeros)
 
-  def update_fn(losses, state, *, gramian=None, jacobian=None, key=None):
-    del gramian, jacobian, key
+  def update_fn(losses, state, **inputs):
+    del inputs
     k = state.running_sum.shape[0]
     if losses.shape != (k,):
       raise ValueError(f"dwa: state is for {k} tasks, got losses of shape {losses.shape}")
@@ -97,6 +101,7 @@ def dwa(temperature: float = 2.0, period: int = 1) -> WeightingTransform:
 _RLW_DISTRIBUTIONS = ("normal", "uniform", "dirichlet")
 
 
+@method()
 def rlw(distribution: str = "normal") -> WeightingTransform:
   """Random loss weighting (RLW).
 
@@ -133,8 +138,7 @@ def rlw(distribution: str = "normal") -> WeightingTransform:
     raise ValueError(f"rlw: distribution must be one of {_RLW_DISTRIBUTIONS}, got {distribution!r}")
 
   def weight_fn(losses, *, key=None, **_):
-    if key is None:
-      raise ValueError("rlw draws random weights: pass key=... (a PRNG key, fresh every step) to update")
+    key = required_key("rlw", key, "draws random weights")
     k = losses.shape
     # Drawn in float32 at least, so a bfloat16 loss does not coarsen the draw.
     dtype = jnp.promote_types(losses.dtype, jnp.float32)
@@ -152,6 +156,7 @@ def rlw(distribution: str = "normal") -> WeightingTransform:
   return stateless(weight_fn)
 
 
+@method()
 def gls() -> WeightingTransform:
   """Geometric loss strategy (GLS).
 

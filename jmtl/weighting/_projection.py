@@ -16,22 +16,13 @@ import jax
 import jax.numpy as jnp
 
 from jmtl.weighting._base import WeightingTransform
+from jmtl.weighting._base import checked_gramian
+from jmtl.weighting._base import is_concrete
+from jmtl.weighting._base import method
+from jmtl.weighting._base import required_key
 from jmtl.weighting._base import stateless
 
 Array = jax.Array
-
-
-def _gramian(name, losses, gramian):
-  """The Gramian, checked against the losses, in float32 at least and exactly symmetric."""
-  if gramian is None:
-    raise ValueError(f"{name} needs the Gramian: pass gramian=... of shape (K, K) to update")
-  k = losses.shape[0] if losses.ndim == 1 else -1
-  if gramian.shape != (k, k):
-    raise ValueError(f"{name}: got losses of shape {losses.shape} and a Gramian of shape {gramian.shape}")
-  g = jax.lax.stop_gradient(gramian).astype(jnp.promote_types(gramian.dtype, jnp.float32))
-  # A Gramian accumulated leaf by leaf can differ from its transpose in the last
-  # bits; eigh and the pairwise rules below assume symmetry.
-  return (g + g.T) / 2
 
 
 def _safe_div(num, den):
@@ -42,11 +33,11 @@ def _safe_div(num, den):
 
 def _visit_orders(name, key, k):
   """Row ``i``: the random order in which task ``i`` visits the tasks (``i`` itself is skipped)."""
-  if key is None:
-    raise ValueError(f"{name} visits the tasks in a random order: pass key=... (a fresh PRNG key every step) to update")
+  key = required_key(name, key, "visits the tasks in a random order")
   return jax.vmap(lambda sub: jax.random.permutation(sub, k))(jax.random.split(key, k))
 
 
+@method()
 def pcgrad() -> WeightingTransform:
   """Projecting Conflicting Gradients (PCGrad).
 
@@ -80,7 +71,7 @@ def pcgrad() -> WeightingTransform:
   """
 
   def weight_fn(losses, *, gramian=None, key=None, **_):
-    g = _gramian("pcgrad", losses, gramian)
+    g = checked_gramian("pcgrad", losses, gramian)
     k = g.shape[0]
     orders = _visit_orders("pcgrad", key, k)
     sq_norms = jnp.diagonal(g)
@@ -100,6 +91,7 @@ def pcgrad() -> WeightingTransform:
   return stateless(weight_fn, needs="gramian")
 
 
+@method()
 def imtl_g() -> WeightingTransform:
   """The gradient-balancing part of Impartial Multi-Task Learning (IMTL-G).
 
@@ -138,7 +130,7 @@ def imtl_g() -> WeightingTransform:
   """
 
   def weight_fn(losses, *, gramian=None, **_):
-    g = _gramian("imtl_g", losses, gramian)
+    g = checked_gramian("imtl_g", losses, gramian)
     k = g.shape[0]
     norms = jnp.sqrt(jnp.maximum(jnp.diagonal(g), 0))
     active = norms > jnp.max(norms) * jnp.finfo(g.dtype).eps
@@ -161,6 +153,7 @@ def imtl_g() -> WeightingTransform:
 _ALIGNED_SCALES = ("min", "median", "rmse")
 
 
+@method()
 def aligned_mtl(scale: str = "min", rtol: float | None = None) -> WeightingTransform:
   """Aligned-MTL: align the task gradients into an orthogonal, equal-norm system.
 
@@ -205,11 +198,11 @@ def aligned_mtl(scale: str = "min", rtol: float | None = None) -> WeightingTrans
   """
   if scale not in _ALIGNED_SCALES:
     raise ValueError(f"aligned_mtl: scale must be one of {_ALIGNED_SCALES}, got {scale!r}")
-  if rtol is not None and not 0 <= rtol < 1:
+  if rtol is not None and is_concrete(rtol) and not 0 <= rtol < 1:
     raise ValueError(f"aligned_mtl: rtol must be in [0, 1), got {rtol}")
 
   def weight_fn(losses, *, gramian=None, **_):
-    g = _gramian("aligned_mtl", losses, gramian)
+    g = checked_gramian("aligned_mtl", losses, gramian)
     k = g.shape[0]
     lam, v = jnp.linalg.eigh(g)  # ascending
     cutoff = jnp.maximum(lam[-1], 0) * (k * jnp.finfo(g.dtype).eps if rtol is None else rtol)
@@ -236,6 +229,7 @@ class GradVacState(NamedTuple):
   targets: Array  # (K, K) float: φ̂ᵢⱼ, EMA of cos(g'ᵢ, gⱼ); row i belongs to task i, diagonal unused (0)
 
 
+@method()
 def gradvac(beta: float = 1e-2) -> WeightingTransform:
   """Gradient Vaccine (GradVac).
 
@@ -278,15 +272,15 @@ def gradvac(beta: float = 1e-2) -> WeightingTransform:
     >>> [[round(float(x), 4) for x in row] for row in state.targets]  # ½ cos(g₁, g₂)
     [[0.0, -0.3536], [-0.3536, 0.0]]
   """
-  if not 0 < beta <= 1:
+  if is_concrete(beta) and not 0 < beta <= 1:
     raise ValueError(f"gradvac: beta must be in (0, 1], got {beta}")
 
   def init_fn(num_tasks):
     return GradVacState(jnp.zeros((num_tasks, num_tasks), jax.dtypes.canonicalize_dtype(float)))
 
-  def update_fn(losses, state, *, gramian=None, jacobian=None, key=None):
-    del jacobian
-    g = _gramian("gradvac", losses, gramian)
+  def update_fn(losses, state, **inputs):
+    g = checked_gramian("gradvac", losses, inputs.get("gramian"))
+    key = inputs.get("key")
     k = g.shape[0]
     if state.targets.shape != (k, k):
       raise ValueError(f"gradvac: state is for {state.targets.shape[0]} tasks, got losses of shape {losses.shape}")

@@ -8,9 +8,12 @@ import jax.numpy as jnp
 import numpy as np
 
 from jmtl.weighting._base import WeightingTransform
+from jmtl.weighting._base import is_concrete
+from jmtl.weighting._base import method
 from jmtl.weighting._base import stateless
 
 
+@method()
 def equal() -> WeightingTransform:
   """Equal weighting (EW): ``wₖ = 1`` for every task, i.e. the plain sum of losses.
 
@@ -27,6 +30,7 @@ def equal() -> WeightingTransform:
   return stateless(lambda losses, **_: jnp.ones_like(losses))
 
 
+@method()
 def static(weights: Sequence[float]) -> WeightingTransform:
   """Static weights ``wₖ`` chosen by hand or by grid search on validation data.
 
@@ -35,7 +39,8 @@ def static(weights: Sequence[float]) -> WeightingTransform:
   2018 for the grid-search protocol).
 
   Args:
-    weights: one non-negative, finite weight per task.
+    weights: one non-negative, finite weight per task (an array under
+      :func:`~jmtl.weighting.inject_hyperparams`, so they can be scheduled).
 
   Examples:
     >>> import jax.numpy as jnp
@@ -44,9 +49,10 @@ def static(weights: Sequence[float]) -> WeightingTransform:
     >>> t.update(jnp.array([3.0, 4.0]), t.init(2))[0].tolist()
     [1.0, 0.10000000149011612]
   """
-  weights = np.asarray(weights, dtype=np.float64)
-  if weights.ndim != 1 or not np.all(np.isfinite(weights)) or np.any(weights < 0):
-    raise ValueError(f"static weights must be a 1-D sequence of finite non-negative numbers, got {weights.tolist()}")
+  if is_concrete(weights):
+    weights = np.asarray(weights, dtype=np.float64)
+    if weights.ndim != 1 or not np.all(np.isfinite(weights)) or np.any(weights < 0):
+      raise ValueError(f"static weights must be a 1-D sequence of finite non-negative numbers, got {weights.tolist()}")
 
   def weight_fn(losses, **_):
     if losses.shape != weights.shape:
