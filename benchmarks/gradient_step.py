@@ -74,12 +74,12 @@ def build(k, method, **extra):
   names = [f"t{i}" for i in range(k)]
   model = jmtl.models.mlp(dict.fromkeys(names, CLASSES), hidden=(HIDDEN, HIDDEN))
   tasks = [jmtl.Task(n, jmtl.losses.softmax_cross_entropy) for n in names]
-  opt = optax.sgd(1e-2)
   factory, options = METHODS[method]
-  weighting = factory()
   params = model.init(jax.random.key(0), jnp.zeros((1, IN)))
-  state = jmtl.TrainState.create(params, opt, weighting, k, jax.random.key(1))
-  step = jmtl.parallel.jit(jmtl.make_train_step(model, tasks, opt, weighting, **options, **extra))
+  state = jmtl.TrainState.create(
+    params=params, tx=optax.sgd(1e-2), weighting=factory(), num_tasks=k, rng=jax.random.key(1)
+  )
+  step = jmtl.parallel.jit(jmtl.make_train_step(model, tasks, **options, **extra))
   return step, state
 
 

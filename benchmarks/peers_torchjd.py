@@ -78,11 +78,12 @@ def jmtl_runner(k, method, batch, chunk_size=None):
   names = [f"t{i}" for i in range(k)]
   model = jmtl.models.mlp(dict.fromkeys(names, CLASSES), hidden=(HIDDEN, HIDDEN))
   tasks = [jmtl.Task(n, jmtl.losses.softmax_cross_entropy) for n in names]
-  opt = optax.sgd(1e-2)
   weighting = JMTL[method]() if method in JMTL else jmtl.weighting.equal()
   params = model.init(jax.random.key(0), jnp.zeros((1, IN)))
-  state = jmtl.TrainState.create(params, opt, weighting, k, jax.random.key(1))
-  step = jmtl.parallel.jit(jmtl.make_train_step(model, tasks, opt, weighting, heads="own", chunk_size=chunk_size))
+  state = jmtl.TrainState.create(
+    params=params, tx=optax.sgd(1e-2), weighting=weighting, num_tasks=k, rng=jax.random.key(1)
+  )
+  step = jmtl.parallel.jit(jmtl.make_train_step(model, tasks, heads="own", chunk_size=chunk_size))
   compiled, _, _ = _timing.compile_step(step, state, batch)
   return _timing.looper(compiled, state, batch)
 

@@ -34,11 +34,11 @@ def jmtl_step(k, weighting=None):
   names = [f"t{i}" for i in range(k)]
   model = jmtl.models.mlp(dict.fromkeys(names, CLASSES), hidden=(HIDDEN, HIDDEN))
   tasks = [jmtl.Task(n, jmtl.losses.softmax_cross_entropy) for n in names]
-  opt = optax.sgd(1e-2)
-  weighting = weighting or jmtl.weighting.equal()
   params = model.init(jax.random.key(0), jnp.zeros((1, IN)))
-  state = jmtl.TrainState.create(params, opt, weighting, k, jax.random.key(1))
-  return jmtl.parallel.jit(jmtl.make_train_step(model, tasks, opt, weighting)), state
+  state = jmtl.TrainState.create(
+    params=params, tx=optax.sgd(1e-2), weighting=weighting, num_tasks=k, rng=jax.random.key(1)
+  )
+  return jmtl.parallel.jit(jmtl.make_train_step(model, tasks)), state
 
 
 def bare_step(k):

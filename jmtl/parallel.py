@@ -1,6 +1,7 @@
 """One step, three wrappers: ``jax.jit``, ``jax.pmap`` and ``jax.jit`` over a mesh.
 
-All three give the parameters a single device would (DESIGN §5):
+All three give the parameters a single device would (``docs/design.md``,
+"Data parallelism"):
 
 * :func:`jit` -- one device.
 * :func:`pmap` -- the classic data-parallel form. Build the step with

@@ -75,6 +75,10 @@ def mean_distance(copies) -> Array:
   return sum(jnp.sum((x - jnp.mean(x, axis=0)) ** 2) for x in jax.tree.leaves(stacked))
 
 
+#: The soft-sharing penalty kinds, name -> distance of the stacked copies.
+KINDS = ("pairwise", "mean")
+
+
 def soft_sharing(strength: float, select: Callable[[Params], Any], kind: str = "pairwise") -> Penalty:
   """Soft parameter sharing: ``λ Σ_{i<j} ‖θᵢ − θⱼ‖²`` over the selected copies.
 
@@ -103,10 +107,9 @@ def soft_sharing(strength: float, select: Callable[[Params], Any], kind: str = "
   """
   if not strength >= 0:
     raise ValueError(f"soft_sharing: strength must be >= 0, got {strength}")
-  fns = {"pairwise": pairwise_distance, "mean": mean_distance}
-  if kind not in fns:
-    raise ValueError(f"soft_sharing: kind must be one of {sorted(fns)}, got {kind!r}")
-  fn = fns[kind]
+  if kind not in KINDS:
+    raise ValueError(f"soft_sharing: kind must be one of {list(KINDS)}, got {kind!r}")
+  fn = pairwise_distance if kind == "pairwise" else mean_distance
 
   def penalty(params):
     return strength * fn(select(params))

@@ -17,16 +17,17 @@ from collections.abc import Callable
 from collections.abc import Mapping
 from collections.abc import Sequence
 from typing import Any
-from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 import optax
+from flax import struct
 
 from jmtl import grads as grads_lib
 from jmtl import metrics as metrics_lib
 from jmtl import sharing
 from jmtl import tasks as tasks_lib
+from jmtl.models import as_model
 from jmtl.weighting import WeightingTransform
 from jmtl.weighting import equal
 
@@ -35,8 +36,13 @@ Params = Any
 Batch = Mapping[str, Any]
 
 
-class TrainState(NamedTuple):
+class TrainState(struct.PyTreeNode):
   """Everything a multi-task run carries from step to step.
+
+  As flax's ``TrainState`` carries its ``tx``, this carries the optimizer and
+  the weighting transform as static fields, so they are given once (to
+  :meth:`create`) and the step reads them from the state. Subclass it to carry
+  more.
 
   Attributes:
     step: int32 scalar, steps taken (skipped ones included).
@@ -45,8 +51,11 @@ class TrainState(NamedTuple):
     weighting_state: the weighting transform's state.
     rng: PRNG key; split once per step for stochastic weightings.
     num_skipped: int32 scalar, steps skipped for a non-finite loss or gradient.
-    model_state: a stateful model's state (batch-norm statistics; see
-      :attr:`jmtl.models.MultiTaskModel.init_state`), ``None`` otherwise.
+    model_state: the model's state (batch-norm statistics; see
+      :attr:`jmtl.models.MultiTaskModel.init_state`), ``{}`` for a stateless
+      model.
+    tx: the optax optimizer (static).
+    weighting: the :class:`~jmtl.weighting.WeightingTransform` (static).
   """
 
   step: Array
@@ -55,71 +64,107 @@ class TrainState(NamedTuple):
   weighting_state: Any
   rng: Array
   num_skipped: Array
-  model_state: Any = None
+  model_state: Any
+  tx: optax.GradientTransformation = struct.field(pytree_node=False)
+  weighting: WeightingTransform = struct.field(pytree_node=False)
 
   @classmethod
   def create(
     cls,
+    *,
     params: Params,
-    optimizer: optax.GradientTransformation,
-    weighting: WeightingTransform,
+    tx: optax.GradientTransformation,
+    weighting: WeightingTransform | None = None,
     num_tasks: int,
     rng: Array,
     model_state: Any = None,
   ) -> TrainState:
-    """The state before the first step.
+    """The state before the first step (``weighting`` defaults to :func:`~jmtl.weighting.equal`).
 
     Examples:
       >>> import jax, jax.numpy as jnp, optax
       >>> import jmtl
-      >>> s = jmtl.TrainState.create({"shared": {"w": jnp.zeros(2)}, "tasks": {}},
-      ...                            optax.sgd(0.1), jmtl.weighting.equal(), 2, jax.random.key(0))
-      >>> int(s.step), int(s.num_skipped)
-      (0, 0)
+      >>> s = jmtl.TrainState.create(params={"shared": {"w": jnp.zeros(2)}, "tasks": {}}, tx=optax.sgd(0.1),
+      ...                            weighting=jmtl.weighting.upgrad(), num_tasks=2, rng=jax.random.key(0))
+      >>> int(s.step), int(s.num_skipped), s.weighting
+      (0, 0, upgrad(max_iter=None))
     """
+    weighting = equal() if weighting is None else weighting
     return cls(
       step=jnp.zeros((), jnp.int32),
       params=params,
-      opt_state=optimizer.init(params),
+      opt_state=tx.init(params),
       weighting_state=weighting.init(num_tasks),
       rng=rng,
       num_skipped=jnp.zeros((), jnp.int32),
-      model_state=model_state,
+      model_state={} if model_state is None else model_state,
+      tx=tx,
+      weighting=weighting,
     )
 
+  @classmethod
+  def from_model(
+    cls,
+    model,
+    inputs: Any,
+    *,
+    tx: optax.GradientTransformation,
+    weighting: WeightingTransform | None = None,
+    rng: Array,
+  ) -> TrainState:
+    """The state before the first step of a :class:`~jmtl.models.MultiTaskModel`: its parameters and state too.
 
-def _apply_fn(model) -> Callable:
-  apply = getattr(model, "apply", model)
-  if not callable(apply):
-    raise TypeError(f"model must be callable or have an .apply, got {type(model).__name__}")
-  return apply
+    ``rng`` is split into the initialisation key and the step key; only the
+    shape of ``inputs`` past the batch axis matters. Built under one
+    ``jax.jit``: op by op, every parameter and optimizer leaf would compile
+    its own small kernel.
 
+    Examples:
+      >>> import jax, jax.numpy as jnp, optax
+      >>> import jmtl
+      >>> model = jmtl.models.mlp({"a": 3, "b": 2}, hidden=(8,))
+      >>> s = jmtl.TrainState.from_model(model, jnp.ones((4, 5)), tx=optax.adam(1e-3), rng=jax.random.key(0))
+      >>> s.params["tasks"]["b"]["dense_0"]["kernel"].shape, s.model_state
+      ((8, 2), {})
+    """
+    model = as_model(model)
+    if model.init is None or model.task_names is None:
+      raise TypeError(
+        "TrainState.from_model needs a model with init and task_names (a jmtl.models constructor's); "
+        "for a plain apply function, use TrainState.create(params=..., num_tasks=...)"
+      )
 
-def _where_tree(ok, new, old):
-  return jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, old)
+    def create(key, x):
+      init_key, step_key = jax.random.split(key)
+      return cls.create(
+        params=model.init(init_key, x),
+        tx=tx,
+        weighting=weighting,
+        num_tasks=len(model.task_names),
+        rng=step_key,
+        model_state=model.init_state(init_key, x),
+      )
+
+    return jax.jit(create)(rng, jax.tree.map(lambda a: a[:1], inputs))
 
 
 def make_train_step(
   model,
   tasks: Sequence[tasks_lib.Task],
-  optimizer: optax.GradientTransformation,
-  weighting: WeightingTransform | None = None,
   *,
   penalty: sharing.Penalty | Sequence[sharing.Penalty] | None = None,
   axis_name: str | None = None,
-  level: str = "parameter",
-  heads: str = "weighted",
-  chunk_size: int | None = None,
-  cross_device: str = "exact",
+  options: grads_lib.GradientOptions | None = None,
+  weighting_inputs: Callable[[TrainState, Batch], Mapping[str, Any]] | None = None,
+  **option_fields,
 ) -> Callable[[TrainState, Batch], tuple[TrainState, dict[str, Array]]]:
-  """Builds the pure multi-task train step.
+  """Builds the pure multi-task train step; the optimizer and the weighting come from the state.
 
   The update is ``∇θ [Σₖ stop_gradient(wₖ) Lₖ + penalty(θ)]``. For a
   loss-level weighting this costs one forward and one backward (a VJP with the
   weights as cotangent). A weighting that needs the Gramian or Jacobian of
   ``params["shared"]`` gets it by the cheapest route :mod:`jmtl.grads` knows
-  for the model: the separable fast paths when it has ``encode``/``head``,
-  one VJP per task otherwise.
+  for the model (:func:`jmtl.grads.route` says which).
 
   Data parallelism: with ``axis_name`` set, the step is meant for
   ``jax.pmap``/``shard_map``: label counts, losses and gradients are summed
@@ -128,16 +173,18 @@ def make_train_step(
   leave it ``None``: the step is already global.
 
   Args:
-    model: a :class:`jmtl.models.MultiTaskModel` or any
-      ``apply(params, inputs) -> {task: prediction}``.
+    model: a :class:`jmtl.models.MultiTaskModel`, or a plain
+      ``apply(params, inputs) -> {task: prediction}`` (wrapped by
+      :func:`jmtl.models.as_model`).
     tasks: the tasks, in weight order.
-    optimizer: any optax optimizer.
-    weighting: a weighting transform (default :func:`jmtl.weighting.equal`).
     penalty: regularisers from :mod:`jmtl.sharing` (one or a sequence).
     axis_name: the pmap/shard_map axis to reduce over, or ``None``.
-    level, heads, chunk_size, cross_device: how per-task gradients are
-      computed for Gramian/Jacobian transforms; see
-      :class:`jmtl.grads.GradientOptions`.
+    options: how per-task gradients are computed for Gramian/Jacobian
+      transforms (:class:`jmtl.grads.GradientOptions`); or give its fields
+      (``level``, ``heads``, ``chunk_size``, ``cross_device``) as keywords.
+    weighting_inputs: ``weighting_inputs(state, batch) -> {name: value}``:
+      further inputs for the weighting's ``update`` (validation losses, a
+      second batch's statistics, ...), passed beside ``key`` and ``step``.
 
   Returns:
     ``step(state, batch) -> (state, metrics)``; ``metrics`` holds
@@ -153,9 +200,9 @@ def make_train_step(
     ...   z = x @ p["shared"]["w"]
     ...   return {k: z * p["tasks"][k] for k in ("a", "b")}
     >>> params = {"shared": {"w": jnp.ones((3,))}, "tasks": {"a": 1.0, "b": -1.0}}
-    >>> opt = optax.sgd(0.1)
-    >>> step = jax.jit(jmtl.make_train_step(apply, tasks, opt))
-    >>> state = jmtl.TrainState.create(params, opt, jmtl.weighting.equal(), 2, jax.random.key(0))
+    >>> state = jmtl.TrainState.create(params=params, tx=optax.sgd(0.1), weighting=jmtl.weighting.mgda(),
+    ...                                num_tasks=2, rng=jax.random.key(0))
+    >>> step = jax.jit(jmtl.make_train_step(apply, tasks))
     >>> batch = {"inputs": jnp.ones((4, 3)), "labels": {"a": jnp.ones(4), "b": -jnp.ones(4)}}
     >>> state, m = step(state, batch)
     >>> sorted(k for k in m if k.startswith("loss/"))
@@ -163,18 +210,32 @@ def make_train_step(
   """
   tasks = tasks_lib.check_tasks(tasks)
   names = tuple(t.name for t in tasks)
-  _apply_fn(model)
-  weighting = equal() if weighting is None else weighting
+  model = as_model(model)
   penalty_fn = sharing.as_penalty(penalty)
-  opts = grads_lib.GradientOptions(level, heads, chunk_size, cross_device).check()
+  if options is not None and option_fields:
+    raise TypeError(f"make_train_step: give options= or its fields {sorted(option_fields)}, not both")
+  opts = (options or grads_lib.GradientOptions(**option_fields)).check()
 
   def step(state: TrainState, batch: Batch):
     tasks_lib.check_batch(tasks, batch)
     rng, key = jax.random.split(state.rng)
-    out = grads_lib.compute(
-      model, tasks, state.params, batch, weighting, state.weighting_state, key, axis_name, opts, state.model_state
+    inputs = {"key": key, "step": state.step}
+    if weighting_inputs is not None:
+      inputs.update(weighting_inputs(state, batch))
+    ctx = grads_lib.Context(
+      model=model,
+      tasks=tasks,
+      params=state.params,
+      batch=batch,
+      transform=state.weighting,
+      weighting_state=state.weighting_state,
+      inputs=inputs,
+      axis_name=axis_name,
+      options=opts,
+      model_state=state.model_state,
     )
-    losses, weights, wstate, grads = out.losses, out.weights, out.weighting_state, out.grads
+    out = grads_lib.compute(ctx)
+    losses, weights, grads = out.losses, out.weights, out.grads
     if penalty_fn is not None:
       pen, pgrads = jax.value_and_grad(penalty_fn)(state.params)
       grads = jax.tree.map(jnp.add, grads, pgrads)
@@ -184,8 +245,8 @@ def make_train_step(
     ok = jnp.isfinite(grad_norm) & jnp.all(jnp.isfinite(losses)) & jnp.all(jnp.isfinite(weights)) & jnp.isfinite(pen)
 
     def apply(_):
-      updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
-      return optax.apply_updates(state.params, updates), opt_state, wstate, out.model_state
+      updates, opt_state = state.tx.update(grads, state.opt_state, state.params)
+      return optax.apply_updates(state.params, updates), opt_state, out.weighting_state, out.model_state
 
     def keep(_):
       return state.params, state.opt_state, state.weighting_state, state.model_state
@@ -193,7 +254,7 @@ def make_train_step(
     # A branch, not a select: the update is computed only when it is applied.
     params, opt_state, wstate, model_state = jax.lax.cond(ok, apply, keep, None)
     skipped = jnp.logical_not(ok)
-    new_state = TrainState(
+    new_state = state.replace(
       step=state.step + 1,
       params=params,
       opt_state=opt_state,
@@ -221,8 +282,9 @@ def make_eval_step(model, tasks: Sequence[tasks_lib.Task], *, axis_name: str | N
   """Builds ``eval_step(params, batch, model_state=None) -> stats``: summed metric statistics.
 
   The statistics add across batches (and, with ``axis_name``, across
-  devices), so :func:`evaluate` gets exact metrics over a whole split. A
-  stateful model (batch norm) runs in inference mode on ``model_state``.
+  devices), so :func:`evaluate` gets exact metrics over a whole split. The
+  model runs in inference mode (``train=False``) on ``model_state``, which a
+  stateful model (batch norm) must be given.
 
   Examples:
     >>> import jax.numpy as jnp
@@ -234,17 +296,14 @@ def make_eval_step(model, tasks: Sequence[tasks_lib.Task], *, axis_name: str | N
     {'a/loss': 1.0, 'a/mae': 1.0}
   """
   tasks = tasks_lib.check_tasks(tasks)
-  apply = _apply_fn(model)
-  stateful = getattr(model, "init_state", None) is not None
+  model = as_model(model)
 
   def eval_step(params, batch, model_state=None):
     tasks_lib.check_batch(tasks, batch)
-    if stateful:
-      if model_state is None:
-        raise ValueError("eval_step: the model has state (batch-norm statistics); pass model_state=state.model_state")
-      preds, _ = apply(params, batch["inputs"], model_state, train=False)
-    else:
-      preds = apply(params, batch["inputs"])
+    state = {} if model_state is None else model_state
+    if model.stateful and not jax.tree.leaves(state):
+      raise ValueError("eval_step: the model has state (batch-norm statistics); pass model_state=state.model_state")
+    preds, _ = model.apply(params, batch["inputs"], state, train=False, axis_name=None)
     stats = {}
     for t in tasks:
       loss_sum, count = tasks_lib.loss_terms(t, preds, batch)
@@ -284,7 +343,7 @@ def evaluate(eval_step, params, batches, tasks: Sequence[tasks_lib.Task], model_
   """
   total = None
   for batch in batches:
-    stats = eval_step(params, batch) if model_state is None else eval_step(params, batch, model_state)
+    stats = eval_step(params, batch, model_state)
     total = metrics_lib.add_stats(total, stats)
   if total is None:
     raise ValueError("evaluate: no batches")

@@ -1,7 +1,11 @@
 """The experiment runner behind the ``jmtl`` command: configs, training loop, checkpoints, logs, baselines, plots.
 
-This is the only part of jmtl that touches files, the terminal and the clock
-(DESIGN §2, §7). The commands are functions too::
+Everything below it (the train step, the gradient engine, the weightings,
+the models) is pure functions of arrays; the runner is what reads configs,
+writes workdirs (checkpoints, logs, plots, results), prints and times -- the
+dataset builders of :mod:`jmtl.data` are the one other writer, preparing
+datasets on disk (``docs/design.md``, "Layers" and "The runner"). The commands
+are functions too::
 
   from jmtl import run
   config = run.load_config("configs/synthetic.py")

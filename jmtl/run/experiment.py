@@ -105,9 +105,7 @@ def evaluate_workdir(workdir: str, *, quiet: bool = False) -> dict[str, Any]:
     raise ConfigError(f"workdir {path} has no checkpoint yet")
   run = loop.Run(config)
   example = inputs.TrainBatches(run.data, run.names, config).example()
-  state = jax.eval_shape(
-    lambda: loop.create_train_state(config, run.model, run.optimizer, run.weighting, len(run.tasks), example)
-  )
+  state = jax.eval_shape(lambda: loop.create_train_state(run, example))
   step = ckpt.latest_step()
   which = "best_params" if config.select == "best" else "params"
   params, meta = ckpt.restore_params(loop.variables(state), which)

@@ -170,7 +170,7 @@ class TrainBatches:
       config.batch_size,
       seed=config.seed,
       transform=data.transform,
-      worker_count=config.dataset.workers,
+      read=data_lib.ReadOptions(worker_count=config.dataset.workers),
     )
     self.iterator = iter(self.pipeline)
 

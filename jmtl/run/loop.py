@@ -42,38 +42,24 @@ class Interrupted(Exception):
     self.signum, self.step = signum, step
 
 
-def create_train_state(config, model, optimizer, weighting, num_tasks: int, example: dict) -> jmtl.TrainState:
-  """The initial state: parameters from ``key(seed)``, the step rng from a split of it.
+def create_train_state(run: Run, example: dict) -> jmtl.TrainState:
+  """The initial state of ``run``: parameters from ``key(seed)``, the step rng from a split of it.
 
-  Built under one ``jax.jit``: op by op, every parameter and optimizer leaf
-  would compile its own small kernel (seconds, for a model of a few layers).
-
-  Examples:
-    >>> import optax
-    >>> from jmtl import models, weighting
-    >>> s = create_train_state(ml_collections.ConfigDict({"seed": 0}), models.mlp({"a": 2}, hidden=(4,)),
-    ...                        optax.sgd(0.1), weighting.equal(), 1, {"inputs": np.zeros((1, 3), np.float32)})
-    >>> int(s.step), s.params["shared"]["dense_0"]["kernel"].shape
-    (0, (3, 4))
+  See :meth:`jmtl.TrainState.from_model`.
   """
-
-  def create(key, x):
-    init_key, step_key = jax.random.split(key)
-    params = model.init(init_key, x)
-    model_state = model.init_state(init_key, x) if getattr(model, "init_state", None) else None
-    return jmtl.TrainState.create(params, optimizer, weighting, num_tasks, step_key, model_state)
-
-  return jax.jit(create)(jax.random.key(config.seed), example["inputs"][:1])
+  return jmtl.TrainState.from_model(
+    run.model, example["inputs"], tx=run.optimizer, weighting=run.weighting, rng=jax.random.key(run.config.seed)
+  )
 
 
 def variables(state: jmtl.TrainState):
   """What evaluation and model selection need: ``params``, or ``(params, model_state)`` for a stateful model."""
-  return state.params if state.model_state is None else (state.params, state.model_state)
+  return (state.params, state.model_state) if jax.tree.leaves(state.model_state) else state.params
 
 
 def _rest(state: jmtl.TrainState) -> jmtl.TrainState:
   """The state without what :func:`variables` holds (checkpointed as their own items)."""
-  return state._replace(params=(), model_state=None)
+  return state.replace(params=(), model_state={})
 
 
 def data_mesh(config) -> jax.sharding.Mesh | None:
@@ -93,24 +79,26 @@ def place(tree, mesh):
   return tree if mesh is None else jax.device_put(tree, jmtl.parallel.replicated(mesh))
 
 
-def make_train_step(config, model, tasks, optimizer, weighting, mesh=None):
+def make_loop_step(config, model, tasks, mesh=None):
   """``step((state, sums), batch) -> (state, sums)``, jitted with the carry donated; ``sums`` add the metrics.
 
-  Also returns ``zero_sums(state, batch)``, the initial sums. With a ``mesh``
+  The optimizer and the weighting are the state's. Also returns
+  ``zero_sums(state, batch)``, the initial sums. With a ``mesh``
   (:func:`data_mesh`) the step is one global program over it: the carry
   replicated, every batch split along its leading axis, the gradient that of
   the global batch (:func:`jmtl.parallel.mesh_jit`).
 
   Examples:
     >>> import optax
-    >>> from jmtl import models, weighting
+    >>> from jmtl import models
     >>> c = ml_collections.ConfigDict({"seed": 0, "sharing": {"soft": 0.0, "weight_decay": 0.0},
     ...   "grad": {"level": "parameter", "heads": "weighted", "chunk_size": 0, "cross_device": "exact"}})
-    >>> model, opt, w = models.mlp({"a": 2}, hidden=(4,)), optax.sgd(0.1), weighting.equal()
+    >>> model = models.mlp({"a": 2}, hidden=(4,))
     >>> tasks = [jmtl.Task("a", jmtl.losses.softmax_cross_entropy)]
     >>> batch = {"inputs": np.ones((2, 3), np.float32), "labels": {"a": np.array([0, 1])}}
-    >>> step, zero_sums = make_train_step(c, model, tasks, opt, w)
-    >>> state = create_train_state(c, model, opt, w, 1, batch)
+    >>> step, zero_sums = make_loop_step(c, model, tasks)
+    >>> state = jmtl.TrainState.create(params=model.init(jax.random.key(0), batch["inputs"]), tx=optax.sgd(0.1),
+    ...                                num_tasks=1, rng=jax.random.key(1))
     >>> state, sums = step((state, zero_sums(state, batch)), batch)
     >>> state, sums = step((state, sums), batch)
     >>> int(state.step), float(sums["weight/a"])
@@ -120,8 +108,6 @@ def make_train_step(config, model, tasks, optimizer, weighting, mesh=None):
   step = jmtl.make_train_step(
     model,
     tasks,
-    optimizer,
-    weighting,
     penalty=registry.make_penalty(config),
     level=g.level,
     heads=g.heads,
@@ -186,9 +172,7 @@ class Run:
     self._check_shared()
     self.mesh = data_mesh(config)
     self.eval_step = _eval_step(jmtl.make_eval_step(self.model, self.tasks), self.mesh)
-    self.train_step, self.zero_sums = make_train_step(
-      config, self.model, self.tasks, self.optimizer, self.weighting, self.mesh
-    )
+    self.train_step, self.zero_sums = make_loop_step(config, self.model, self.tasks, self.mesh)
 
   def _check_shared(self) -> None:
     x = self.data.sources["train"][0]["inputs"]
@@ -211,7 +195,7 @@ class Run:
     if self.mesh is not None:  # a multiple of the device count (the last batch is padded to it)
       size = max(size - size % self.mesh.size, self.mesh.size)
     batches = inputs.eval_batches(self.data, split, self.names, size)
-    params, model_state = weights if isinstance(weights, tuple) else (weights, None)
+    params, model_state = weights if isinstance(weights, tuple) else (weights, {})
     return jmtl.evaluate(self.eval_step, params, batches, self.tasks, model_state)
 
 
@@ -251,79 +235,85 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, progr
   workdir_lib.open_run(workdir, config)
   batches = inputs.TrainBatches(run.data, run.names, config)
   example = batches.example()
-  state = place(create_train_state(config, run.model, run.optimizer, run.weighting, len(run.tasks), example), run.mesh)
+  state = place(create_train_state(run, example), run.mesh)
   sums = run.zero_sums(state, example)
   ckpt = Checkpoints(os.path.join(workdir, "checkpoints"), config.keep_checkpoints)
   host = {"best_score": None, "best_step": 0, "seconds": 0.0, "timed_steps": 0}
   best = _copy(variables(state))
   if ckpt.latest_step() is not None:
     now, best, (rest, sums), meta = ckpt.restore(variables(state), (_rest(state), sums))
-    params, model_state = now if isinstance(now, tuple) else (now, None)
-    state = rest._replace(params=params, model_state=model_state)
+    params, model_state = now if isinstance(now, tuple) else (now, {})
+    state = rest.replace(params=params, model_state=model_state)
     batches.set_state(meta["data"])
     host = meta["host"]
   log = MetricsLog(workdir, resume_step=int(state.step) if ckpt.latest_step() is not None else None)
   try:
-    state, best = _loop(run, state, sums, best, batches, ckpt, log, host, progress, desc)
+    state, best = _Training(run, batches, ckpt, log, host).loop(state, sums, best, progress=progress, desc=desc)
   finally:
     log.close()
     ckpt.close()
   return _finish(run, workdir, state, best, host)
 
 
-def _loop(run, state, sums, best, batches, ckpt, log, host, progress, desc):
-  config = run.config
-  step = int(state.step)
-  last_log = step - step % config.log_every
-  bar = Progress(config.num_steps, step, desc, progress)
-  tick, first = time.perf_counter(), True
-  with _stop_on_signals() as caught:
-    while step < config.num_steps:
-      state, sums = run.train_step((state, sums), next(batches))
-      step += 1
-      end = step == config.num_steps
-      record = None
-      if step % config.log_every == 0 or end:
-        record, sums = _log_train(run, state, sums, step - last_log, tick, first, host, log, step)
-        last_log, first = step, False
-      if step % config.eval_every == 0 or end:
-        best = _validate(run, state, best, host, log, step)
-      if step % config.checkpoint_every == 0 or end or caught:
-        ckpt.save(step, variables(state), best, (_rest(state), sums), _meta(batches, host))
-      bar.update(step, record)
-      if caught:
-        bar.close()
-        raise Interrupted(caught["signum"], step)
-      if record is not None:  # eval_every and checkpoint_every are multiples of log_every
-        tick = time.perf_counter()  # so the timed intervals hold steps only
-  bar.close()
-  return state, best
+class _Training:
+  """The loop of one run and what it writes to: checkpoints, the metrics log, the host-side state."""
 
+  def __init__(self, run: Run, batches, ckpt: Checkpoints, log: MetricsLog, host: dict):
+    self.run, self.batches, self.ckpt, self.log, self.host = run, batches, ckpt, log, host
 
-def _log_train(run, state, sums, count, tick, first, host, log, step):
-  values = jax.device_get(sums)  # the one host sync of the interval
-  elapsed = time.perf_counter() - tick
-  if not first:  # the first interval after a (re)start includes compilation
-    host["seconds"] += elapsed
-    host["timed_steps"] += count
-  record = {k: v / count for k, v in values.items() if k != "skipped"}
-  record["skipped"] = values["skipped"]
-  record["num_skipped"] = int(state.num_skipped)
-  record["examples_per_s"] = count * run.config.batch_size / max(elapsed, 1e-9)
-  log.write(step, "train", record)
-  return record, _zeros(sums)
+  def loop(self, state, sums, best, *, progress: bool, desc: str):
+    config = self.run.config
+    step = int(state.step)
+    last_log = step - step % config.log_every
+    bar = Progress(config.num_steps, step, desc, progress)
+    tick, first = time.perf_counter(), True
+    with _stop_on_signals() as caught:
+      while step < config.num_steps:
+        state, sums = self.run.train_step((state, sums), next(self.batches))
+        step += 1
+        end = step == config.num_steps
+        record = None
+        if step % config.log_every == 0 or end:
+          record, sums = self.log_train(state, sums, count=step - last_log, tick=tick, first=first)
+          last_log, first = step, False
+        if step % config.eval_every == 0 or end:
+          best = self.validate(state, best)
+        if step % config.checkpoint_every == 0 or end or caught:
+          self.ckpt.save(step, variables(state), best, (_rest(state), sums), _meta(self.batches, self.host))
+        bar.update(step, record)
+        if caught:
+          bar.close()
+          raise Interrupted(caught["signum"], step)
+        if record is not None:  # eval_every and checkpoint_every are multiples of log_every
+          tick = time.perf_counter()  # so the timed intervals hold steps only
+    bar.close()
+    return state, best
 
+  def log_train(self, state, sums, *, count: int, tick: float, first: bool):
+    host = self.host
+    values = jax.device_get(sums)  # the one host sync of the interval
+    elapsed = time.perf_counter() - tick
+    if not first:  # the first interval after a (re)start includes compilation
+      host["seconds"] += elapsed
+      host["timed_steps"] += count
+    record = {k: v / count for k, v in values.items() if k != "skipped"}
+    record["skipped"] = values["skipped"]
+    record["num_skipped"] = int(state.num_skipped)
+    record["examples_per_s"] = count * self.run.config.batch_size / max(elapsed, 1e-9)
+    self.log.write(int(state.step), "train", record)
+    return record, _zeros(sums)
 
-def _validate(run, state, best, host, log, step):
-  values = run.evaluate(variables(state), "validation")
-  log.write(step, "validation", values)
-  score = evaluation.selection_score(values, run.tasks, run.config.select_metric)
-  if run.config.select == "final":
-    host["best_step"] = step
-  elif host["best_score"] is None or score > host["best_score"]:
-    host["best_score"], host["best_step"] = score, step
-    best = _copy(variables(state))  # the state's buffers are donated to the next step
-  return best
+  def validate(self, state, best):
+    run, host, step = self.run, self.host, int(state.step)
+    values = run.evaluate(variables(state), "validation")
+    self.log.write(step, "validation", values)
+    score = evaluation.selection_score(values, run.tasks, run.config.select_metric)
+    if run.config.select == "final":
+      host["best_step"] = step
+    elif host["best_score"] is None or score > host["best_score"]:
+      host["best_score"], host["best_step"] = score, step
+      best = _copy(variables(state))  # the state's buffers are donated to the next step
+    return best
 
 
 def _meta(batches, host) -> dict:

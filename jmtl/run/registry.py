@@ -1,14 +1,16 @@
 """Names in a config -> jmtl objects: weighting methods, models, optimizers, penalties; and the config check.
 
-The method table is built from the attributes :mod:`jmtl.weighting` has at
-run time, so a method another module adds later appears here without an edit,
-and a listed method this jmtl lacks fails with a clear message.
+Names resolve to code, with no tables kept here: a weighting method is a
+built-in of :func:`jmtl.weighting.methods`, a model a constructor of
+:mod:`jmtl.models`, an optimizer an attribute of :mod:`optax`, and a dotted
+path (``my_package.my_module.factory``) names a user's own, with no edit here.
 """
 
 from __future__ import annotations
 
+import importlib
 import inspect
-import re
+from collections.abc import Callable
 from collections.abc import Mapping
 from collections.abc import Sequence
 from typing import Any
@@ -17,60 +19,50 @@ import jax
 import ml_collections
 import optax
 
+from jmtl import grads
 from jmtl import models
 from jmtl import sharing
 from jmtl import weighting as weighting_lib
 from jmtl.run.config import ConfigError
 
-#: method name -> (attribute of :mod:`jmtl.weighting`, default keyword arguments).
-#: ``"select": "last"`` means the Gramian is over the last shared layer only.
-METHODS: dict[str, tuple[str, dict[str, Any]]] = {
-  "equal": ("equal", {}),
-  "static": ("static", {}),
-  "uncertainty": ("uncertainty", {}),
-  "dwa": ("dwa", {}),
-  "rlw": ("rlw", {}),
-  "gls": ("gls", {}),
-  "famo": ("famo", {}),
-  "imtl_l": ("imtl_l", {}),
-  "pcgrad": ("pcgrad", {}),
-  "imtl_g": ("imtl_g", {}),
-  "aligned_mtl": ("aligned_mtl", {}),
-  "gradvac": ("gradvac", {}),
-  "gradnorm": ("gradnorm", {"select": "last"}),
-  "graddrop": ("graddrop", {}),
-  "mgda": ("mgda", {}),
-  "upgrad": ("upgrad", {}),
-  "dualproj": ("dualproj", {}),
-  "cagrad": ("cagrad", {}),
-  "nash_mtl": ("nash_mtl", {}),
-}
-
-MODELS = ("mlp", "cnn", "resnet", "mtan", "soft_mlp", "cross_stitch", "mmoe", "cgc", "ple", "dselect_k")
-OPTIMIZERS = ("adam", "adamw", "sgd")
 SCHEDULES = ("constant", "cosine")
 
 
-def available_methods() -> list[str]:
-  """The method names this jmtl provides (the table's entries whose factory exists).
+def resolve(name: str, namespace: dict[str, Callable], kind: str) -> Callable:
+  """``namespace[name]``, or the object a dotted path ``package.module.attr`` names.
 
   Examples:
-    >>> {"equal", "famo", "pcgrad"} <= set(available_methods())
+    >>> resolve("equal", weighting_lib.methods(), "weighting method").__name__
+    'equal'
+    >>> resolve("jmtl.weighting.last_layer", {}, "selector").__name__
+    'last_layer'
+  """
+  if name in namespace:
+    return namespace[name]
+  if "." in name:
+    module, _, attr = name.rpartition(".")
+    try:
+      obj = getattr(importlib.import_module(module), attr)
+    except (ImportError, AttributeError) as e:
+      raise ConfigError(f"{kind} {name!r}: cannot import it ({e})") from e
+    if callable(obj):
+      return obj
+  raise ConfigError(f"unknown {kind} {name!r}; available: {', '.join(namespace)} (or a dotted path to your own)")
+
+
+def model_constructors() -> dict[str, Callable]:
+  """The constructors of :mod:`jmtl.models` (the public functions whose first argument is ``task_dims``).
+
+  Examples:
+    >>> {"mlp", "resnet", "mmoe"} <= set(model_constructors())
     True
   """
-  return [name for name, (attr, _) in METHODS.items() if callable(getattr(weighting_lib, attr, None))]
-
-
-def _factory(name: str):
-  attr, defaults = METHODS.get(name, (name, {}))
-  fn = getattr(weighting_lib, attr, None)
-  if name not in METHODS and not (callable(fn) and inspect.isfunction(fn)):
-    fn = None
-  if fn is None:
-    known = ", ".join(available_methods())
-    missing = " (listed, but this jmtl does not provide it yet)" if name in METHODS else ""
-    raise ConfigError(f"unknown weighting method {name!r}{missing}; available: {known}")
-  return fn, dict(defaults)
+  out = {}
+  for name in models.__all__:
+    fn = getattr(models, name)
+    if inspect.isfunction(fn) and next(iter(inspect.signature(fn).parameters), None) == "task_dims":
+      out[name] = fn
+  return out
 
 
 def method_names(spec: str) -> list[str]:
@@ -91,17 +83,17 @@ def make_weighting(config: ml_collections.ConfigDict, num_tasks: int) -> weighti
 
   Examples:
     >>> c = ml_collections.ConfigDict({"weighting": "static", "static_weights": (1.0, 3.0), "weighting_args": {}})
-    >>> make_weighting(c, 2).needs
-    'losses'
+    >>> make_weighting(c, 2)
+    static(weights=[1.0, 3.0])
   """
   transforms = [_one_weighting(name, config, num_tasks) for name in method_names(config.weighting)]
   return transforms[0] if len(transforms) == 1 else weighting_lib.chain(*transforms)
 
 
 def _one_weighting(name: str, config: ml_collections.ConfigDict, num_tasks: int):
-  fn, kwargs = _factory(name)
+  fn = resolve(name, weighting_lib.methods(), "weighting method")
   args = config.weighting_args.get(name) if "weighting_args" in config else None
-  kwargs.update(args.to_dict() if isinstance(args, ml_collections.ConfigDict) else {})
+  kwargs = args.to_dict() if isinstance(args, ml_collections.ConfigDict) else {}
   if name == "static":
     weights = tuple(config.static_weights)
     if len(weights) != num_tasks:
@@ -110,23 +102,12 @@ def _one_weighting(name: str, config: ml_collections.ConfigDict, num_tasks: int)
         f"set e.g. --config.static_weights='{tuple([1.0] * num_tasks)}'"
       )
     kwargs["weights"] = [float(w) for w in weights]
-  if kwargs.get("select") == "last":
-    kwargs["select"] = last_layer
+  if isinstance(kwargs.get("select"), str):  # a selector by name: last_layer, or a dotted path
+    kwargs["select"] = resolve(kwargs["select"], {"last_layer": weighting_lib.last_layer}, "selector")
   try:
     return fn(**kwargs)
   except (TypeError, ValueError) as e:
     raise ConfigError(f"weighting {name!r} with arguments {kwargs}: {e}") from e
-
-
-def last_layer(shared: Mapping[str, Any]) -> dict[str, Any]:
-  """The last top-level layer of the shared parameters (``dense_10`` after ``dense_9``).
-
-  Examples:
-    >>> sorted(last_layer({"dense_0": 1, "dense_10": 2, "dense_9": 3}))
-    ['dense_10']
-  """
-  key = max(shared, key=lambda k: [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", k)])
-  return {key: shared[key]}
 
 
 def make_model(config: ml_collections.ConfigDict, task_dims: Mapping[str, int]) -> models.MultiTaskModel:
@@ -138,18 +119,21 @@ def make_model(config: ml_collections.ConfigDict, task_dims: Mapping[str, int]) 
     ('a',)
   """
   name = config.model.name
-  if name not in MODELS:
-    raise ConfigError(f"unknown model {name!r} in config field 'model.name'; available: {', '.join(MODELS)}")
+  constructor = resolve(name, model_constructors(), "model (config field 'model.name')")
   fields = config.model.get(name)
   kwargs = fields.to_dict() if isinstance(fields, ml_collections.ConfigDict) else {}
   try:
-    return getattr(models, name)(dict(task_dims), **kwargs)
+    return constructor(dict(task_dims), **kwargs)
   except (TypeError, ValueError) as e:
     raise ConfigError(f"model {name!r} with fields model.{name} = {kwargs}: {e}") from e
 
 
 def make_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransformation:
-  """The optax optimizer of ``config.optimizer`` (name, learning_rate, schedule, warmup_steps, ...).
+  """The optax optimizer ``config.optimizer.name`` names (an attribute of optax), with its learning-rate schedule.
+
+  ``momentum`` and ``weight_decay`` are passed when the optimizer takes them
+  and they are set; ``config.optimizer.args`` (optional) holds any other
+  keyword arguments of the optax function.
 
   Examples:
     >>> c = ml_collections.ConfigDict({"num_steps": 10, "optimizer": {"name": "sgd", "learning_rate": 0.1,
@@ -158,16 +142,25 @@ def make_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransform
     'GradientTransformationExtraArgs'
   """
   o = config.optimizer
+  factory = getattr(optax, o.name, None) if isinstance(o.name, str) else None
+  if not callable(factory) or "learning_rate" not in inspect.signature(factory).parameters:
+    raise ConfigError(
+      f"config field 'optimizer.name' is {o.name!r}: not an optax optimizer taking a learning_rate "
+      "(e.g. adam, adamw, sgd, lion, adafactor)"
+    )
   lr: Any = float(o.learning_rate)
   if o.schedule == "cosine":
     lr = optax.warmup_cosine_decay_schedule(0.0, lr, o.warmup_steps, max(config.num_steps, o.warmup_steps + 1))
   elif o.warmup_steps:
     lr = optax.linear_schedule(0.0, lr, o.warmup_steps)
-  if o.name == "adam":
-    return optax.adam(lr)
-  if o.name == "adamw":
-    return optax.adamw(lr, weight_decay=o.weight_decay)
-  return optax.sgd(lr, momentum=o.momentum or None)
+  accepted = inspect.signature(factory).parameters
+  kwargs = {k: o[k] for k in ("momentum", "weight_decay") if k in accepted and o[k]}
+  extra = o.get("args")
+  kwargs.update(extra.to_dict() if isinstance(extra, ml_collections.ConfigDict) else {})
+  try:
+    return factory(learning_rate=lr, **kwargs)
+  except (TypeError, ValueError) as e:
+    raise ConfigError(f"optimizer {o.name!r} with arguments {kwargs}: {e}") from e
 
 
 def make_penalty(config: ml_collections.ConfigDict) -> list[sharing.Penalty]:
@@ -240,13 +233,12 @@ def check(config: ml_collections.ConfigDict) -> None:
         f"config field {field!r} ({config[field]}) must be a multiple of log_every ({config.log_every})"
       )
   _check_choice("select", config.select, ("best", "final"))
-  _check_choice("model.name", config.model.name, MODELS)
-  _check_choice("optimizer.name", config.optimizer.name, OPTIMIZERS)
+  resolve(config.model.name, model_constructors(), "model (config field 'model.name')")
+  make_optimizer(config)
   _check_choice("optimizer.schedule", config.optimizer.schedule, SCHEDULES)
-  _check_choice("sharing.kind", config.sharing.kind, ("pairwise", "mean"))
-  _check_choice("grad.level", config.grad.level, ("parameter", "representation"))
-  _check_choice("grad.heads", config.grad.heads, ("weighted", "own"))
-  _check_choice("grad.cross_device", config.grad.cross_device, ("exact", "approximate"))
+  _check_choice("sharing.kind", config.sharing.kind, sharing.KINDS)
+  for field, choices in grads.CHOICES.items():
+    _check_choice(f"grad.{field}", config.grad[field], choices)
   devices = config.get("devices", 1)
   if isinstance(devices, bool) or not isinstance(devices, int) or not 0 <= devices <= jax.device_count():
     raise ConfigError(
@@ -259,7 +251,7 @@ def check(config: ml_collections.ConfigDict) -> None:
   if config.sharing.soft and config.model.name != "soft_mlp":
     raise ConfigError(f"config field 'sharing.soft' = {config.sharing.soft} needs model.name='soft_mlp'")
   for name in method_names(config.weighting):
-    _factory(name)
+    resolve(name, weighting_lib.methods(), "weighting method")
   if not isinstance(config.model.get(config.model.name, ml_collections.ConfigDict()), ml_collections.ConfigDict):
     raise ConfigError(f"config field 'model.{config.model.name}' must be a group of model arguments")
 

@@ -9,7 +9,7 @@ VJP cotangent. With ``chunk_size``, :mod:`jmtl.grads` takes the layers one at
 a time: :func:`chunk_loop` writes one layer's ``δ`` for every task, a chunk
 of tasks per trunk VJP, :func:`dense_gramian_chunked` consumes it, and
 :func:`task_cotangents` lets linear heads form each ``dzₖ`` inside the loop.
-Private to :mod:`jmtl.grads`.
+Private to :mod:`jmtl.grads` (the separable route, :mod:`jmtl.grads._separable`).
 """
 
 from __future__ import annotations
@@ -28,6 +28,24 @@ class Layer(NamedTuple):
   out_dtype: Any
 
 
+def node_at(tree, path):
+  """The subtree of nested dicts ``tree`` at ``path``, or ``None`` when there is none.
+
+  >>> node_at({"a": {"b": 1}}, ("a", "b")), node_at({"a": 1}, ("a", "b"))
+  (1, None)
+  """
+  for name in path:
+    tree = tree.get(name) if isinstance(tree, dict) else None
+  return tree
+
+
+def kernel_at(tree, path):
+  """The 2-D ``kernel`` leaf of the Dense layer at ``path``, or ``None``."""
+  node = node_at(tree, path)
+  kernel = node.get("kernel") if isinstance(node, dict) else None
+  return kernel if getattr(kernel, "ndim", 0) == 2 else None
+
+
 def dense_interceptor(perturb, record):
   """Adds ``perturb[i]`` to the i-th Dense output and records its input."""
   counter = [0]
@@ -44,24 +62,24 @@ def dense_interceptor(perturb, record):
   return interceptor
 
 
-def discover_layers(encode, shared, inputs) -> list[Layer] | None:
-  """The trunk's Dense layers, if each is a distinct shared leaf pair used once."""
+def discover_layers(encode, shared) -> list[Layer] | None:
+  """The Dense layers ``encode(shared) -> z`` calls, if each is a distinct shared leaf pair used once.
+
+  ``None`` otherwise: a shared module called twice (or living outside
+  ``params["shared"]``) has no exact identity, and the caller falls back to
+  Jacobian rows.
+  """
   record = []
 
-  def probe(s, x):
+  def probe(s):
     with nn.intercept_methods(dense_interceptor(None, record)):
-      return encode(s, x)
+      return encode(s)
 
-  jax.eval_shape(probe, shared, inputs)
+  jax.eval_shape(probe, shared)
   paths = [p for p, _, _ in record]
   layers = []
   for path, _, y in record:
-    node = shared
-    for name in path:
-      node = node.get(name) if isinstance(node, dict) else None
-    if paths.count(path) != 1 or not isinstance(node, dict) or "kernel" not in node:
-      return None  # a shared module called twice (or living elsewhere): no exact identity, fall back
-    if node["kernel"].ndim != 2:
+    if paths.count(path) != 1 or kernel_at(shared, path) is None:
       return None
     layers.append(Layer(path, tuple(y.shape), y.dtype))
   return layers
@@ -147,10 +165,13 @@ def dense_gramian_chunked(a, delta, use_kernel, use_bias, chunk):
   return g
 
 
-def linear_head_kernels(model, tasks, params, z) -> list | None:
-  """Each head's kernel path when every head is one ``Dense`` applied to ``z``, else ``None``."""
+def linear_head_kernels(ctx, z) -> list | None:
+  """Each head's kernel path when every head is one ``Dense`` applied to ``z`` (an array), else ``None``."""
+  if not hasattr(z, "shape"):
+    return None
+  model, params = ctx.model, ctx.params
   paths = []
-  for t in tasks:
+  for t in ctx.tasks:
     found = {}
 
     def probe(tp, zz, t=t, found=found):
@@ -162,16 +183,13 @@ def linear_head_kernels(model, tasks, params, z) -> list | None:
       return y
 
     jax.eval_shape(probe, params["tasks"][t.name], z)
-    node = params["tasks"][t.name]
-    for name in found["path"] or ():
-      node = node.get(name) if isinstance(node, dict) else None
-    if not found["ok"] or not isinstance(node, dict) or getattr(node.get("kernel"), "ndim", 0) != 2:
+    if not found["ok"] or kernel_at(params["tasks"][t.name], found["path"]) is None:
       return None
     paths.append(found["path"])
   return paths
 
 
-def task_cotangents(model, tasks, params, z, dpreds, dz):
+def task_cotangents(ctx, z, dpreds, dz):
   """``(xs, cot_of)`` with ``cot_of(xs[k]) = dzₖ``, the smallest such ``xs`` the heads allow.
 
   Linear heads (``predₖ = z Wₖ + bₖ``) give ``dzₖ = δₖ Wₖᵀ`` from the
@@ -179,15 +197,10 @@ def task_cotangents(model, tasks, params, z, dpreds, dz):
   head; zero columns add nothing), so a loop over tasks can form each
   ``dzₖ`` when it needs it. Other heads: ``xs`` is the stacked ``dz``.
   """
-  paths = linear_head_kernels(model, tasks, params, z) if hasattr(z, "shape") else None
+  paths = linear_head_kernels(ctx, z)
   if paths is None:
     return dz, lambda x: x
-  kernels = []
-  for t, path in zip(tasks, paths):
-    node = params["tasks"][t.name]
-    for name in path:
-      node = node[name]
-    kernels.append(node["kernel"])
+  kernels = [kernel_at(ctx.params["tasks"][t.name], path) for t, path in zip(ctx.tasks, paths)]
   width = max(w.shape[1] for w in kernels)
   pad = lambda x: jnp.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, width - x.shape[-1])])
   xs = (jnp.stack([pad(d) for d in dpreds]), jnp.stack([pad(w).astype(dpreds[0].dtype) for w in kernels]))

@@ -1,0 +1,209 @@
+"""What every route reads: one ``Context`` per step, and the result type ``StepGrads``.
+
+The context holds the step's inputs (model, tasks, parameters, batch, the
+weighting and its state and inputs, the options) and the operations that
+every route shares: the model's forward pass, the masked loss means over the
+global batch, the call of the weighting, the own-heads rule. A route is then
+a function ``route(ctx) -> StepGrads``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from typing import Any
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from jmtl import tasks as tasks_lib
+from jmtl.models import MultiTaskModel
+from jmtl.weighting import WeightingTransform
+from jmtl.weighting import combine_jacobian
+from jmtl.weighting import is_task_vector
+
+Array = jax.Array
+
+
+class GradientOptions(NamedTuple):
+  """How the engine computes per-task gradients for Gramian/Jacobian transforms.
+
+  Attributes:
+    level: ``"parameter"`` (the Gramian of the shared-parameter gradients, the
+      papers' definition) or ``"representation"`` (of ``∂Lₖ/∂z``, MGDA-UB;
+      needs ``encode``/``head``).
+    heads: ``"weighted"``: head k moves along ``wₖ ∇Lₖ`` (the gradient of
+      ``Σ wₖLₖ``); ``"own"``: along its own ``∇Lₖ`` (torchjd's ``mtl_backward``).
+    chunk_size: tasks per trunk VJP at parameter level; ``None`` for all at
+      once. Bounds the memory of materialised Jacobian rows at
+      ``chunk_size × P``; when smaller than K it also takes the Dense-layer
+      Gramian one layer at a time (a trunk backward per layer, each only as
+      deep as that layer). Benchmark MLP at K = 40, ``chunk_size=10``: peak
+      memory 1.5× the ``equal`` step's instead of 2.5×, step time unchanged
+      within noise.
+    cross_device: ``"exact"`` or ``"approximate"`` (see :mod:`jmtl.grads`).
+
+  Examples:
+    >>> from jmtl import grads
+    >>> grads.GradientOptions(level="representation").check().level
+    'representation'
+  """
+
+  level: str = "parameter"
+  heads: str = "weighted"
+  chunk_size: int | None = None
+  cross_device: str = "exact"
+
+  def check(self) -> GradientOptions:
+    for field, allowed in CHOICES.items():
+      if getattr(self, field) not in allowed:
+        raise ValueError(f"gradient option {field}={getattr(self, field)!r} is not one of {allowed}")
+    if self.chunk_size is not None and (not isinstance(self.chunk_size, int) or self.chunk_size < 1):
+      raise ValueError(f"gradient option chunk_size must be a positive int or None, got {self.chunk_size!r}")
+    return self
+
+
+#: The allowed values of the string options of :class:`GradientOptions`.
+CHOICES = {
+  "level": ("parameter", "representation"),
+  "heads": ("weighted", "own"),
+  "cross_device": ("exact", "approximate"),
+}
+
+
+class StepGrads(NamedTuple):
+  """What a route returns to the train step."""
+
+  losses: Array  # (K,) global per-task losses
+  weights: Array  # (K,)
+  weighting_state: Any
+  grads: Any  # like params
+  extra: dict  # Gramian-derived metrics
+  model_state: Any = None  # the model's new state (batch-norm statistics; {} for a stateless model)
+
+
+class Forward(NamedTuple):
+  """The model's forward pass to the per-task losses, with its VJP."""
+
+  losses: Array  # (K,) masked means over the global batch
+  denom: Array  # (K,) the global label counts (at least 1)
+  vjp: Any  # cotangent of the (K,) loss *sums* -> (grads like params,)
+  model_state: Any
+  dtype: Any  # of the loss sums
+
+
+@dataclasses.dataclass(frozen=True)
+class Context:
+  """One step's inputs to the gradient engine, and the operations the routes share.
+
+  Built by :func:`jmtl.make_train_step` every step; build one by hand to call
+  :func:`jmtl.grads.compute` or :func:`jmtl.grads.route` directly.
+  """
+
+  model: MultiTaskModel  # see jmtl.models.as_model for a plain apply function
+  tasks: tuple[tasks_lib.Task, ...]
+  params: Any
+  batch: Mapping[str, Any]
+  transform: WeightingTransform
+  weighting_state: Any
+  inputs: Mapping[str, Any] = dataclasses.field(default_factory=dict)  # the weighting's other inputs: key, step, ...
+  axis_name: str | None = None  # the pmap/shard_map axis to reduce over
+  options: GradientOptions = dataclasses.field(default_factory=GradientOptions)
+  model_state: Any = dataclasses.field(default_factory=dict)  # the model's state ({} when stateless)
+
+  @property
+  def names(self) -> tuple[str, ...]:
+    return tuple(t.name for t in self.tasks)
+
+  @property
+  def k(self) -> int:
+    return len(self.tasks)
+
+  def psum(self, x):
+    """``x`` summed over the data-parallel axis (unchanged without one)."""
+    return x if self.axis_name is None else jax.lax.psum(x, self.axis_name)
+
+  def mean_losses(self, sums: Array, counts: Array) -> tuple[Array, Array]:
+    """``(losses, denom)``: masked means over the *global* batch, from local sums and counts."""
+    denom = jnp.maximum(self.psum(counts), 1)
+    return self.psum(sums / denom), denom
+
+  def apply(self, params):
+    """``(predictions, model_state)`` of the model in training mode."""
+    return self.model.apply(params, self.batch["inputs"], self.model_state, train=True, axis_name=self.axis_name)
+
+  def encode(self, shared):
+    """``(z, model_state)`` of the model's trunk in training mode."""
+    return self.model.encode(shared, self.batch["inputs"], self.model_state, train=True, axis_name=self.axis_name)
+
+  def loss_terms(self, task: tasks_lib.Task, predictions) -> tuple[Array, Array]:
+    return tasks_lib.loss_terms(task, predictions, self.batch)
+
+  def forward(self) -> Forward:
+    """The full model's forward pass to the losses, with the VJP of the loss sums."""
+
+    def terms(p):
+      preds, model_state = self.apply(p)
+      out = [self.loss_terms(t, preds) for t in self.tasks]
+      return jnp.stack([s for s, _ in out]), (jnp.stack([c for _, c in out]), model_state)
+
+    sums, vjp, (counts, model_state) = jax.vjp(terms, self.params, has_aux=True)
+    losses, denom = self.mean_losses(sums, counts)
+    return Forward(losses, denom, vjp, model_state, sums.dtype)
+
+  def weigh(self, losses: Array, **computed) -> tuple[Any, Any]:
+    """``(weights, new weighting state)``: the weighting's update on the losses and every input.
+
+    ``computed`` holds the Gramian and/or Jacobian a route computed; the
+    weights are constants of the update (``stop_gradient``).
+    """
+    w, state = self.transform.update(losses, self.weighting_state, **self.inputs, **computed)
+    return jax.lax.stop_gradient(w), state
+
+  def head_weights(self, weights: Array) -> Array:
+    """The weights of each task's own head parameters: ``w`` (``heads="weighted"``) or ones (``"own"``)."""
+    return weights if self.options.heads == "weighted" else jnp.ones_like(weights)
+
+  def combine(self, weights, jac) -> tuple[Any, Array]:
+    """``(shared-parameter update, weights to report)`` from the (global) Jacobian of the shared part.
+
+    ``weights`` is a ``(K,)`` vector or element-wise weights shaped like
+    ``jac`` (a Jacobian-level transform); element-wise weights need the whole
+    shared Jacobian and are reported as ones.
+    """
+    if is_task_vector(weights):
+      return combine_jacobian(weights, jac), weights
+    if self.transform.select is not None:
+      raise ValueError(
+        f"{self.transform!r} returns element-wise weights, which need the Jacobian of all shared parameters; "
+        "it selects a subset (select is not None)"
+      )
+    return combine_jacobian(weights, jac), jnp.ones((self.k,), jax.tree.leaves(jac)[0].dtype)
+
+
+def gradient_metrics(gramian: Array, names) -> dict[str, Array]:
+  """Per-task gradient norms and the cosine matrix, from the Gramian ``J Jᵀ``.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> from jmtl import grads
+    >>> m = grads.gradient_metrics(jnp.array([[4.0, -2.0], [-2.0, 1.0]]), ["a", "b"])
+    >>> float(m["grad_norm/a"]), m["grad_cosine"].tolist()
+    (2.0, [[1.0, -1.0], [-1.0, 1.0]])
+  """
+  norms = jnp.sqrt(jnp.clip(jnp.diagonal(gramian), 0))
+  # A zero gradient has no direction: report cosine 0 against it, not NaN.
+  safe = jnp.where(norms > 0, norms, 1)
+  cos = gramian / (safe[:, None] * safe[None, :])
+  cos = jnp.where((norms[:, None] > 0) & (norms[None, :] > 0), cos, 0)
+  out = {f"grad_norm/{n}": norms[i] for i, n in enumerate(names)}
+  out["grad_cosine"] = cos
+  return out
+
+
+def map_rows(fn, rows, chunk_size):
+  """``vmap(fn)(rows)``, or ``chunk_size`` rows at a time to bound memory."""
+  if chunk_size is None or chunk_size >= jax.tree.leaves(rows)[0].shape[0]:
+    return jax.vmap(fn)(rows)
+  return jax.lax.map(fn, rows, batch_size=chunk_size)
