@@ -56,7 +56,8 @@ def synthetic_source():
 
 
 def make_pipeline(source, seed=0, workers=0):
-  return pipeline.multi_label(source, BATCH, seed=seed, transform=pipeline.normalize_images(), worker_count=workers)
+  read = pipeline.ReadOptions(worker_count=workers)
+  return pipeline.multi_label(source, BATCH, seed=seed, transform=pipeline.normalize_images(), read=read)
 
 
 def pipeline_rate(source, *, batches: int, repeats: int, workers: int = 0) -> dict:
@@ -79,10 +80,9 @@ def train_step(batch):
   names = list(batch["labels"])
   model = jmtl.models.cnn(dict.fromkeys(names, 10))
   tasks = [jmtl.Task(n, jmtl.losses.softmax_cross_entropy) for n in names]
-  opt, weighting = optax.sgd(1e-2), jmtl.weighting.equal()
   params = model.init(jax.random.key(0), jnp.zeros((1, *batch["inputs"].shape[1:])))
-  state = jmtl.TrainState.create(params, opt, weighting, len(names), jax.random.key(1))
-  return jmtl.parallel.jit(jmtl.make_train_step(model, tasks, opt, weighting)), state
+  state = jmtl.TrainState.create(params=params, tx=optax.sgd(1e-2), num_tasks=len(names), rng=jax.random.key(1))
+  return jmtl.parallel.jit(jmtl.make_train_step(model, tasks)), state
 
 
 def fed_looper(compiled, state, it):

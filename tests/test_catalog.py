@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import sys
+from typing import NamedTuple
 
 import numpy as np
 import pytest
@@ -31,19 +32,34 @@ def mock_tfds(monkeypatch):
     yield
 
 
+class Expected(NamedTuple):
+  image_shape: tuple[int, ...]
+  classes: dict  # task -> number of classes (None: celeb_a's 40 multilabel attributes)
+  num_tasks: int
+
+
 CASES = [
-  ("celeb_a", {}, (218, 178, 3), {"Smiling": 2, "Male": 2, "Young": 2}, 40),
-  ("celeb_a", {"attributes": "multilabel", "image_size": (64, 64)}, (64, 64, 3), {"attributes": None}, 1),
-  ("smallnorb", {}, (96, 96, 1), {"category": 5, "instance": 10, "elevation": 9, "azimuth": 18, "lighting": 6}, 5),
-  ("smallnorb", {"stereo": True, "image_size": (48, 48)}, (48, 48, 2), {"category": 5}, 5),
-  ("dsprites", {}, (64, 64, 1), {"shape": 3, "scale": 6, "orientation": 40, "x": 32, "y": 32}, 5),
-  ("shapes3d", {}, (64, 64, 3), {"floor_hue": 10, "wall_hue": 10, "object_hue": 10, "scale": 8, "shape": 4}, 6),
-  ("cityscapes", {"tasks": ("segmentation",)}, (128, 256, 3), {"segmentation": 19}, 1),
+  ("celeb_a", {}, Expected((218, 178, 3), {"Smiling": 2, "Male": 2, "Young": 2}, 40)),
+  ("celeb_a", {"attributes": "multilabel", "image_size": (64, 64)}, Expected((64, 64, 3), {"attributes": None}, 1)),
+  (
+    "smallnorb",
+    {},
+    Expected((96, 96, 1), {"category": 5, "instance": 10, "elevation": 9, "azimuth": 18, "lighting": 6}, 5),
+  ),
+  ("smallnorb", {"stereo": True, "image_size": (48, 48)}, Expected((48, 48, 2), {"category": 5}, 5)),
+  ("dsprites", {}, Expected((64, 64, 1), {"shape": 3, "scale": 6, "orientation": 40, "x": 32, "y": 32}, 5)),
+  (
+    "shapes3d",
+    {},
+    Expected((64, 64, 3), {"floor_hue": 10, "wall_hue": 10, "object_hue": 10, "scale": 8, "shape": 4}, 6),
+  ),
+  ("cityscapes", {"tasks": ("segmentation",)}, Expected((128, 256, 3), {"segmentation": 19}, 1)),
 ]
 
 
-@pytest.mark.parametrize(("name", "options", "image_shape", "classes", "num_tasks"), CASES)
-def test_adapter_examples_and_batches(mock_tfds, tmp_path, name, options, image_shape, classes, num_tasks):
+@pytest.mark.parametrize(("name", "options", "expected"), CASES)
+def test_adapter_examples_and_batches(mock_tfds, tmp_path, name, options, expected):
+  image_shape, classes, num_tasks = expected
   src = catalog.load(name, "train", str(tmp_path), **options)
   assert len(src) == 6 and len(src.tasks) == num_tasks
   ex = src[0]

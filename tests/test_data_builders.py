@@ -150,7 +150,7 @@ def test_sources_feed_grain_worker_processes(data_dir):
   source = synthetic.load("train", data_dir, **SYNTH)
   pipe = pipeline.multi_label(source, 50, seed=1, num_epochs=1)
   in_process = [pipe[s] for s in range(len(pipe))]
-  workers = pipeline.multi_label(source, 50, seed=1, num_epochs=1, worker_count=2)
+  workers = pipeline.multi_label(source, 50, seed=1, num_epochs=1, read=pipeline.ReadOptions(worker_count=2))
   it = iter(workers)
   got = [next(it) for _ in range(2)]
   restored = iter(workers)
@@ -202,9 +202,10 @@ def test_synthetic_builder_stores_make_tasks(data_dir):
   source = synthetic.load("validation", data_dir, "regression_k3", **SYNTH)
   cfg = _synthetic_config("regression_k3")
   n = sum(SYNTH.values())
-  ref = synthetic.make_tasks(
-    n, cfg.num_tasks, kind="regression", relatedness=cfg.relatedness, seed=cfg.seed, num_classes=cfg.num_classes
+  family = synthetic.TaskFamily(
+    num_tasks=cfg.num_tasks, kind="regression", relatedness=cfg.relatedness, seed=cfg.seed, num_classes=cfg.num_classes
   )
+  ref = synthetic.make_tasks(n, family)
   start = SYNTH["num_train"]
   for i in (0, 17, SYNTH["num_validation"] - 1):
     np.testing.assert_array_equal(source[i]["inputs"], ref["inputs"][start + i])
@@ -231,11 +232,11 @@ def test_conflicting_tasks_pull_in_opposite_directions(data_dir):
   corr, cosine = results["regression_k3"]
   assert corr > 0.2 and cosine > 0.0
   # The conflict option does not change sets made without it.
-  a = synthetic.make_tasks(50, 2, kind="regression")
-  b = synthetic.make_tasks(50, 2, kind="regression", conflict=False, shared_noise=0.0)
+  a = synthetic.make_tasks(50, synthetic.TaskFamily(num_tasks=2, kind="regression"))
+  b = synthetic.make_tasks(50, synthetic.TaskFamily(num_tasks=2, kind="regression", conflict=False, shared_noise=0.0))
   np.testing.assert_array_equal(a["labels"]["task_1"], b["labels"]["task_1"])
   with pytest.raises(ValueError, match="regression"):
-    synthetic.make_tasks(10, 2, conflict=True)
+    synthetic.make_tasks(10, synthetic.TaskFamily(num_tasks=2, conflict=True))
 
 
 # ----------------------------------------------------------------------------- qm9

@@ -50,7 +50,7 @@ class _PlainSource:
 def test_array_source_validates_lengths():
   with pytest.raises(ValueError, match=r"labels\['a'\]"):
     P.ArraySource({"inputs": np.zeros((4, 2)), "labels": {"a": np.zeros(3)}})
-  src = P.ArraySource(synthetic.make_tasks(12, 2, kind="regression"))
+  src = P.ArraySource(synthetic.make_tasks(12, synthetic.TaskFamily(num_tasks=2, kind="regression")))
   assert src.tasks["task_0"] == {"kind": "regression", "dim": 1}
   assert src.gather([3, 1])["inputs"].shape == (2, 32)
   masked = _indexed(10, with_mask=True)
@@ -206,7 +206,7 @@ def test_multi_input_errors():
 
 
 def test_multi_input_batches_feed_the_train_step():
-  data = synthetic.make_tasks(64, 2, num_classes=3)
+  data = synthetic.make_tasks(64, synthetic.TaskFamily(num_tasks=2, num_classes=3))
   srcs = {
     k: P.ArraySource(
       {"inputs": data["inputs"][i * 32 : (i + 1) * 32], "labels": {k: data["labels"][k][i * 32 : (i + 1) * 32]}}
@@ -217,8 +217,7 @@ def test_multi_input_batches_feed_the_train_step():
   model = jmtl.models.mlp(dict.fromkeys(srcs, 3), hidden=(8,))
   tasks = [jmtl.Task(k, jmtl.losses.softmax_cross_entropy) for k in srcs]
   opt, weighting = optax.sgd(0.1), jmtl.weighting.equal()
-  state = jmtl.TrainState.create(
-    model.init(jax.random.key(0), jnp.zeros((1, 32))), opt, weighting, 2, jax.random.key(1)
-  )
-  _, metrics = jax.jit(jmtl.make_train_step(model, tasks, opt, weighting))(state, batch)
+  params = model.init(jax.random.key(0), jnp.zeros((1, 32)))
+  state = jmtl.TrainState.create(params=params, tx=opt, weighting=weighting, num_tasks=2, rng=jax.random.key(1))
+  _, metrics = jax.jit(jmtl.make_train_step(model, tasks))(state, batch)
   assert all(np.isfinite(np.asarray(v)).all() for v in jax.tree.leaves(metrics))

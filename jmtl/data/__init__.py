@@ -15,11 +15,13 @@ from jmtl.data._tfds import default_data_dir
 from jmtl.data.mixing import multi_input
 from jmtl.data.mixing import task_probabilities
 from jmtl.data.pipeline import ArraySource
+from jmtl.data.pipeline import ReadOptions
 from jmtl.data.pipeline import multi_label
 from jmtl.data.pipeline import normalize_images
 
 __all__ = [
   "ArraySource",
+  "ReadOptions",
   "Source",
   "catalog",
   "default_data_dir",

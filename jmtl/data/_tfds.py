@@ -194,6 +194,7 @@ class Source:
     raw: Sequence[Mapping[str, Any]],
     to_example: ToExample,
     tasks: Mapping[str, Mapping[str, Any]],
+    *,
     info: Any = None,
     split: str | None = None,
     target_stats: Mapping[str, Mapping[str, Any]] | None = None,

@@ -154,7 +154,7 @@ def _classes(ds, feature: str, default: int) -> int:
     return default
 
 
-def _factor_source(name, ds, factors: dict, image_size, image_scale, stereo: bool = False) -> CatalogSource:
+def _factor_source(name, ds, factors: dict, *, image_size, image_scale, stereo: bool = False) -> CatalogSource:
   """Image + one classification task per (task name -> (feature, default classes))."""
   tasks = {t: {"kind": "classification", "num_classes": _classes(ds, f, n)} for t, (f, n) in factors.items()}
 
@@ -285,4 +285,5 @@ def load(name: str, split: str = "train", data_dir: str | None = None, **options
     raise ValueError(f"{name}: unknown options {sorted(set(options) - allowed)}; allowed: {sorted(allowed)}")
   ds = _open(name, split, data_dir)
   scale = 1.0 if name == "dsprites" else 255.0
-  return _factor_source(name, ds, _FACTORS[name], options.get("image_size"), scale, options.get("stereo", False))
+  image_size, stereo = options.get("image_size"), options.get("stereo", False)
+  return _factor_source(name, ds, _FACTORS[name], image_size=image_size, image_scale=scale, stereo=stereo)

@@ -28,6 +28,7 @@ from jmtl.data._batching import probe
 from jmtl.data._batching import process_slice
 from jmtl.data._batching import spec
 from jmtl.data.pipeline import Pipeline
+from jmtl.data.pipeline import ReadOptions
 
 _RULES = ("proportional", "uniform", "temperature")
 
@@ -157,9 +158,7 @@ def multi_input(
   shuffle: bool = True,
   transform: Callable[[Example], Example] | None = None,
   shard: bool = True,
-  num_threads: int = 2,
-  prefetch: int = 4,
-  worker_count: int = 0,
+  read: ReadOptions | None = None,
 ) -> Pipeline:
   """Batches mixing per-task datasets ``D_k`` of sizes ``N_k``, in the multi-label layout.
 
@@ -184,8 +183,7 @@ def multi_input(
     temperature: ``T`` of the temperature rule.
     num_steps: the number of batches; ``None`` for an endless stream.
     shuffle: ``False`` reads each task's source in order.
-    transform, shard, num_threads, prefetch, worker_count: as in
-      :func:`jmtl.data.pipeline.multi_label`.
+    transform, shard, read: as in :func:`jmtl.data.pipeline.multi_label`.
 
   Returns:
     A :class:`jmtl.data.pipeline.Pipeline`.
@@ -225,4 +223,4 @@ def multi_input(
   fingerprint |= dict(temperature=float(temperature) if rule == "temperature" else None, batch_size=batch_size)
   fingerprint |= dict(shuffle=shuffle, process=[p, batch_size // local])
   tasks = {k: dict((getattr(sources[k], "tasks", None) or {}).get(k) or {}) for k in names}
-  return Pipeline(ds, fingerprint, tasks, num_threads=num_threads, prefetch=prefetch, worker_count=worker_count)
+  return Pipeline(ds, fingerprint, tasks, read=read)

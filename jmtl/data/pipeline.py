@@ -24,6 +24,7 @@ global batch, so the global batches do not depend on the number of processes
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 from collections.abc import Callable
 from collections.abc import Mapping
@@ -171,6 +172,26 @@ class _EpochBatch:
     return self.perms(0, epoch, self.n)[b * self.batch : (b + 1) * self.batch][self.rows[0] : self.rows[1]]
 
 
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class ReadOptions:
+  """How a :class:`Pipeline` reads batches ahead of the training step; none of it changes the batches.
+
+  Attributes:
+    num_threads: grain threads that build batches ahead.
+    prefetch: batches buffered ahead.
+    worker_count: grain worker processes (``mp_prefetch``); 0 for none. The
+      source and transform must then pickle.
+
+  Examples:
+    >>> ReadOptions(worker_count=2)
+    ReadOptions(num_threads=2, prefetch=4, worker_count=2)
+  """
+
+  num_threads: int = 2
+  prefetch: int = 4
+  worker_count: int = 0
+
+
 class Pipeline:
   """An iterable of batches; each ``iter()`` starts at step 0 and can be restored.
 
@@ -178,10 +199,11 @@ class Pipeline:
   ``len(pipeline)`` is the number of batches when it is finite.
   """
 
-  def __init__(self, dataset, fingerprint: dict, tasks: dict, *, num_threads: int, prefetch: int, worker_count: int):
+  def __init__(self, dataset, fingerprint: dict, tasks: dict, *, read: ReadOptions | None = None):
     self._ds, self.fingerprint, self.tasks = dataset, fingerprint, tasks
-    self._read = grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=prefetch)
-    self._workers = worker_count
+    read = ReadOptions() if read is None else read
+    self._read = grain.ReadOptions(num_threads=read.num_threads, prefetch_buffer_size=read.prefetch)
+    self._workers = read.worker_count
 
   def __iter__(self) -> _Iterator:
     ds = self._ds.to_iter_dataset(self._read)
@@ -235,9 +257,7 @@ def multi_label(
   drop_remainder: bool = True,
   transform: Callable[[Example], Example] | None = None,
   shard: bool = True,
-  num_threads: int = 2,
-  prefetch: int = 4,
-  worker_count: int = 0,
+  read: ReadOptions | None = None,
 ) -> Pipeline:
   """Shuffled batches of one multi-label source: one input, a label and a mask per task.
 
@@ -257,10 +277,9 @@ def multi_label(
       :class:`normalize_images`); one marked ``elementwise`` is applied to the
       whole batch.
     shard: split each global batch across ``jax.process_count()`` processes.
-    num_threads: grain threads that build batches ahead.
-    prefetch: batches buffered ahead.
-    worker_count: grain worker processes (``mp_prefetch``); 0 for none. The
-      source and transform must then pickle.
+    read: the threads, prefetch buffer and worker processes that read ahead,
+      e.g. ``ReadOptions(worker_count=2)``; ``None`` for the defaults of
+      :class:`ReadOptions`.
 
   Returns:
     A :class:`Pipeline`.
@@ -295,4 +314,4 @@ def multi_label(
   fingerprint = dict(layout="multi_label", seed=int(seed), num_examples=n, batch_size=batch_size, shuffle=shuffle)
   fingerprint |= dict(drop_remainder=drop_remainder, process=[p, count])
   tasks = {k: dict((getattr(source, "tasks", None) or {}).get(k) or {}) for k in names}
-  return Pipeline(ds, fingerprint, tasks, num_threads=num_threads, prefetch=prefetch, worker_count=worker_count)
+  return Pipeline(ds, fingerprint, tasks, read=read)

@@ -43,31 +43,11 @@ import numpy as np
 from jmtl.data import _tfds
 
 
-def make_tasks(
-  num_examples: int,
-  num_tasks: int = 3,
-  *,
-  kind: str = "classification",
-  num_classes: int = 4,
-  input_dim: int = 32,
-  latent_dim: int = 8,
-  relatedness: float = 0.8,
-  noise: float = 0.1,
-  label_noise: float = 0.0,
-  seed: int = 0,
-  split_seed: int = 0,
-  conflict: bool = False,
-  shared_noise: float = 0.0,
-) -> dict:
-  """Draws a multi-label multi-task set: one input, one label per task.
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class TaskFamily:
+  """A family of K synthetic tasks: everything :func:`make_tasks` needs but the examples' draw.
 
-  The task definitions (mixing matrix, read-out directions) depend only on
-  ``seed``; ``split_seed`` draws the examples, so train and test sets of one
-  task family are made by calling twice with the same ``seed`` and different
-  ``split_seed``.
-
-  Args:
-    num_examples: examples to draw.
+  Attributes:
     num_tasks: K.
     kind: ``"classification"`` (the label is the argmax of ``num_classes``
       random linear read-outs of ``h_k``) or ``"regression"`` (a standardised
@@ -79,8 +59,7 @@ def make_tasks(
     noise: standard deviation of the input noise.
     label_noise: for regression, target noise std; for classification, the
       fraction of labels replaced by uniform random classes.
-    seed: defines the task family.
-    split_seed: draws the examples.
+    seed: draws the task definitions (mixing matrix, read-out directions).
     conflict: regression only; even and odd tasks read the shared factors
       through one common direction with opposite signs (see the module
       docstring).
@@ -88,15 +67,52 @@ def make_tasks(
       every task's target (before standardisation; the noiseless target's std
       is about ``√latent_dim``).
 
+  Examples:
+    >>> from jmtl.data import synthetic
+    >>> synthetic.TaskFamily(num_tasks=2, kind="regression").kind
+    'regression'
+  """
+
+  num_tasks: int = 3
+  kind: str = "classification"
+  num_classes: int = 4
+  input_dim: int = 32
+  latent_dim: int = 8
+  relatedness: float = 0.8
+  noise: float = 0.1
+  label_noise: float = 0.0
+  seed: int = 0
+  conflict: bool = False
+  shared_noise: float = 0.0
+
+
+def make_tasks(num_examples: int, family: TaskFamily | None = None, *, split_seed: int = 0) -> dict:
+  """Draws a multi-label multi-task set: one input, one label per task.
+
+  The task definitions (mixing matrix, read-out directions) depend only on
+  the ``family`` (its ``seed`` draws them); ``split_seed`` draws the
+  examples, so train and test sets of one task family are made by calling
+  twice with the same ``family`` and different ``split_seed``.
+
+  Args:
+    num_examples: examples to draw.
+    family: the tasks (:class:`TaskFamily`); ``None`` for its defaults,
+      three related 4-class tasks.
+    split_seed: draws the examples.
+
   Returns:
     ``{"inputs": float32 (N, input_dim), "labels": {"task_k": (N,)}}``.
 
   Examples:
     >>> from jmtl.data import synthetic
-    >>> d = synthetic.make_tasks(100, 2, num_classes=3)
+    >>> d = synthetic.make_tasks(100, synthetic.TaskFamily(num_tasks=2, num_classes=3))
     >>> d["inputs"].shape, sorted(d["labels"]), int(d["labels"]["task_0"].max())
     ((100, 32), ['task_0', 'task_1'], 2)
   """
+  f = TaskFamily() if family is None else family
+  num_tasks, kind, num_classes, input_dim, latent_dim = f.num_tasks, f.kind, f.num_classes, f.input_dim, f.latent_dim
+  relatedness, noise, label_noise, seed = f.relatedness, f.noise, f.label_noise, f.seed
+  conflict, shared_noise = f.conflict, f.shared_noise
   if not 0.0 <= relatedness <= 1.0:
     raise ValueError(f"relatedness must be in [0, 1], got {relatedness}")
   if kind not in ("classification", "regression"):
@@ -151,7 +167,7 @@ def _builder_classes():
 
   @dataclasses.dataclass(eq=False)
   class SyntheticConfig(tfds.core.BuilderConfig):
-    """One task family and its split sizes; the fields are :func:`make_tasks` arguments."""
+    """A task family and its split sizes: the :class:`TaskFamily` fields and ``num_train`` etc."""
 
     num_tasks: int = 3
     kind: str = "classification"
@@ -224,9 +240,8 @@ def _builder_classes():
       del dl_manager
       cfg = self.builder_config
       sizes = [getattr(cfg, k) for k in _SPLIT_SIZES]
-      kw = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(SyntheticConfig)}
-      kw = {k: v for k, v in kw.items() if k in _MAKE_TASKS_ARGS}
-      data = make_tasks(sum(sizes), split_seed=0, **kw)
+      family = TaskFamily(**{f.name: getattr(cfg, f.name) for f in dataclasses.fields(TaskFamily)})
+      data = make_tasks(sum(sizes), family, split_seed=0)
       bounds = np.cumsum([0, *sizes])
       return {
         split: self._generate_examples(data, int(bounds[i]), int(bounds[i + 1]))
@@ -318,18 +333,3 @@ def load(split: str, data_dir: str | None = None, config: str | None = None, **o
   """
   builder = prepare(data_dir, config, **overrides)
   return _tfds.load_source(builder, split, to_example, task_specs(builder.builder_config))
-
-
-_MAKE_TASKS_ARGS = (
-  "num_tasks",
-  "kind",
-  "num_classes",
-  "input_dim",
-  "latent_dim",
-  "relatedness",
-  "noise",
-  "label_noise",
-  "seed",
-  "conflict",
-  "shared_noise",
-)
