@@ -128,7 +128,7 @@ class TrainState(struct.PyTreeNode):
       ((8, 2), {})
     """
     model = as_model(model)
-    if model.init is None or model.task_names is None:
+    if model.init is None or not model.task_names:
       raise TypeError(
         "TrainState.from_model needs a model with init and task_names (a jmtl.models constructor's); "
         "for a plain apply function, use TrainState.create(params=..., num_tasks=...)"

@@ -11,7 +11,6 @@ import pytest
 import jmtl
 from configs import multi_digits
 from configs import synthetic
-from jmtl.run import loop
 from jmtl.run import registry
 
 IMAGE_ONLY = {"cnn", "resnet"}  # convolutional trunks: MultiDigits only (synthetic inputs are vectors)
@@ -31,8 +30,8 @@ def _train(config, names, classes, shape, steps=3):
   opt = optax.adam(1e-3)
   w = registry.make_weighting(config, len(names))
   batch = _batch(shape, names, classes)
-  state = loop.create_train_state(config, model, opt, w, len(names), batch)
-  step = jax.jit(jmtl.make_train_step(model, tasks, opt, w))
+  state = jmtl.TrainState.from_model(model, batch["inputs"], tx=opt, weighting=w, rng=jax.random.key(config.seed))
+  step = jax.jit(jmtl.make_train_step(model, tasks))
   first = None
   for _ in range(steps):
     state, m = step(state, batch)
@@ -41,7 +40,7 @@ def _train(config, names, classes, shape, steps=3):
 
 
 @pytest.mark.parametrize("dataset", ["multi_digits", "synthetic"])
-@pytest.mark.parametrize("name", registry.MODELS)
+@pytest.mark.parametrize("name", list(registry.model_constructors()))
 def test_every_architecture_trains_from_the_runner_config_with_mgda(dataset, name):
   if dataset == "synthetic" and name in IMAGE_ONLY:
     pytest.skip("convolutional trunk: images only (the runner says so with a config error)")

@@ -1,5 +1,6 @@
 """The gradient engine: Gramians and combined gradients against brute force."""
 
+import dataclasses
 from typing import NamedTuple
 
 import jax
@@ -9,15 +10,16 @@ import optax
 import pytest
 
 import jmtl
-from jmtl import _taps
 from jmtl import grads
 from jmtl import losses as L
 from jmtl import models
 from jmtl import parallel
 from jmtl import weighting as W
+from tests._engine import context
+from tests._engine import new_state
+from tests._engine import setup
 
 K = 3
-NAMES = ("a", "b", "c")
 
 
 class Captured(NamedTuple):
@@ -27,41 +29,12 @@ class Captured(NamedTuple):
 def capture(needs="gramian", select=None):
   """Weights 1/‖gₖ‖ (a nontrivial function of G); the state keeps G for inspection."""
 
-  def update(losses, state, *, gramian=None, jacobian=None, key=None):
-    del state, jacobian, key
+  def update(losses, state, *, gramian, **_):
+    del state
     w = 1.0 / jnp.sqrt(jnp.diagonal(gramian) + 1e-30)
     return w.astype(losses.dtype), Captured(gramian)
 
   return W.WeightingTransform(lambda k: Captured(jnp.zeros((k, k))), update, needs, select)
-
-
-def setup(kind="mlp", dtype=jnp.float64, b=6, seed=0):
-  r = np.random.default_rng(seed)
-  dims = {"a": 3, "b": 1, "c": 2}
-  if kind == "mlp":
-    model = models.mlp(dims, hidden=(7, 5), param_dtype=dtype)
-    x = r.normal(size=(b, 4))
-  else:
-    model = models.cnn(dims, features=(3, 4), dense=6, param_dtype=dtype)
-    x = r.normal(size=(b, 8, 8, 1))
-  params = model.init(jax.random.key(seed), jnp.asarray(x, dtype))
-  mask = np.ones(b, np.float32)
-  mask[1] = 0
-  batch = {
-    "inputs": jnp.asarray(x, dtype),
-    "labels": {
-      "a": jnp.asarray(r.integers(0, 3, b)),
-      "b": jnp.asarray(r.normal(size=(b, 1)), dtype),
-      "c": jnp.asarray(r.integers(0, 2, (b, 2)), dtype),
-    },
-    "masks": {"b": jnp.asarray(mask)},
-  }
-  tasks = [
-    jmtl.Task("a", L.softmax_cross_entropy),
-    jmtl.Task("b", L.mse),
-    jmtl.Task("c", L.sigmoid_binary_cross_entropy),
-  ]
-  return model, params, batch, tasks
 
 
 def brute_jacobian(model, params, batch, tasks):
@@ -70,7 +43,7 @@ def brute_jacobian(model, params, batch, tasks):
   for t in tasks:
 
     def loss(p, t=t):
-      s, c = jmtl.tasks.loss_terms(t, model.apply(p, batch["inputs"]), batch)
+      s, c = jmtl.tasks.loss_terms(t, model.apply(p, batch["inputs"], {})[0], batch)
       return s / c
 
     out.append(jax.grad(loss)(params))
@@ -82,10 +55,13 @@ def flat(tree):
 
 
 def run(model, params, batch, tasks, transform, **opts):
-  o = grads.GradientOptions(**opts).check()
-  return jax.jit(
-    lambda p, bt: grads.compute(model, tasks, p, bt, transform, transform.init(K), jax.random.key(0), None, o)
-  )(params, batch)
+  ctx = context(model, params, batch, tasks, transform, **opts)
+  return jax.jit(lambda p, bt: grads.compute(dataclasses.replace(ctx, params=p, batch=bt)))(params, batch)
+
+
+def general(model):
+  """The same model without encode/head: the general route."""
+  return model._replace(encode=None, head=None)
 
 
 @pytest.mark.parametrize("kind", ["mlp", "cnn"])
@@ -141,7 +117,7 @@ def test_representation_gramian_is_of_dz():
   with jax.enable_x64(True):
     model, params, batch, tasks = setup("mlp")
     out = run(model, params, batch, tasks, capture(), level="representation")
-    z = model.encode(params["shared"], batch["inputs"])
+    z, _ = model.encode(params["shared"], batch["inputs"], {})
     dzs = []
     for t in tasks:
       f = lambda zz, t=t: jnp.divide(
@@ -159,16 +135,17 @@ def test_general_path_matches_separable_and_own_heads():
   with jax.enable_x64(True):
     model, params, batch, tasks = setup("mlp")
     sep = run(model, params, batch, tasks, capture())
-    gen = run(model.apply, params, batch, tasks, capture())
+    assert grads.route(context(general(model), params, batch, tasks, capture())).name == "general"
+    gen = run(general(model), params, batch, tasks, capture())
     np.testing.assert_allclose(sep.weighting_state.gramian, gen.weighting_state.gramian, rtol=1e-10)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-14), sep.grads, gen.grads)
     own = run(model, params, batch, tasks, capture(), heads="own")
     js = brute_jacobian(model, params, batch, tasks)
-    for i, n in enumerate(NAMES):
+    for i, n in enumerate("abc"):
       jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-10), own.grads["tasks"][n], js[i]["tasks"][n])
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-10), own.grads["shared"], sep.grads["shared"])
     with pytest.raises(ValueError, match="representation"):
-      run(model.apply, params, batch, tasks, capture(), level="representation")
+      run(general(model), params, batch, tasks, capture(), level="representation")
 
 
 def test_elementwise_jacobian_weights():
@@ -180,7 +157,7 @@ def test_elementwise_jacobian_weights():
   t = W.stateless(keep_positive, needs="jacobian")
   with jax.enable_x64(True):
     model, params, batch, tasks = setup("mlp")
-    for m in (model, model.apply):
+    for m in (model, general(model)):
       out = run(m, params, batch, tasks, t)
       js = brute_jacobian(model, params, batch, tasks)
       want = jax.tree.map(lambda *g: sum(jnp.where(gi > 0, gi, 0) for gi in g), *[j["shared"] for j in js])
@@ -201,14 +178,10 @@ def test_pmap_parameter_level(cross_device):
   model, params, batch, tasks = setup("mlp", dtype=jnp.float32, b=16)
   t = capture()
   opt = optax.sgd(0.1)
-  single = jax.jit(jmtl.make_train_step(model, tasks, opt, t))
-  s1, m1 = single(jmtl.TrainState.create(params, opt, t, K, jax.random.key(0)), batch)
-  pstep = parallel.pmap(
-    jmtl.make_train_step(model, tasks, opt, t, axis_name="data", cross_device=cross_device), donate=False
-  )
-  s4, m4 = pstep(
-    parallel.replicate(jmtl.TrainState.create(params, opt, t, K, jax.random.key(0))), parallel.shard_batch(batch)
-  )
+  single = jax.jit(jmtl.make_train_step(model, tasks))
+  s1, m1 = single(new_state(params, opt, t), batch)
+  pstep = parallel.pmap(jmtl.make_train_step(model, tasks, axis_name="data", cross_device=cross_device), donate=False)
+  s4, m4 = pstep(parallel.replicate(new_state(params, opt, t)), parallel.shard_batch(batch))
   g1, g4 = s1.weighting_state.gramian, s4.weighting_state.gramian[0]
   if cross_device == "exact":
     np.testing.assert_allclose(g4, g1, rtol=1e-5)
@@ -227,7 +200,7 @@ def test_gramian_method_without_shared_parameters_fails_clearly():
   batch = {"inputs": x, "labels": {"a": jnp.zeros(2, jnp.int32), "b": jnp.zeros(2, jnp.int32)}}
   t = W.mgda()
   with pytest.raises(ValueError, match=r"params\['shared'\] is empty"):
-    grads.compute(model, tasks, params, batch, t, t.init(2), jax.random.key(0), None, grads.GradientOptions())
+    grads.compute(context(model, params, batch, tasks, t))
 
 
 @pytest.mark.parametrize("head_hidden", [(), (4,)])
@@ -237,10 +210,10 @@ def test_representation_level_linear_heads_identity_and_fallback(head_hidden):
     _, params, batch, tasks = setup("mlp")
     model = models.mlp({"a": 3, "b": 1, "c": 2}, hidden=(7, 5), head_hidden=head_hidden, param_dtype=jnp.float64)
     params = model.init(jax.random.key(0), batch["inputs"])
-    z = jax.eval_shape(model.encode, params["shared"], batch["inputs"])
-    assert (_taps.linear_head_kernels(model, tasks, params, z) is not None) == (head_hidden == ())
+    ctx = context(model, params, batch, tasks, capture(), level="representation", heads="own")
+    assert grads.route(ctx).name == ("linear_heads" if head_hidden == () else "separable")
     out = run(model, params, batch, tasks, capture(), level="representation", heads="own")
-    zz = model.encode(params["shared"], batch["inputs"])
+    zz, _ = model.encode(params["shared"], batch["inputs"], {})
     rows = []
     for t in tasks:
       f = lambda v, t=t: jnp.divide(
@@ -254,5 +227,18 @@ def test_representation_level_linear_heads_identity_and_fallback(head_hidden):
     jax.tree.map(
       lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-14), out.grads["shared"], want_shared
     )
-    for i, n in enumerate(NAMES):
+    for i, n in enumerate("abc"):
       jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-10), out.grads["tasks"][n], js[i]["tasks"][n])
+
+
+def test_route_says_which_route_and_how():
+  """route() names the route and how the Gramian is obtained, without running the step."""
+  model, params, batch, tasks = setup("mlp", dtype=jnp.float32)
+  say = lambda m, t, **o: grads.route(context(m, params, batch, tasks, t, **o))
+  assert say(model, W.equal()).name == "loss_level"
+  r = say(model, W.mgda())
+  assert r.name == "separable" and "Dense-layer Gramian over 2 layers" in r.detail
+  assert "Jacobian" in say(model, W.graddrop()).detail
+  assert say(general(model), W.mgda()).name == "general"
+  shapes = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), batch)
+  assert grads.route(context(model, params, shapes, tasks, W.upgrad(), level="representation")).name == "linear_heads"

@@ -15,8 +15,8 @@ import pytest
 import jmtl
 from jmtl.models import cross_stitch
 from jmtl.models.cross_stitch import stitch_init
-from tests.test_models import _fill
-from tests.test_models import _x
+from tests._helpers import fill_params
+from tests._helpers import normal
 
 KEY = jax.random.key(0)
 DIMS = {"a": 3, "b": 2, "c": 4}
@@ -72,8 +72,8 @@ def _hand_cross_stitch(params, names, x):
 @pytest.fixture(scope="module")
 def setup():
   model = cross_stitch(DIMS, hidden=(6, 5))
-  x = _x((4, 2, 3))
-  return model, _fill(model, x), x
+  x = normal((4, 2, 3))
+  return model, fill_params(model, x), x
 
 
 def test_param_tree_and_output_shapes(setup):
@@ -87,16 +87,19 @@ def test_param_tree_and_output_shapes(setup):
       "column": {"dense_0": {"kernel": (6, 6), "bias": (6,)}, "dense_1": {"kernel": (6, 5), "bias": (5,)}},
       "head": {"dense_0": {"kernel": (5, dim), "bias": (dim,)}},
     }
-  out = jax.jit(model.apply)(params, x)
+  out, _ = jax.jit(model.apply)(params, x, {})
   assert {k: v.shape for k, v in out.items()} == {k: (4, d) for k, d in DIMS.items()}
   per_unit = cross_stitch(DIMS, hidden=(6, 5), per_unit=True)
-  assert jax.tree.map(lambda a: a.shape, _fill(per_unit, x)["shared"]) == {"stitch_0": (3, 3, 6), "stitch_1": (3, 3, 5)}
+  assert jax.tree.map(lambda a: a.shape, fill_params(per_unit, x)["shared"]) == {
+    "stitch_0": (3, 3, 6),
+    "stitch_1": (3, 3, 5),
+  }
 
 
 def test_identity_stitches_give_independent_columns(setup):
   model, params, x = setup
   params = _with_alpha(params, _eye)
-  out = model.apply(params, x)
+  out, _ = model.apply(params, x, {})
   ref = _independent_columns(params, model.task_names, x)
   for name in DIMS:
     np.testing.assert_allclose(out[name], ref[name], **RTOL)
@@ -105,10 +108,10 @@ def test_identity_stitches_give_independent_columns(setup):
 @pytest.mark.parametrize("per_unit", [False, True], ids=["per_layer", "per_unit"])
 @pytest.mark.parametrize("dims", [DIMS, {"p": 2, "q": 2}], ids=["mixed_heads", "equal_heads"])
 def test_mixing_matches_hand_written_loop(per_unit, dims):
-  x = _x((3, 7))
+  x = normal((3, 7))
   model = cross_stitch(dims, hidden=(4, 3), per_unit=per_unit)
-  params = _fill(model, x, seed=2)  # random α: a generic (non-identity, per-unit-varying) mixing
-  out = jax.jit(model.apply)(params, x)
+  params = fill_params(model, x, seed=2)  # random α: a generic (non-identity, per-unit-varying) mixing
+  out, _ = jax.jit(model.apply)(params, x, {})
   ref = _hand_cross_stitch(params, model.task_names, x)
   for name in dims:
     np.testing.assert_allclose(out[name], ref[name], **RTOL)
@@ -124,18 +127,18 @@ def test_tasks_are_coupled_through_the_stitches_unless_alpha_is_identity(setup):
     return {"shared": p["shared"], "tasks": tasks}
 
   ident = _with_alpha(params, _eye)
-  before, after = model.apply(ident, x), model.apply(change_a(ident), x)
+  before, after = model.apply(ident, x, {})[0], model.apply(change_a(ident), x, {})[0]
   assert not np.allclose(before["a"], after["a"])
   for name in ("b", "c"):
     np.testing.assert_array_equal(before[name], after[name])
   mixed = _with_alpha(params, lambda a: stitch_init(3, 0.9))
-  before, after = model.apply(mixed, x), model.apply(change_a(mixed), x)
+  before, after = model.apply(mixed, x, {})[0], model.apply(change_a(mixed), x, {})[0]
   for name in ("b", "c"):
     assert not np.allclose(before[name], after[name], atol=1e-3)
 
 
 def test_init_values_of_alpha_and_columns():
-  x = _x((2, 4))
+  x = normal((2, 4))
   params = cross_stitch({"a": 2, "b": 2, "c": 2}, hidden=(3, 3), init_self=0.9).init(KEY, x)
   want = np.full((3, 3), 0.05) + 0.85 * np.eye(3)
   for i in range(2):
@@ -151,13 +154,15 @@ def test_init_values_of_alpha_and_columns():
 
 def test_float64_params_and_compute_dtype():
   with jax.enable_x64(True):
-    x = _x((2, 4)).astype(np.float64)
+    x = normal((2, 4)).astype(np.float64)
     model = cross_stitch({"a": 2, "b": 3}, hidden=(3,), param_dtype=jnp.float64)
     spec = jax.eval_shape(model.init, KEY, x)
     assert all(leaf.dtype == jnp.float64 for leaf in jax.tree.leaves(spec))
-    assert all(v.dtype == jnp.float64 for v in model.apply(_fill(model, x), x).values())
+    assert all(v.dtype == jnp.float64 for v in model.apply(fill_params(model, x), x, {})[0].values())
   model = cross_stitch({"a": 2, "b": 3}, hidden=(3,), dtype=jnp.bfloat16)
-  assert all(v.dtype == jnp.bfloat16 for v in model.apply(_fill(model, _x((2, 4))), _x((2, 4))).values())
+  assert all(
+    v.dtype == jnp.bfloat16 for v in model.apply(fill_params(model, normal((2, 4))), normal((2, 4)), {})[0].values()
+  )
 
 
 @pytest.mark.parametrize(
@@ -184,32 +189,32 @@ def test_bad_arguments_raise(kwargs, match):
 def test_bad_inputs_and_params_raise(setup):
   model, params, _ = setup
   with pytest.raises(ValueError, match=r"flatten to 5 features, but the columns' dense_0 kernel expects 6"):
-    model.apply(params, _x((2, 5)))
+    model.apply(params, normal((2, 5)), {})
   with pytest.raises(ValueError, match=r"no entry for task\(s\) \['c'\]"):
-    model.apply({"shared": params["shared"], "tasks": {k: params["tasks"][k] for k in "ab"}}, _x((2, 6)))
+    model.apply({"shared": params["shared"], "tasks": {k: params["tasks"][k] for k in "ab"}}, normal((2, 6)), {})
   bad = {"shared": {"stitch_0": jnp.eye(2), "stitch_1": params["shared"]["stitch_1"]}, "tasks": params["tasks"]}
   with pytest.raises(ValueError, match=r"stitch_0'\] must have shape \(3, 3\), got \(2, 2\)"):
-    model.apply(bad, _x((2, 6)))
+    model.apply(bad, normal((2, 6)), {})
 
 
 def test_train_step_general_path():
   model = cross_stitch({"a": 3, "b": 2}, hidden=(4,), init_self=0.9)
-  x = _x((6, 5))
-  params = _fill(model, x)
+  x = normal((6, 5))
+  params = fill_params(model, x)
   params = _with_alpha(params, lambda a: stitch_init(2, 0.9))
   r = np.random.default_rng(0)
   batch = {"inputs": x, "labels": {"a": jnp.asarray(r.integers(0, 3, 6)), "b": jnp.asarray(r.integers(0, 2, 6))}}
   tasks = [jmtl.Task(n, jmtl.losses.softmax_cross_entropy) for n in ("a", "b")]
   opt = optax.sgd(0.1)
+  step = jax.jit(jmtl.make_train_step(model, tasks))
   for weighting in (jmtl.weighting.mgda(), jmtl.weighting.equal()):
-    step = jax.jit(jmtl.make_train_step(model, tasks, opt, weighting))
-    state = jmtl.TrainState.create(params, opt, weighting, 2, KEY)
+    state = jmtl.TrainState.create(params=params, tx=opt, weighting=weighting, num_tasks=2, rng=KEY)
     for _ in range(2):
       state, metrics = step(state, batch)
     assert all(np.isfinite(float(metrics[f"loss/{n}"])) for n in "ab")
     for before, after in zip(jax.tree.leaves(params), jax.tree.leaves(state.params)):
       assert not np.allclose(before, after)  # the stitches and every column and head move
-  step = jmtl.make_train_step(model, tasks, opt, jmtl.weighting.mgda(), level="representation")
-  state = jmtl.TrainState.create(params, opt, jmtl.weighting.mgda(), 2, KEY)
+  step = jmtl.make_train_step(model, tasks, level="representation")
+  state = jmtl.TrainState.create(params=params, tx=opt, weighting=jmtl.weighting.mgda(), num_tasks=2, rng=KEY)
   with pytest.raises(ValueError, match="level='representation' needs a model with encode and head"):
     step(state, batch)

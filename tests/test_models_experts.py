@@ -21,8 +21,9 @@ from jmtl.models import experts
 from jmtl.models import mlp
 from jmtl.models import mmoe
 from jmtl.models import ple
-from tests.test_models import _fill
-from tests.test_models import _x
+from tests._helpers import fill_params
+from tests._helpers import normal
+from tests._helpers import shapes
 
 KEY = jax.random.key(0)
 DIMS = {"a": 3, "b": 2, "c": 1}
@@ -36,10 +37,6 @@ def _run(fn, *args):
 
 def _np(tree):
   return jax.tree.map(np.asarray, tree)
-
-
-def _shapes(tree):
-  return jax.tree.map(lambda a: a.shape, tree)
 
 
 # --- numpy references --------------------------------------------------------
@@ -121,7 +118,7 @@ def np_selector(z, num_experts, gamma):
   return r / r.sum(-1, keepdims=True)
 
 
-def np_dselect(params, x, names, num_experts, k, gamma):
+def np_dselect(params, x, names, *, num_experts, k, gamma):
   p = _np(params)
   x = x.reshape(x.shape[0], -1)
   m = int(np.ceil(np.log2(num_experts)))
@@ -142,22 +139,22 @@ def np_dselect(params, x, names, num_experts, k, gamma):
 @pytest.fixture(scope="module")
 def mmoe_setup():
   model = mmoe(DIMS, num_experts=3, expert_hidden=(6, 4), tower_hidden=(5,))
-  x = _x((4, 2, 3))
-  return model, _fill(model, x), x
+  x = normal((4, 2, 3))
+  return model, fill_params(model, x), x
 
 
 @pytest.fixture(scope="module")
 def cgc_setup():
   model = cgc(DIMS, num_shared_experts=2, num_task_experts=2, expert_hidden=(6, 4), tower_hidden=(3,))
-  x = _x((4, 6))
-  return model, _fill(model, x), x
+  x = normal((4, 6))
+  return model, fill_params(model, x), x
 
 
 @pytest.fixture(scope="module")
 def ple_setup():
   model = ple(DIMS, num_levels=3, num_shared_experts=2, num_task_experts=1, expert_hidden=(5,))
-  x = _x((4, 2, 3))
-  return model, _fill(model, x), x
+  x = normal((4, 2, 3))
+  return model, fill_params(model, x), x
 
 
 DSEL = dict(num_experts=3, k=2, expert_hidden=(6, 4), tower_hidden=(3,), gamma=2.0)
@@ -166,8 +163,8 @@ DSEL = dict(num_experts=3, k=2, expert_hidden=(6, 4), tower_hidden=(3,), gamma=2
 @pytest.fixture(scope="module")
 def dselect_setup():
   model = dselect_k(DIMS, **DSEL)
-  x = _x((5, 2, 3))
-  params = _fill(model, x)
+  x = normal((5, 2, 3))
+  params = fill_params(model, x)
   # Small selector logits: the smooth region, where all codes get weight (exercised, not saturated).
   for n in DIMS:
     params["tasks"][n]["gate"]["z"] = jax.tree.map(lambda a: 0.2 * a, params["tasks"][n]["gate"]["z"])
@@ -175,9 +172,7 @@ def dselect_setup():
 
 
 def _dselect_forward():
-  d = DSEL
-  args = (DIMS, d["num_experts"], d["k"], d["expert_hidden"], d["tower_hidden"], d["gamma"])
-  return dselect._dselect_parts(*args, jax.nn.relu, None, jnp.float32)[1]
+  return dselect._dselect_parts(DIMS, **DSEL)[1]
 
 
 # --- MMoE --------------------------------------------------------------------
@@ -187,22 +182,22 @@ def test_mmoe_params_and_shapes(mmoe_setup):
   model, params, x = mmoe_setup
   assert model.encode is None and model.head is None
   assert model.task_names == ("a", "b", "c")
-  shapes = _shapes(params)
-  assert shapes["shared"] == {
+  got = shapes(params)
+  assert got["shared"] == {
     "experts": {"dense_0": {"kernel": (3, 6, 6), "bias": (3, 6)}, "dense_1": {"kernel": (3, 6, 4), "bias": (3, 4)}}
   }
-  assert shapes["tasks"]["a"]["gate"] == {"kernel": (6, 3), "bias": (3,)}
-  assert shapes["tasks"]["b"]["tower"] == {
+  assert got["tasks"]["a"]["gate"] == {"kernel": (6, 3), "bias": (3,)}
+  assert got["tasks"]["b"]["tower"] == {
     "dense_0": {"kernel": (4, 5), "bias": (5,)},
     "dense_1": {"kernel": (5, 2), "bias": (2,)},
   }
-  out = _run(model.apply, params, x)
+  out, _ = _run(model.apply, params, x, {})
   assert {k: v.shape for k, v in out.items()} == {"a": (4, 3), "b": (4, 2), "c": (4, 1)}
 
 
 def test_mmoe_matches_numpy_reference(mmoe_setup):
   model, params, x = mmoe_setup
-  out, ref = _run(model.apply, params, x), np_mmoe(params, x, model.task_names)
+  out, ref = _run(model.apply, params, x, {})[0], np_mmoe(params, x, model.task_names)
   for n in model.task_names:
     np.testing.assert_allclose(out[n], ref[n], **RTOL)
 
@@ -211,37 +206,37 @@ def test_mmoe_matches_numpy_reference(mmoe_setup):
 def test_one_expert_is_hard_sharing(build):
   """One expert: the gate is the constant 1, so the model is mlp() with the expert as trunk."""
   model = build(DIMS, num_experts=1, expert_hidden=(6, 4), tower_hidden=(5,))
-  x = _x((4, 7), seed=3)
-  params = _fill(model, x, seed=4)
+  x = normal((4, 7), seed=3)
+  params = fill_params(model, x, seed=4)
   hard = mlp(DIMS, hidden=(6, 4), head_hidden=(5,))
   hard_params = {
     "shared": jax.tree.map(lambda a: a[0], params["shared"]["experts"]),
     "tasks": {n: params["tasks"][n]["tower"] for n in DIMS},
   }
-  assert _shapes(hard_params) == _shapes(jax.eval_shape(hard.init, KEY, x))
-  out, want = _run(model.apply, params, x), _run(hard.apply, hard_params, x)
+  assert shapes(hard_params) == shapes(jax.eval_shape(hard.init, KEY, x))
+  out, want = _run(model.apply, params, x, {})[0], _run(hard.apply, hard_params, x, {})[0]
   for n in DIMS:
     np.testing.assert_allclose(out[n], want[n], **RTOL)
 
 
 def test_mmoe_gates_are_convex_combinations(mmoe_setup):
   model, params, x = mmoe_setup
-  _, forward = experts._mmoe_parts("mmoe", DIMS, 3, (6, 4), (5,), jax.nn.relu, None, jnp.float32)
+  _, forward = experts._mmoe_parts("mmoe", DIMS, num_experts=3, expert_hidden=(6, 4), tower_hidden=(5,))
   preds, gates = _run(forward, params, x)
   for n in DIMS:
     g = np.asarray(gates[n])
     assert g.shape == (4, 3) and (g >= 0).all()
     np.testing.assert_allclose(g.sum(-1), 1.0, rtol=1e-6)
-    np.testing.assert_allclose(preds[n], _run(model.apply, params, x)[n], **RTOL)
+    np.testing.assert_allclose(preds[n], _run(model.apply, params, x, {})[0][n], **RTOL)
 
 
 def test_experts_run_as_one_batched_kernel():
   """The experts are vmapped: E experts give the same number of dot_generals as one."""
-  x = _x((2, 5))
+  x = normal((2, 5))
   count = {}
   for e in (1, 4):
     model = mmoe({"a": 2}, num_experts=e, expert_hidden=(3, 3))
-    count[e] = str(jax.make_jaxpr(model.apply)(_fill(model, x), x)).count("dot_general")
+    count[e] = str(jax.make_jaxpr(model.apply)(fill_params(model, x), x, {})).count("dot_general")
   assert count[1] == count[4]
 
 
@@ -251,12 +246,12 @@ def test_experts_run_as_one_batched_kernel():
 def test_cgc_params_shapes_and_reference(cgc_setup):
   model, params, x = cgc_setup
   assert model.encode is None and model.head is None
-  shapes = _shapes(params)
-  assert shapes["shared"]["level_0"]["experts"]["dense_1"]["kernel"] == (2, 6, 4)
-  assert set(shapes["shared"]["level_0"]) == {"experts"}
-  assert shapes["tasks"]["a"]["level_0"]["experts"]["dense_0"]["kernel"] == (2, 6, 6)
-  assert shapes["tasks"]["a"]["level_0"]["gate"]["kernel"] == (6, 4)  # own 2 + shared 2
-  out, ref = _run(model.apply, params, x), np_ple(params, x, model.task_names, 1)
+  got = shapes(params)
+  assert got["shared"]["level_0"]["experts"]["dense_1"]["kernel"] == (2, 6, 4)
+  assert set(got["shared"]["level_0"]) == {"experts"}
+  assert got["tasks"]["a"]["level_0"]["experts"]["dense_0"]["kernel"] == (2, 6, 6)
+  assert got["tasks"]["a"]["level_0"]["gate"]["kernel"] == (6, 4)  # own 2 + shared 2
+  out, ref = _run(model.apply, params, x, {})[0], np_ple(params, x, model.task_names, 1)
   for n, d in DIMS.items():
     assert out[n].shape == (4, d)
     np.testing.assert_allclose(out[n], ref[n], **RTOL)
@@ -264,14 +259,14 @@ def test_cgc_params_shapes_and_reference(cgc_setup):
 
 def test_ple_params_shapes_and_reference(ple_setup):
   model, params, x = ple_setup
-  shapes = _shapes(params)
-  assert set(shapes["shared"]) == {"level_0", "level_1", "level_2"}
-  assert set(shapes["shared"]["level_1"]) == {"experts", "gate"}
-  assert set(shapes["shared"]["level_2"]) == {"experts"}
-  assert shapes["shared"]["level_0"]["gate"]["kernel"] == (6, 3 * 1 + 2)
-  assert shapes["shared"]["level_1"]["experts"]["dense_0"]["kernel"] == (2, 5, 5)
-  assert shapes["tasks"]["c"]["level_2"]["gate"]["kernel"] == (5, 3)
-  out, ref = _run(model.apply, params, x), np_ple(params, x, model.task_names, 3)
+  got = shapes(params)
+  assert set(got["shared"]) == {"level_0", "level_1", "level_2"}
+  assert set(got["shared"]["level_1"]) == {"experts", "gate"}
+  assert set(got["shared"]["level_2"]) == {"experts"}
+  assert got["shared"]["level_0"]["gate"]["kernel"] == (6, 3 * 1 + 2)
+  assert got["shared"]["level_1"]["experts"]["dense_0"]["kernel"] == (2, 5, 5)
+  assert got["tasks"]["c"]["level_2"]["gate"]["kernel"] == (5, 3)
+  out, ref = _run(model.apply, params, x, {})[0], np_ple(params, x, model.task_names, 3)
   for n, d in DIMS.items():
     assert out[n].shape == (4, d)
     np.testing.assert_allclose(out[n], ref[n], **RTOL)
@@ -279,7 +274,8 @@ def test_ple_params_shapes_and_reference(ple_setup):
 
 def test_ple_gates_are_convex_combinations(ple_setup):
   _, params, x = ple_setup
-  _, forward = experts._extraction("ple", DIMS, 3, 2, 1, (5,), (), jax.nn.relu, None, jnp.float32)
+  sizes = {"num_shared_experts": 2, "num_task_experts": 1, "expert_hidden": (5,), "tower_hidden": ()}
+  _, forward = experts._extraction("ple", DIMS, num_levels=3, **sizes)
   _, levels = _run(forward, params, x)
   assert [sorted(g) for g in levels] == [["a", "b", "c", "shared"]] * 2 + [["a", "b", "c"]]
   for gates in levels:
@@ -312,8 +308,8 @@ def _set(tree, path, value):
 
 def test_cgc_split_is_separable(cgc_setup):
   model, params, x = cgc_setup
-  base = _run(model.apply, params, x)
-  moved = _run(model.apply, _perturbed(params, "a"), x)
+  base, _ = _run(model.apply, params, x, {})
+  moved, _ = _run(model.apply, _perturbed(params, "a"), x, {})
   assert not np.allclose(moved["a"], base["a"])
   for n in ("b", "c"):
     np.testing.assert_array_equal(moved[n], base[n])
@@ -322,11 +318,11 @@ def test_cgc_split_is_separable(cgc_setup):
 def test_ple_split_is_not_separable(ple_setup):
   """Task a's level-0 experts feed the shared gate, which feeds b: the split is not separable."""
   model, params, x = ple_setup
-  base = _run(model.apply, params, x)
-  moved = _run(model.apply, _perturbed(params, "a", ("level_0", "experts")), x)
+  base, _ = _run(model.apply, params, x, {})
+  moved, _ = _run(model.apply, _perturbed(params, "a", ("level_0", "experts")), x, {})
   assert not np.allclose(moved["b"], base["b"], rtol=1e-4)
   # The last level has no shared gate: its task experts only reach their own task.
-  last = _run(model.apply, _perturbed(params, "a", ("level_2",)), x)
+  last, _ = _run(model.apply, _perturbed(params, "a", ("level_2",)), x, {})
   np.testing.assert_array_equal(last["b"], base["b"])
   assert not np.allclose(last["a"], base["a"])
 
@@ -355,7 +351,7 @@ def test_smooth_step_closed_form_and_c1():
 @pytest.mark.parametrize("num_experts", [4, 8, 3, 5])
 def test_binary_selector_is_a_distribution(num_experts):
   m = dselect.num_code_bits(num_experts)
-  z = 0.3 * _x((6, m), seed=num_experts)
+  z = 0.3 * normal((6, m), seed=num_experts)
   r = np.asarray(dselect.binary_selector(z, num_experts, 1.0))
   assert r.shape == (6, num_experts) and (r >= 0).all()
   np.testing.assert_allclose(r.sum(-1), 1.0, rtol=1e-6)
@@ -380,13 +376,13 @@ def test_binary_selector_saturated_is_exact_one_hot():
 def test_dselect_params_shapes_and_reference(dselect_setup):
   model, params, x = dselect_setup
   assert model.encode is None and model.head is None
-  shapes = _shapes(params)
-  assert shapes["shared"]["experts"]["dense_0"]["kernel"] == (3, 6, 6)
-  assert shapes["tasks"]["b"]["gate"] == {
+  got = shapes(params)
+  assert got["shared"]["experts"]["dense_0"]["kernel"] == (3, 6, 6)
+  assert got["tasks"]["b"]["gate"] == {
     "z": {"kernel": (6, 4), "bias": (4,)},  # k=2 selectors x m=2 bits
     "alpha": {"kernel": (6, 2), "bias": (2,)},
   }
-  out, ref = _run(model.apply, params, x), np_dselect(params, x, model.task_names, 3, 2, 2.0)
+  out, ref = _run(model.apply, params, x, {})[0], np_dselect(params, x, model.task_names, num_experts=3, k=2, gamma=2.0)
   for n, d in DIMS.items():
     assert out[n].shape == (5, d)
     np.testing.assert_allclose(out[n], ref[n], **RTOL)
@@ -400,7 +396,7 @@ def test_dselect_gates_are_convex_and_select_exactly_with_large_logits(dselect_s
     g = np.asarray(gates[n])
     assert g.shape == (5, 3) and (g >= 0).all()
     np.testing.assert_allclose(g.sum(-1), 1.0, rtol=1e-6)
-    np.testing.assert_allclose(preds[n], _run(model.apply, params, x)[n], **RTOL)
+    np.testing.assert_allclose(preds[n], _run(model.apply, params, x, {})[0][n], **RTOL)
   # Large constant logits: selector 0 -> code (1, 0) = expert 1, selector 1 -> code (0, 1) = expert 2.
   gate = dict(params["tasks"]["a"]["gate"])
   gate["z"] = {"kernel": jnp.zeros_like(gate["z"]["kernel"]), "bias": jnp.array([50.0, -50.0, -50.0, 50.0])}
@@ -416,10 +412,10 @@ def test_param_dtype_float64(name):
   build = {"mmoe": mmoe, "cgc": cgc, "ple": ple, "dselect_k": dselect_k}[name]
   with jax.enable_x64(True):
     model = build({"a": 2}, expert_hidden=(3,), param_dtype=jnp.float64)
-    x = _x((2, 4)).astype(np.float64)
-    params = _fill(model, x)
+    x = normal((2, 4)).astype(np.float64)
+    params = fill_params(model, x)
     assert {leaf.dtype for leaf in jax.tree.leaves(params)} == {jnp.dtype(jnp.float64)}
-    assert _run(model.apply, params, x)["a"].dtype == jnp.float64
+    assert _run(model.apply, params, x, {})[0]["a"].dtype == jnp.float64
 
 
 # --- errors ------------------------------------------------------------------
@@ -449,10 +445,10 @@ def test_bad_arguments_raise(build, match):
 def test_apply_checks_inputs_and_tasks(mmoe_setup, ple_setup):
   model, params, x = mmoe_setup
   with pytest.raises(ValueError, match=r"mmoe: inputs of shape \(4, 7\) flatten to 7 features.*expects 6"):
-    model.apply(params, np.zeros((4, 7), np.float32))
+    model.apply(params, np.zeros((4, 7), np.float32), {})
   model, params, x = ple_setup
   with pytest.raises(ValueError, match=r"ple: params\['tasks'\] has no entry for task\(s\) \['c'\]"):
-    model.apply({"shared": params["shared"], "tasks": {k: params["tasks"][k] for k in ("a", "b")}}, x)
+    model.apply({"shared": params["shared"], "tasks": {k: params["tasks"][k] for k in ("a", "b")}}, x, {})
 
 
 # --- train step --------------------------------------------------------------
@@ -479,14 +475,14 @@ TRAIN_BUILDERS = {
 @pytest.mark.parametrize("name", sorted(TRAIN_BUILDERS))
 def test_train_step_runs(name):
   model = TRAIN_BUILDERS[name]()
-  x = _x((6, 2, 2, 1), seed=7)
-  params = _fill(model, x)
+  x = normal((6, 2, 2, 1), seed=7)
+  params = fill_params(model, x)
   batch = _train_batch(x, TRAIN_DIMS)
   tasks = _train_tasks(model.task_names)
   opt = optax.sgd(0.1)
+  step = jax.jit(jmtl.make_train_step(model, tasks))
   for weighting in (jmtl.weighting.mgda(), jmtl.weighting.equal()):
-    step = jax.jit(jmtl.make_train_step(model, tasks, opt, weighting))
-    state = jmtl.TrainState.create(params, opt, weighting, len(tasks), KEY)
+    state = jmtl.TrainState.create(params=params, tx=opt, weighting=weighting, num_tasks=len(tasks), rng=KEY)
     for _ in range(2):
       state, metrics = step(state, batch)
       assert all(np.isfinite(metrics[f"loss/{n}"]) for n in model.task_names)
@@ -501,11 +497,11 @@ def test_train_step_runs(name):
 
 def test_representation_level_raises():
   model = TRAIN_BUILDERS["mmoe"]()
-  x = _x((6, 4), seed=7)
-  params = _fill(model, x)
+  x = normal((6, 4), seed=7)
+  params = fill_params(model, x)
   opt = optax.sgd(0.1)
   weighting = jmtl.weighting.mgda()
-  step = jmtl.make_train_step(model, _train_tasks(model.task_names), opt, weighting, level="representation")
-  state = jmtl.TrainState.create(params, opt, weighting, 2, KEY)
+  step = jmtl.make_train_step(model, _train_tasks(model.task_names), level="representation")
+  state = jmtl.TrainState.create(params=params, tx=opt, weighting=weighting, num_tasks=2, rng=KEY)
   with pytest.raises(ValueError, match=r"representation.*encode and head"):
     step(state, _train_batch(x, TRAIN_DIMS))

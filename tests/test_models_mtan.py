@@ -18,8 +18,8 @@ import pytest
 import jmtl
 from jmtl.models import mtan
 from jmtl.models.mtan import _Attention
-from tests.test_models import _fill
-from tests.test_models import _x
+from tests._helpers import fill_params
+from tests._helpers import normal
 
 KEY = jax.random.key(0)
 DIMS = {"left": 4, "right": 3}
@@ -105,8 +105,8 @@ def setup(request):
   kind = request.param
   cfg = TRUNKS[kind]
   model = mtan(DIMS, features=cfg["features"], trunk=kind, head_hidden=(3,))
-  x = _x(cfg["x_shape"])
-  return kind, model, _fill(model, x), x
+  x = normal(cfg["x_shape"])
+  return kind, model, fill_params(model, x), x
 
 
 # --- tests -----------------------------------------------------------------
@@ -139,14 +139,14 @@ def test_param_tree_and_output_shapes(setup):
       "dense_0": {"kernel": (flat, 3), "bias": (3,)},
       "dense_1": {"kernel": (3, dim), "bias": (dim,)},
     }
-  out = jax.jit(model.apply)(params, x)
+  out, _ = jax.jit(model.apply)(params, x, {})
   assert {k: v.shape for k, v in out.items()} == {k: (2, d) for k, d in DIMS.items()}
 
 
 def test_apply_is_head_after_encode_and_matches_hand_reference(setup):
   kind, model, params, x = setup
-  out = model.apply(params, x)
-  z = model.encode(params["shared"], x)
+  out, _ = model.apply(params, x, {})
+  z, _ = model.encode(params["shared"], x, {})
   stages = _hand_trunk(params["shared"], x, kind)
   assert len(z) == 2
   for (u, p), (hu, hp) in zip(z, stages):
@@ -186,7 +186,7 @@ def test_masks_forced_to_one_pass_the_shared_features_through(setup):
   for name in ("att_0", "att_1"):
     h = tp[name]["h"]
     tp[name] = dict(tp[name], h={"kernel": jnp.zeros_like(h["kernel"]), "bias": jnp.full_like(h["bias"], 40.0)})
-  z = model.encode(params["shared"], x)
+  z, _ = model.encode(params["shared"], x, {})
   out = model.head("left", tp, z)
   np.testing.assert_allclose(out, _hand_output(tp, _np(z[-1][1]), kind), **RTOL)  # â = p⁽ᴸ⁻¹⁾
   assert not np.allclose(out, model.head("left", params["tasks"]["left"], z), atol=1e-3)
@@ -194,19 +194,19 @@ def test_masks_forced_to_one_pass_the_shared_features_through(setup):
 
 def test_task_params_never_change_other_tasks(setup):
   _, model, params, x = setup
-  before = model.apply(params, x)
+  before, _ = model.apply(params, x, {})
   tasks = dict(params["tasks"], left=jax.tree.map(lambda v: jnp.asarray(np.asarray(v) + 0.5), params["tasks"]["left"]))
-  after = model.apply({"shared": params["shared"], "tasks": tasks}, x)
+  after, _ = model.apply({"shared": params["shared"], "tasks": tasks}, x, {})
   assert not np.allclose(before["left"], after["left"], atol=1e-3)
   np.testing.assert_array_equal(before["right"], after["right"])
   shared = jax.tree.map(lambda v: jnp.asarray(np.asarray(v) + 0.5), params["shared"])
-  moved = model.apply({"shared": shared, "tasks": params["tasks"]}, x)
+  moved, _ = model.apply({"shared": shared, "tasks": params["tasks"]}, x, {})
   assert not any(np.allclose(before[k], moved[k], atol=1e-3) for k in DIMS)
 
 
 def test_init_matches_flax_default_initializer_statistics():
   model = mtan({"a": 3, "b": 3}, features=(16, 32), trunk="mlp")
-  x = _x((2, 64))
+  x = normal((2, 64))
   params = model.init(KEY, x)
   assert jax.tree.map(lambda a: (a.shape, a.dtype), params) == jax.tree.map(
     lambda s: (s.shape, s.dtype), jax.eval_shape(model.init, KEY, x)
@@ -244,13 +244,13 @@ def test_bad_inputs_raise(setup):
   kind, model, params, x = setup
   if kind == "cnn":
     with pytest.raises(ValueError, match="too small"):
-      model.apply(params, _x((2, 2, 2)))
+      model.apply(params, normal((2, 2, 2)), {})
     with pytest.raises(ValueError, match="give 2 channels, but the trunk's first layer expects 1"):
-      model.apply(params, _x((2, 8, 8, 2)))
+      model.apply(params, normal((2, 8, 8, 2)), {})
   else:
     with pytest.raises(ValueError, match="give 5 features, but the trunk's first layer expects 6"):
-      model.apply(params, _x((2, 5)))
-  z = model.encode(params["shared"], x)
+      model.apply(params, normal((2, 5)), {})
+  z, _ = model.encode(params["shared"], x, {})
   with pytest.raises(ValueError, match=r"z must be 2 \(u, p\) stage pairs"):
     model.head("left", params["tasks"]["left"], z[:1])
   with pytest.raises(ValueError, match="unknown task 'up'"):
@@ -262,14 +262,14 @@ def _train_case(kind):
   """Model, batch, params and each task's loss gradient (one jit per trunk, shared by the cases below)."""
   cfg = TRUNKS[kind]
   model = mtan(DIMS, features=cfg["features"], trunk=kind)
-  x = _x((6, *cfg["x_shape"][1:]))
-  params = _fill(model, x)
+  x = normal((6, *cfg["x_shape"][1:]))
+  params = fill_params(model, x)
   r = np.random.default_rng(0)
   labels = {k: jnp.asarray(r.integers(0, d, 6)) for k, d in DIMS.items()}
 
   def task_grads(p):
     def loss(p, k):
-      logits = model.apply(p, x)[k]
+      logits = model.apply(p, x, {})[0][k]
       return -jnp.mean(jnp.take_along_axis(jax.nn.log_softmax(logits), labels[k][:, None], 1))
 
     return {k: jax.grad(loss)(p, k) for k in DIMS}
@@ -293,8 +293,8 @@ def test_train_step_separable_path_gives_the_weighted_gradient(kind, weighting, 
   tasks = [jmtl.Task(k, jmtl.losses.softmax_cross_entropy) for k in DIMS]
   transform = getattr(jmtl.weighting, weighting)()
   opt = optax.sgd(1.0)
-  step = jax.jit(jmtl.make_train_step(model, tasks, opt, transform, level=level))
-  state, metrics = step(jmtl.TrainState.create(params, opt, transform, 2, KEY), batch)
+  step = jax.jit(jmtl.make_train_step(model, tasks, level=level))
+  state, metrics = step(jmtl.TrainState.create(params=params, tx=opt, weighting=transform, num_tasks=2, rng=KEY), batch)
   w = {k: float(metrics[f"weight/{k}"]) for k in DIMS}
   assert all(np.isfinite(float(metrics[f"loss/{k}"])) for k in DIMS)
   if weighting == "mgda":

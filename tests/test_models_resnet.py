@@ -65,8 +65,8 @@ def test_train_step_updates_batch_stats_from_the_batch(bn):
   model, params, state0 = bn
   batch = _batch()
   opt = optax.sgd(0.01)
-  state = jmtl.TrainState.create(params, opt, W.equal(), 2, KEY, model_state=state0)
-  new, _ = jax.jit(jmtl.make_train_step(model, TASKS, opt))(state, batch)
+  state = jmtl.TrainState.create(params=params, tx=opt, num_tasks=2, rng=KEY, model_state=state0)
+  new, _ = jax.jit(jmtl.make_train_step(model, TASKS))(state, batch)
   stem = jax.lax.conv_general_dilated(
     jnp.asarray(batch["inputs"]),
     params["shared"]["stem"]["kernel"],
@@ -90,12 +90,12 @@ def test_gradient_paths_carry_the_state(bn, name, level):
   """Every gradient route returns the same new statistics as the loss-level route (one forward, same batch)."""
   model, params, state0 = bn
   batch, opt = _batch(), optax.sgd(0.01)
-  ref, _ = jax.jit(jmtl.make_train_step(model, TASKS, opt))(
-    jmtl.TrainState.create(params, opt, W.equal(), 2, KEY, model_state=state0), batch
+  ref, _ = jax.jit(jmtl.make_train_step(model, TASKS))(
+    jmtl.TrainState.create(params=params, tx=opt, num_tasks=2, rng=KEY, model_state=state0), batch
   )
   t = getattr(W, name)()
-  got, m = jax.jit(jmtl.make_train_step(model, TASKS, opt, t, level=level))(
-    jmtl.TrainState.create(params, opt, t, 2, KEY, model_state=state0), batch
+  got, m = jax.jit(jmtl.make_train_step(model, TASKS, level=level))(
+    jmtl.TrainState.create(params=params, tx=opt, weighting=t, num_tasks=2, rng=KEY, model_state=state0), batch
   )
   assert m["grad_cosine"].shape == (2, 2) and bool(jnp.isfinite(m["loss"]))
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7), got.model_state, ref.model_state)
@@ -105,18 +105,25 @@ def test_nonfinite_step_keeps_the_state(bn):
   model, params, state0 = bn
   batch, opt = _batch(), optax.sgd(0.01)
   batch["inputs"][0, 0, 0, 0] = np.nan
-  state = jmtl.TrainState.create(params, opt, W.equal(), 2, KEY, model_state=state0)
-  new, m = jax.jit(jmtl.make_train_step(model, TASKS, opt))(state, batch)
+  state = jmtl.TrainState.create(params=params, tx=opt, num_tasks=2, rng=KEY, model_state=state0)
+  new, m = jax.jit(jmtl.make_train_step(model, TASKS))(state, batch)
   assert bool(m["skipped"])
   jax.tree.map(np.testing.assert_array_equal, new.model_state, state0)
 
 
 def test_missing_state_is_a_clear_error(bn):
   model, params, _ = bn
+  x = _batch()["inputs"]
+  for empty in ({}, None):
+    for train in (True, False):
+      with pytest.raises(ValueError, match=r"resnet: batch norm needs its running statistics but model_state is empty"):
+        model.apply(params, x, empty, train=train)
+    with pytest.raises(ValueError, match="model_state is empty"):
+      model.encode(params["shared"], x, empty)
   opt = optax.sgd(0.01)
-  state = jmtl.TrainState.create(params, opt, W.equal(), 2, KEY)
-  with pytest.raises(ValueError, match="model_state is None"):
-    jmtl.make_train_step(model, TASKS, opt)(state, _batch())
+  state = jmtl.TrainState.create(params=params, tx=opt, num_tasks=2, rng=KEY)  # no model_state: {}
+  with pytest.raises(ValueError, match="model_state is empty"):
+    jmtl.make_train_step(model, TASKS)(state, _batch())
   with pytest.raises(ValueError, match="pass model_state"):
     jmtl.make_eval_step(model, TASKS)(params, _batch())
 
@@ -130,23 +137,23 @@ def test_batch_stats_agree_between_one_device_pmap_and_mesh(bn, name):
 
   def fresh():
     t = getattr(W, name)()
-    return t, jmtl.TrainState.create(params, opt, t, 2, KEY, model_state=state0)
+    return jmtl.TrainState.create(params=params, tx=opt, weighting=t, num_tasks=2, rng=KEY, model_state=state0)
 
-  t, single = fresh()
-  step = parallel.jit(jmtl.make_train_step(model, TASKS, opt, t), donate=False)
+  single = fresh()
+  step = parallel.jit(jmtl.make_train_step(model, TASKS), donate=False)
   for b in batches:
     single, _ = step(single, b)
 
-  t, state = fresh()
-  pstep = parallel.pmap(jmtl.make_train_step(model, TASKS, opt, t, axis_name="data"), donate=False)
+  state = fresh()
+  pstep = parallel.pmap(jmtl.make_train_step(model, TASKS, axis_name="data"), donate=False)
   state = parallel.replicate(state)
   for b in batches:
     state, _ = pstep(state, parallel.shard_batch(b))
   pmapped = parallel.unreplicate(state)
 
   mesh = parallel.make_mesh(4)
-  t, state = fresh()
-  mstep = parallel.mesh_jit(jmtl.make_train_step(model, TASKS, opt, t), mesh, donate=False)
+  state = fresh()
+  mstep = parallel.mesh_jit(jmtl.make_train_step(model, TASKS), mesh, donate=False)
   for b in batches:
     state, _ = mstep(state, parallel.put_batch(b, mesh))
 
@@ -158,19 +165,21 @@ def test_batch_stats_agree_between_one_device_pmap_and_mesh(bn, name):
 
 def test_group_norm_is_stateless_and_separable():
   model = resnet(DIMS, stage_features=(4, 8), norm="group", groups=2)
-  assert not model.stateful and model.init_state is None
   x = _batch()["inputs"]
+  assert not model.stateful and model.init_state(KEY, x) == {}
   params = model.init(KEY, x)
   assert "GroupNorm_0" in params["shared"]["stem_norm"]
-  preds = model.apply(params, x)
-  np.testing.assert_allclose(preds["b"], model.head("b", params["tasks"]["b"], model.encode(params["shared"], x)))
+  preds, state = model.apply(params, x, {}, train=True)
+  assert state == {}
+  z, state = model.encode(params["shared"], x, {}, train=True)
+  assert state == {}
+  np.testing.assert_allclose(preds["b"], model.head("b", params["tasks"]["b"], z))
   # Group norm does not mix examples: one example alone gives its row of the batch result.
-  np.testing.assert_allclose(model.apply(params, x[3:4])["a"][0], preds["a"][3], rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(model.apply(params, x[3:4], {})[0]["a"][0], preds["a"][3], rtol=1e-5, atol=1e-6)
   opt = optax.sgd(0.05)
-  t = W.mgda()
-  state = jmtl.TrainState.create(params, opt, t, 2, KEY)
-  new, m = jax.jit(jmtl.make_train_step(model, TASKS, opt, t, level="representation"))(state, _batch())
-  assert new.model_state is None and bool(jnp.isfinite(m["loss"]))
+  state = jmtl.TrainState.create(params=params, tx=opt, weighting=W.mgda(), num_tasks=2, rng=KEY)
+  new, m = jax.jit(jmtl.make_train_step(model, TASKS, level="representation"))(state, _batch())
+  assert new.model_state == {} and bool(jnp.isfinite(m["loss"]))
 
 
 @pytest.mark.parametrize(

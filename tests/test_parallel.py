@@ -8,11 +8,13 @@ import pytest
 import jmtl
 from jmtl import parallel
 from jmtl import weighting as W
-from tests.test_train import PENALTIES
-from tests.test_train import TASKS
-from tests.test_train import apply
-from tests.test_train import make_batch
-from tests.test_train import make_params
+from tests._engine import PENALTIES
+from tests._engine import TASKS
+from tests._engine import apply
+from tests._engine import make_batch
+from tests._engine import make_params
+from tests._engine import new_state
+from tests._engine import setup
 
 TRANSFORMS = {
   "equal": W.equal,
@@ -23,8 +25,8 @@ TRANSFORMS = {
 
 def run_single(transform, batches):
   opt = optax.adam(1e-2)
-  step = parallel.jit(jmtl.make_train_step(apply, TASKS, opt, transform, penalty=PENALTIES))
-  state = jmtl.TrainState.create(make_params(), opt, transform, 3, jax.random.key(0))
+  step = parallel.jit(jmtl.make_train_step(apply, TASKS, penalty=PENALTIES))
+  state = new_state(make_params(), opt, transform)
   for b in batches:
     state, m = step(state, b)
   return state, m
@@ -38,16 +40,16 @@ def test_pmap_and_mesh_match_single_device(name):
 
   opt = optax.adam(1e-2)
   t = TRANSFORMS[name]()
-  pstep = parallel.pmap(jmtl.make_train_step(apply, TASKS, opt, t, penalty=PENALTIES, axis_name="data"))
-  state = parallel.replicate(jmtl.TrainState.create(make_params(), opt, t, 3, jax.random.key(0)))
+  pstep = parallel.pmap(jmtl.make_train_step(apply, TASKS, penalty=PENALTIES, axis_name="data"))
+  state = parallel.replicate(new_state(make_params(), opt, t))
   for b in batches:
     state, m_pmap = pstep(state, parallel.shard_batch(b))
   pmapped = parallel.unreplicate(state)
 
   mesh = parallel.make_mesh(4)
   t = TRANSFORMS[name]()
-  mstep = parallel.mesh_jit(jmtl.make_train_step(apply, TASKS, opt, t, penalty=PENALTIES), mesh)
-  state = jmtl.TrainState.create(make_params(), opt, t, 3, jax.random.key(0))
+  mstep = parallel.mesh_jit(jmtl.make_train_step(apply, TASKS, penalty=PENALTIES), mesh)
+  state = new_state(make_params(), opt, t)
   for b in batches:
     state, m_mesh = mstep(state, parallel.put_batch(b, mesh))
   assert len(state.params["shared"]["w1"].sharding.device_set) == 4
@@ -70,29 +72,27 @@ GRADIENT_METHODS = ["mgda", "pcgrad", "upgrad", "nash_mtl"]
 @pytest.mark.parametrize("name", GRADIENT_METHODS)
 def test_parameter_level_exact_mode_matches_single_device(name):
   """Gramian methods on a separable model: pmap (exact all-reduce of J) and mesh equal one device."""
-  from tests.test_grads import setup
-
   model, params, batch, tasks = setup("mlp", dtype=jax.numpy.float32, b=16)
   batches = [batch] * 3
   opt = optax.sgd(0.1)
   make = getattr(W, name)
 
   t = make()
-  step = parallel.jit(jmtl.make_train_step(model, tasks, opt, t), donate=False)
-  single = jmtl.TrainState.create(params, opt, t, 3, jax.random.key(0))
+  step = parallel.jit(jmtl.make_train_step(model, tasks), donate=False)
+  single = new_state(params, opt, t)
   for b in batches:
     single, m1 = step(single, b)
 
   t = make()
-  pstep = parallel.pmap(jmtl.make_train_step(model, tasks, opt, t, axis_name="data"), donate=False)
-  state = parallel.replicate(jmtl.TrainState.create(params, opt, t, 3, jax.random.key(0)))
+  pstep = parallel.pmap(jmtl.make_train_step(model, tasks, axis_name="data"), donate=False)
+  state = parallel.replicate(new_state(params, opt, t))
   for b in batches:
     state, m4 = pstep(state, parallel.shard_batch(b))
 
   mesh = parallel.make_mesh(4)
   t = make()
-  mstep = parallel.mesh_jit(jmtl.make_train_step(model, tasks, opt, t), mesh, donate=False)
-  mstate = jmtl.TrainState.create(params, opt, t, 3, jax.random.key(0))
+  mstep = parallel.mesh_jit(jmtl.make_train_step(model, tasks), mesh, donate=False)
+  mstate = new_state(params, opt, t)
   for b in batches:
     mstate, _ = mstep(mstate, parallel.put_batch(b, mesh))
 

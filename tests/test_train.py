@@ -10,62 +10,16 @@ import pytest
 
 import jmtl
 from jmtl import losses as L
-from jmtl import sharing
 from jmtl import weighting as W
-
-NAMES = ("a", "b", "c")
-
-
-def apply(p, x):
-  h = jnp.tanh(x @ p["shared"]["w1"] + p["shared"]["b1"])
-  t = p["tasks"]
-  return {
-    "a": jnp.tanh(h @ t["a"]["tower"]) @ t["a"]["w"],
-    "b": (jnp.tanh(h @ t["b"]["tower"]) @ t["b"]["w"])[:, 0],
-    "c": jnp.tanh(h @ t["c"]["tower"]) @ t["c"]["w"],
-  }
-
-
-TASKS = [
-  jmtl.Task("a", L.softmax_cross_entropy),
-  jmtl.Task("b", L.mse),
-  jmtl.Task("c", L.sigmoid_binary_cross_entropy),
-]
-
-
-def make_params(dtype=jnp.float32, seed=0):
-  ks = jax.random.split(jax.random.key(seed), 8)
-  n = lambda k, s: (0.5 * jax.random.normal(k, s)).astype(dtype)
-  return {
-    "shared": {"w1": n(ks[0], (5, 4)), "b1": n(ks[1], (4,))},
-    "tasks": {
-      "a": {"tower": n(ks[2], (4, 4)), "w": n(ks[3], (4, 3))},
-      "b": {"tower": n(ks[4], (4, 4)), "w": n(ks[5], (4, 1))},
-      "c": {"tower": n(ks[6], (4, 4)), "w": n(ks[7], (4, 2))},
-    },
-  }
-
-
-def make_batch(b=8, dtype=jnp.float32, seed=1):
-  r = np.random.default_rng(seed)
-  mask_b = np.ones(b, np.float32)
-  mask_b[::3] = 0  # partially labelled: every third example has no label for "b"
-  return {
-    "inputs": jnp.asarray(r.normal(size=(b, 5)), dtype),
-    "labels": {
-      "a": jnp.asarray(r.integers(0, 3, size=b)),
-      "b": jnp.asarray(r.normal(size=b), dtype),
-      "c": jnp.asarray(r.integers(0, 2, size=(b, 2)), dtype),
-    },
-    "masks": {"b": jnp.asarray(mask_b)},
-  }
-
-
-WD, SOFT = 1e-2, 0.3
-PENALTIES = (
-  sharing.weight_decay(WD, mask=lambda p: jax.tree.map(lambda x: x.ndim == 2, p)),
-  sharing.soft_sharing(SOFT, lambda p: [p["tasks"][k]["tower"] for k in NAMES]),
-)
+from tests._engine import NAMES
+from tests._engine import PENALTIES
+from tests._engine import SOFT
+from tests._engine import TASKS
+from tests._engine import WD
+from tests._engine import apply
+from tests._engine import make_batch
+from tests._engine import make_params
+from tests._engine import new_state
 
 
 def hand_objective(p, batch, w):
@@ -88,8 +42,8 @@ def hand_objective(p, batch, w):
 def sgd_gradient(transform, steps=1):
   """Runs `steps` SGD(lr=1) steps; returns (params before, batch, gradient of last step)."""
   opt = optax.sgd(1.0)
-  step = jax.jit(jmtl.make_train_step(apply, TASKS, opt, transform, penalty=PENALTIES))
-  state = jmtl.TrainState.create(make_params(jnp.float64), opt, transform, 3, jax.random.key(0))
+  step = jax.jit(jmtl.make_train_step(apply, TASKS, penalty=PENALTIES))
+  state = new_state(make_params(jnp.float64), opt, transform)
   batches = [make_batch(dtype=jnp.float64, seed=s) for s in range(steps)]
   history = []
   for batch in batches:
@@ -140,8 +94,8 @@ def inverse_loss() -> W.WeightingTransform:
 def test_user_transform_chains_with_builtin_under_jit():
   opt = optax.sgd(0.1)
   t = W.chain(W.uncertainty(optimizer=optax.sgd(0.3)), inverse_loss())
-  step = jax.jit(jmtl.make_train_step(apply, TASKS, opt, t))
-  state = jmtl.TrainState.create(make_params(), opt, t, 3, jax.random.key(0))
+  step = jax.jit(jmtl.make_train_step(apply, TASKS))
+  state = new_state(make_params(), opt, t)
   for s in range(3):
     state, m = step(state, make_batch(seed=s))
     # uncertainty gives w_a; the user's sees w_a·L and returns 1/(w_a·L): the product is 1/L.
@@ -158,8 +112,8 @@ def test_second_call_does_not_retrace():
 
   opt = optax.adam(1e-2)
   t = W.chain(W.famo(), W.static([1.0, 2.0, 3.0]))
-  step = jax.jit(jmtl.make_train_step(counting_apply, TASKS, opt, t, penalty=PENALTIES), donate_argnums=0)
-  state = jmtl.TrainState.create(make_params(), opt, t, 3, jax.random.key(0))
+  step = jax.jit(jmtl.make_train_step(counting_apply, TASKS, penalty=PENALTIES), donate_argnums=0)
+  state = new_state(make_params(), opt, t)
   for s in range(3):
     state, _ = step(state, make_batch(seed=s))
   assert len(traces) == 1
@@ -167,8 +121,8 @@ def test_second_call_does_not_retrace():
 
 def test_nan_loss_skips_the_update_and_is_reported():
   opt = optax.adam(1e-2)
-  step = jax.jit(jmtl.make_train_step(apply, TASKS, opt, W.uncertainty()))
-  state = jmtl.TrainState.create(make_params(), opt, W.uncertainty(), 3, jax.random.key(0))
+  step = jax.jit(jmtl.make_train_step(apply, TASKS))
+  state = new_state(make_params(), opt, W.uncertainty())
   state, _ = step(state, make_batch(seed=0))
   bad = make_batch(seed=1)
   bad["labels"]["b"] = bad["labels"]["b"].at[1].set(jnp.nan)  # a labelled example
@@ -191,8 +145,8 @@ def test_nan_loss_skips_the_update_and_is_reported():
 
 def test_batch_errors_name_the_task_and_shapes():
   opt = optax.sgd(0.1)
-  step = jax.jit(jmtl.make_train_step(apply, TASKS, opt))
-  state = jmtl.TrainState.create(make_params(), opt, W.equal(), 3, jax.random.key(0))
+  step = jax.jit(jmtl.make_train_step(apply, TASKS))
+  state = new_state(make_params(), opt)
   missing = make_batch()
   del missing["labels"]["c"]
   with pytest.raises(ValueError, match=r"task 'c'.*no entry"):
@@ -224,9 +178,9 @@ def test_gramian_general_path_reports_cosines():
   t = W.stateless(two_task_min_norm, needs="gramian")
   opt = optax.sgd(1.0)
   with jax.enable_x64(True):
-    state = jmtl.TrainState.create(make_params(jnp.float64), opt, t, 2, jax.random.key(0))
+    state = new_state(make_params(jnp.float64), opt, t, num_tasks=2)
     batch = make_batch(dtype=jnp.float64)
-    _, m = jax.jit(jmtl.make_train_step(two, tasks, opt, t))(state, batch)
+    _, m = jax.jit(jmtl.make_train_step(two, tasks))(state, batch)
     ga = jax.grad(lambda p: hand_objective(p, batch, jnp.array([1.0, 0, 0]))[0] - 0)(state.params)
     gb = jax.grad(lambda p: hand_objective(p, batch, jnp.array([0, 1.0, 0]))[0])(state.params)
     pen = jax.grad(lambda p: hand_objective(p, batch, jnp.zeros(3))[0])(state.params)
@@ -254,3 +208,55 @@ def test_eval_step_accumulates_exact_metrics():
   )
   assert got["a/acc"] == pytest.approx(acc)
   assert got["b/loss"] == pytest.approx(float(np.mean(sq)), rel=1e-5)
+
+
+class ValState(NamedTuple):
+  seen: jax.Array  # () float: the last validation loss sum it was given
+
+
+def favour_validation() -> W.WeightingTransform:
+  """A user's transform that reads a new input, ``val_losses``: weights ∝ the validation losses (mean 1)."""
+
+  def update(losses, state, *, val_losses, **_):
+    w = val_losses / jnp.mean(val_losses)
+    return w.astype(losses.dtype), ValState(jnp.sum(val_losses))
+
+  return W.WeightingTransform(lambda k: ValState(jnp.zeros(())), update)
+
+
+def test_a_new_weighting_input_reaches_a_user_transform_chained_with_builtins():
+  """weighting_inputs adds an input; the built-ins (static, dwa, upgrad) ignore it, the user's transform reads it."""
+  opt = optax.sgd(0.1)
+  val = jnp.array([1.0, 2.0, 3.0])
+  t = W.named_chain(
+    ("prior", W.static([1.0, 0.5, 2.0])), ("dwa", W.dwa()), ("val", favour_validation()), ("upgrad", W.upgrad())
+  )
+  step = jax.jit(jmtl.make_train_step(apply, TASKS, weighting_inputs=lambda state, batch: {"val_losses": val}))
+  state = new_state(make_params(), opt, t)
+  plain = jax.jit(jmtl.make_train_step(apply, TASKS))
+  upgrad_only = new_state(make_params(), opt, W.chain(W.static([0.5, 0.5, 3.0]), W.upgrad()))
+  for s in range(2):
+    batch = make_batch(seed=s)
+    state, m = step(state, batch)
+    upgrad_only, ref = plain(upgrad_only, batch)
+    # dwa gives ones in its first two periods: the chain is upgrad on the problem weighted by static · val/mean(val).
+    np.testing.assert_allclose([m[f"weight/{k}"] for k in NAMES], [ref[f"weight/{k}"] for k in NAMES], rtol=1e-5)
+  assert float(state.weighting_state["val"].seen) == 6.0
+  assert int(state.weighting_state["dwa"].periods) == 2
+
+
+def test_inject_hyperparams_anneals_a_builtin_inside_the_jitted_step():
+  """CAGrad's c scheduled from 0 to 1 over 4 steps: each step's weights are those of cagrad(c) at that c."""
+  opt = optax.sgd(0.0)  # the parameters stay put, so every step sees the same Gramian
+  schedule = optax.linear_schedule(0.0, 1.0, 4)
+  t = W.inject_hyperparams(W.cagrad)(c=schedule)
+  step = jax.jit(jmtl.make_train_step(apply, TASKS))
+  state = new_state(make_params(), opt, t)
+  batch = make_batch()
+  for i in range(4):
+    state, m = step(state, batch)
+    fixed = jax.jit(jmtl.make_train_step(apply, TASKS))
+    _, want = fixed(new_state(make_params(), opt, W.cagrad(float(schedule(i)))), batch)
+    np.testing.assert_allclose([m[f"weight/{k}"] for k in NAMES], [want[f"weight/{k}"] for k in NAMES], rtol=1e-5)
+    assert float(state.weighting_state.hyperparams["c"]) == pytest.approx(float(schedule(i)))
+  assert step._cache_size() == 1

@@ -1,7 +1,7 @@
-"""Shared building blocks of the model adapters: validation and linen modules.
+"""Shared building blocks of the model adapters: validation, input shaping, linen modules, hard sharing.
 
-Private: the public constructors live in :mod:`jmtl.models.mlp`,
-:mod:`jmtl.models.cnn` and :mod:`jmtl.models.soft`.
+Private module, public names: every constructor in :mod:`jmtl.models` may use
+them (the expert stacks are in :mod:`jmtl.models._experts_common`).
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 
 from jmtl.models._base import MultiTaskModel
+from jmtl.models._base import no_state
 
 Array = jax.Array
 Params = Any
@@ -74,6 +75,21 @@ def validate_sizes(sizes: Sequence[int], field: str, where: str) -> tuple[int, .
   return tuple(sizes)
 
 
+def positive_int(value: Any, field: str, where: str, minimum: int = 1) -> int:
+  """Checks an integer count (not a bool) of at least ``minimum`` and returns it.
+
+  >>> positive_int(3, "num_experts", "mmoe")
+  3
+  >>> positive_int(0, "k", "dselect_k")
+  Traceback (most recent call last):
+  ...
+  ValueError: dselect_k: k must be an int >= 1, got 0
+  """
+  if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+    raise ValueError(f"{where}: {field} must be an int >= {minimum}, got {value!r}")
+  return value
+
+
 def check_activation(activation: Any, where: str) -> None:
   """Fails unless ``activation`` is callable.
 
@@ -120,6 +136,30 @@ def flatten_batch(x: Array) -> Array:
   if x.ndim == 0:
     raise ValueError(f"inputs must have a leading batch axis, got a scalar of shape {x.shape}")
   return x.reshape(x.shape[0], -1)
+
+
+def as_nhwc(inputs: Array, num_stages: int, where: str) -> Array:
+  """Adds a channel axis to ``(B, H, W)`` images and checks H and W survive ``num_stages`` halvings.
+
+  >>> as_nhwc(jnp.zeros((2, 8, 8)), 2, "cnn").shape
+  (2, 8, 8, 1)
+  >>> as_nhwc(jnp.zeros((2, 3, 3, 1)), 2, "cnn")  # doctest: +ELLIPSIS
+  Traceback (most recent call last):
+  ...
+  ValueError: cnn: inputs of shape (2, 3, 3, 1) are too small for 2 stage(s) ...; H and W must be at least 4
+  """
+  x = jnp.asarray(inputs)
+  if x.ndim == 3:
+    x = x[..., None]
+  if x.ndim != 4:
+    raise ValueError(f"{where}: inputs must be images (B, H, W) or (B, H, W, C), got shape {tuple(x.shape)}")
+  h, w = x.shape[1], x.shape[2]
+  if h >> num_stages == 0 or w >> num_stages == 0:
+    raise ValueError(
+      f"{where}: inputs of shape {tuple(x.shape)} are too small for {num_stages} stage(s) that halve H and W; "
+      f"H and W must be at least {2**num_stages}"
+    )
+  return x
 
 
 @functools.partial(jax.jit, static_argnums=(0, 2))
@@ -246,7 +286,7 @@ def init_heads(heads: Mapping[str, nn.Module], keys: Array, z_shape: tuple[int, 
   return {name: init_module(mod, keys[i], z_shape, z_dtype) for i, (name, mod) in enumerate(heads.items())}
 
 
-def hard_sharing(names, where, trunk, heads, encode, trunk_input=None, stateful=False) -> MultiTaskModel:
+def hard_sharing(names, where, trunk, heads, encode, *, trunk_input=None, stateful=False) -> MultiTaskModel:
   """The :class:`MultiTaskModel` of a shared ``trunk`` and one head per task.
 
   Args:
@@ -254,20 +294,23 @@ def hard_sharing(names, where, trunk, heads, encode, trunk_input=None, stateful=
     where: the constructor's name, for error messages.
     trunk: the linen trunk, initialised into ``params["shared"]``.
     heads: task name -> linen head (see :func:`dense_heads`).
-    encode: ``encode(shared, inputs) -> z``.
+    encode: ``encode(shared, inputs, model_state, *, train=False,
+      axis_name=None) -> (z, model_state)``; lift a stateless ``encode(shared,
+      inputs) -> z`` with :func:`jmtl.models._base.stateless`.
     trunk_input: ``(shape, dtype) -> (shape, dtype)`` of what the trunk's
       ``init`` sees, when ``encode`` reshapes the inputs first.
-    stateful: the trunk has ``batch_stats``; then ``encode(shared, inputs,
-      model_state, *, train, axis_name=None) -> (z, model_state)`` and the
-      model state is the trunk's ``batch_stats``.
+    stateful: the trunk has ``batch_stats``: they are the model state
+      (``init_state``); otherwise the model state is ``{}``.
 
   Examples:
     >>> import jax, jax.numpy as jnp
+    >>> from jmtl.models._base import stateless
     >>> trunk = MLP(features=(3,), activate_last=True)
     >>> heads = dense_heads({"a": 2}, (), jax.nn.relu, None, jnp.float32)
-    >>> m = hard_sharing(("a",), "demo", trunk, heads, lambda s, x: trunk.apply({"params": s}, x))
-    >>> m.apply(m.init(jax.random.key(0), jnp.ones((4, 5))), jnp.ones((4, 5)))["a"].shape
-    (4, 2)
+    >>> m = hard_sharing(("a",), "demo", trunk, heads, stateless(lambda s, x: trunk.apply({"params": s}, x)))
+    >>> preds, state = m.apply(m.init(jax.random.key(0), jnp.ones((4, 5))), jnp.ones((4, 5)), {})
+    >>> preds["a"].shape, state, m.stateful
+    ((4, 2), {}, False)
   """
   head = make_head_fn(heads, where)
 
@@ -281,32 +324,25 @@ def hard_sharing(names, where, trunk, heads, encode, trunk_input=None, stateful=
     variables = trunk_variables(keys[0], inputs)
     shared = params_of(variables)
     x = jax.ShapeDtypeStruct((1, *jnp.shape(inputs)[1:]), jnp.result_type(inputs))
-    if stateful:
-      z, _ = jax.eval_shape(lambda s, v: encode(s, v, variables["batch_stats"], train=False), shared, x)
-    else:
-      z = jax.eval_shape(encode, shared, x)
+    state = variables["batch_stats"] if stateful else {}
+    z, _ = jax.eval_shape(lambda s, v, st: encode(s, v, st, train=False), shared, x, state)
     return {"shared": shared, "tasks": init_heads(heads, keys[1:], z.shape, z.dtype)}
-
-  def heads_of(params, z):
-    return {name: head(name, params["tasks"][name], z) for name in names}
-
-  if not stateful:
-
-    def apply(params, inputs):
-      check_tasks(params, names, where)
-      return heads_of(params, encode(params["shared"], inputs))
-
-    return MultiTaskModel(init=init, apply=apply, encode=encode, head=head, task_names=names)
 
   def init_state(key, inputs):
     # The same trunk key as ``init``: the statistics start at (mean 0, var 1) either way.
     return trunk_variables(jax.random.split(key, len(names) + 1)[0], inputs)["batch_stats"]
 
-  def apply_stateful(params, inputs, model_state, *, train, axis_name=None):
+  def apply(params, inputs, model_state, *, train=False, axis_name=None):
     check_tasks(params, names, where)
     z, model_state = encode(params["shared"], inputs, model_state, train=train, axis_name=axis_name)
-    return heads_of(params, z), model_state
+    return {name: head(name, params["tasks"][name], z) for name in names}, model_state
 
   return MultiTaskModel(
-    init=init, apply=apply_stateful, encode=encode, head=head, task_names=names, init_state=init_state
+    init=init,
+    apply=apply,
+    encode=encode,
+    head=head,
+    task_names=names,
+    init_state=init_state if stateful else no_state,
+    stateful=stateful,
   )

@@ -13,6 +13,7 @@ import jax.numpy as jnp
 
 from jmtl.models import _common
 from jmtl.models._base import MultiTaskModel
+from jmtl.models._base import stateless
 
 Array = jax.Array
 Params = Any
@@ -37,22 +38,6 @@ class _ConvTrunk(nn.Module):
     x = x.reshape(x.shape[0], -1)
     x = nn.Dense(self.dense, dtype=self.dtype, param_dtype=self.param_dtype, name="dense")(x)
     return self.activation(x)
-
-
-def _as_nhwc(inputs: Array, num_stages: int, where: str) -> Array:
-  """Adds a channel axis to ``(B, H, W)`` inputs and checks the spatial size."""
-  x = jnp.asarray(inputs)
-  if x.ndim == 3:
-    x = x[..., None]
-  if x.ndim != 4:
-    raise ValueError(f"{where}: inputs must be images (B, H, W) or (B, H, W, C), got shape {tuple(x.shape)}")
-  h, w = x.shape[1], x.shape[2]
-  if h >> num_stages == 0 or w >> num_stages == 0:
-    raise ValueError(
-      f"{where}: inputs of shape {tuple(x.shape)} are too small for {num_stages} stage(s) that halve H and W; "
-      f"H and W must be at least {2**num_stages}"
-    )
-  return x
 
 
 def cnn(
@@ -82,8 +67,9 @@ def cnn(
     param_dtype: parameter dtype.
 
   Returns:
-    A :class:`~jmtl.models.MultiTaskModel` with ``encode`` and ``head``;
-    ``encode(params["shared"], x)`` has shape ``(B, dense)``.
+    A stateless :class:`~jmtl.models.MultiTaskModel` (``model_state`` is
+    ``{}``) with ``encode`` and ``head``; ``z, _ = encode(params["shared"], x,
+    {})`` has shape ``(B, dense)``.
 
   Raises:
     ValueError: on bad ``task_dims`` or sizes, and in ``apply``/``encode`` on
@@ -95,9 +81,10 @@ def cnn(
   >>> params = model.init(jax.random.key(0), x)
   >>> sorted(params["shared"])
   ['conv_0', 'conv_1', 'dense']
-  >>> {k: v.shape for k, v in model.apply(params, x).items()}
+  >>> preds, _ = model.apply(params, x, {})
+  >>> {k: v.shape for k, v in preds.items()}
   {'left': (2, 10), 'right': (2, 10)}
-  >>> model.encode(params["shared"], x).shape
+  >>> model.encode(params["shared"], x, {})[0].shape
   (2, 16)
   """
   where = "cnn"
@@ -110,10 +97,10 @@ def cnn(
   heads = _common.dense_heads(dims, (), activation, dtype, param_dtype)
 
   def encode(shared: Params, inputs: Array) -> Array:
-    return trunk.apply({"params": shared}, _as_nhwc(inputs, len(features), where))
+    return trunk.apply({"params": shared}, _common.as_nhwc(inputs, len(features), where))
 
   def nhwc(shape, dtype):
-    x = jax.eval_shape(lambda a: _as_nhwc(a, len(features), where), jax.ShapeDtypeStruct(shape, dtype))
+    x = jax.eval_shape(lambda a: _common.as_nhwc(a, len(features), where), jax.ShapeDtypeStruct(shape, dtype))
     return x.shape, x.dtype
 
-  return _common.hard_sharing(names, where, trunk, heads, encode, nhwc)
+  return _common.hard_sharing(names, where, trunk, heads, stateless(encode), trunk_input=nhwc)

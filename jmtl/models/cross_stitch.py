@@ -20,6 +20,7 @@ import numpy as np
 
 from jmtl.models import _common
 from jmtl.models._base import MultiTaskModel
+from jmtl.models._base import stateless
 
 Array = jax.Array
 Params = Any
@@ -125,8 +126,9 @@ def cross_stitch(
   [[0.9, 0.1], [0.1, 0.9]]
   >>> sorted(params["tasks"]["a"])
   ['column', 'head']
-  >>> {k: v.shape for k, v in model.apply(params, x).items()}
-  {'a': (4, 3), 'b': (4, 2)}
+  >>> preds, state = model.apply(params, x, {})
+  >>> {k: v.shape for k, v in preds.items()}, state
+  ({'a': (4, 3), 'b': (4, 2)}, {})
   >>> model.encode is None and model.head is None
   True
   """
@@ -191,7 +193,7 @@ def cross_stitch(
       return jnp.einsum("ijh,jbh->ibh", alpha, h)
     return jnp.einsum("ij,jbh->ibh", alpha, h)
 
-  def apply(params: Params, inputs: Array) -> dict[str, Array]:
+  def predict(params: Params, inputs: Array) -> dict[str, Array]:
     x = _common.flatten_batch(inputs)
     check(params, x, inputs)
     cols = _common.stack_trees([params["tasks"][name]["column"] for name in names])
@@ -206,4 +208,4 @@ def cross_stitch(
       return {name: ys[i] for i, name in enumerate(names)}
     return {name: heads[name].apply({"params": params["tasks"][name]["head"]}, h[i]) for i, name in enumerate(names)}
 
-  return MultiTaskModel(init=init, apply=apply, encode=None, head=None, task_names=names)
+  return MultiTaskModel(init=init, apply=stateless(predict), encode=None, head=None, task_names=names)

@@ -21,8 +21,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from jmtl.models import _common
-from jmtl.models import experts as _experts
+from jmtl.models import _experts_common as _ec
 from jmtl.models._base import MultiTaskModel
+from jmtl.models._base import stateless
 
 Array = jax.Array
 Params = Any
@@ -127,8 +128,8 @@ def dselect_k(
   k: int = 2,
   expert_hidden: Sequence[int] = (64,),
   tower_hidden: Sequence[int] = (),
-  gamma: float = 1.0,
   *,
+  gamma: float = 1.0,
   activation: Callable[[Array], Array] = jax.nn.relu,
   dtype: Any = None,
   param_dtype: Any = jnp.float32,
@@ -185,42 +186,51 @@ def dselect_k(
   >>> params = model.init(jax.random.key(0), x)
   >>> params["tasks"]["a"]["gate"]["z"]["kernel"].shape  # k=2 selectors x m=3 bits
   (6, 6)
-  >>> {k: v.shape for k, v in model.apply(params, x).items()}
+  >>> preds, _ = model.apply(params, x, {})
+  >>> {k: v.shape for k, v in preds.items()}
   {'a': (4, 3), 'b': (4, 2)}
   """
-  return _dselect_parts(task_dims, num_experts, k, expert_hidden, tower_hidden, gamma, activation, dtype, param_dtype)[
-    0
-  ]
+  sizes = {"expert_hidden": expert_hidden, "tower_hidden": tower_hidden}
+  layers = _ec.LayerSpec(activation, dtype, param_dtype)
+  return _dselect_parts(task_dims, num_experts=num_experts, k=k, **sizes, gamma=gamma, layers=layers)[0]
 
 
 def _dselect_parts(
-  task_dims, num_experts, k, expert_hidden, tower_hidden, gamma, activation, dtype, param_dtype
+  task_dims: Mapping[str, int],
+  *,
+  num_experts: int,
+  k: int,
+  expert_hidden: Sequence[int],
+  tower_hidden: Sequence[int],
+  gamma: float = 1.0,
+  layers: _ec.LayerSpec = _ec.DEFAULT_LAYERS,
 ) -> tuple[MultiTaskModel, Callable]:
   """The model and its ``forward``: predictions, gates ``{task: (B, E)}``, selectors ``{task: (B, k, E)}``."""
+  activation, dtype, param_dtype = layers
   where = "dselect_k"
   dims = _common.validate_task_dims(task_dims, where)
-  num_experts = _experts._positive_int(num_experts, "num_experts", where)
-  k = _experts._positive_int(k, "k", where)
+  num_experts = _common.positive_int(num_experts, "num_experts", where)
+  k = _common.positive_int(k, "k", where)
   if k > num_experts:
     raise ValueError(f"{where}: k must be <= num_experts={num_experts}, got {k}")
   if isinstance(gamma, bool) or not isinstance(gamma, int | float) or not math.isfinite(gamma) or gamma <= 0:
     raise ValueError(f"{where}: gamma must be a positive finite number, got {gamma!r}")
   gamma = float(gamma)
-  sizes = _experts._expert_sizes(expert_hidden, where)
+  sizes = _ec.expert_sizes(expert_hidden, where)
   tower_hidden = _common.validate_sizes(tower_hidden, "tower_hidden", where)
   _common.check_activation(activation, where)
   names = tuple(dims)
   m = num_code_bits(num_experts)
-  expert = _experts._expert_module(sizes, activation, dtype, param_dtype)
+  expert = _ec.expert_module(sizes, activation, dtype, param_dtype)
   z_dense = nn.Dense(k * m, kernel_init=_logit_init(gamma), dtype=dtype, param_dtype=param_dtype)
   alpha_dense = nn.Dense(k, dtype=dtype, param_dtype=param_dtype)
   towers = _common.dense_heads(dims, tower_hidden, activation, dtype, param_dtype)
 
   def init(key: Array, inputs: Array) -> Params:
-    shape, in_dtype = _experts._flat_shape(inputs)
+    shape, in_dtype = _ec.flat_shape(inputs)
     keys = jax.random.split(key, 1 + 3 * len(names))
-    stacked = _experts._init_stack(expert, keys[0], num_experts, shape, in_dtype)
-    h = _experts._out_spec(expert, stacked, shape[1], in_dtype)
+    stacked = _ec.init_stack(expert, keys[0], num_experts, shape, in_dtype)
+    h = _ec.out_spec(expert, stacked, shape[1], in_dtype)
     tasks = {}
     for i, name in enumerate(names):
       kz, ka, kt = keys[1 + 3 * i : 4 + 3 * i]
@@ -240,16 +250,15 @@ def _dselect_parts(
   def forward(params: Params, inputs: Array):
     _common.check_tasks(params, names, where)
     stacked = params["shared"]["experts"]
-    x = _experts._flat_input(inputs, where, _experts._in_features(stacked))
-    outs = _experts._run_stack(expert, stacked, x)  # (E, B, H)
+    x = _ec.flat_input(inputs, where, _ec.in_features(stacked))
+    outs = _ec.run_stack(expert, stacked, x)  # (E, B, H)
     gates, selectors, preds = {}, {}, {}
     for name in names:
       gates[name], selectors[name] = gate_of(params["tasks"][name]["gate"], x)
-      mixed = _experts._mix(gates[name], outs)
+      mixed = _ec.mix(gates[name], outs)
       preds[name] = towers[name].apply({"params": params["tasks"][name]["tower"]}, mixed)
     return preds, gates, selectors
 
-  model = MultiTaskModel(
-    init=init, apply=lambda params, inputs: forward(params, inputs)[0], encode=None, head=None, task_names=names
-  )
+  apply = stateless(lambda params, inputs: forward(params, inputs)[0])
+  model = MultiTaskModel(init=init, apply=apply, encode=None, head=None, task_names=names)
   return model, forward

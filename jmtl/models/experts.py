@@ -6,8 +6,8 @@ own combination of the experts: there is no single shared representation and
 experts of one group (all shared experts of a level, or one task's experts)
 are identically shaped; their parameters are stacked on a leading expert axis
 and evaluated with one :func:`jax.vmap`, i.e. one batched kernel per layer.
-:func:`jmtl.models.dselect_k` (in :mod:`jmtl.models.dselect`) reuses these
-building blocks with a sparse gate.
+The building blocks live in :mod:`jmtl.models._experts_common`;
+:func:`jmtl.models.dselect_k` uses them too, with a sparse gate.
 
 Gates are affine maps followed by a softmax, ``softmax(W x + b)``: the papers
 write ``W x``; the bias adds an input-independent preference per expert.
@@ -25,80 +25,12 @@ import jax
 import jax.numpy as jnp
 
 from jmtl.models import _common
+from jmtl.models import _experts_common as _ec
 from jmtl.models._base import MultiTaskModel
+from jmtl.models._base import stateless
 
 Array = jax.Array
 Params = Any
-
-
-# --- building blocks (shared with dselect.py) ---------------------------------
-
-
-def _positive_int(value: Any, field: str, where: str, minimum: int = 1) -> int:
-  if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-    raise ValueError(f"{where}: {field} must be an int >= {minimum}, got {value!r}")
-  return value
-
-
-def _expert_sizes(expert_hidden: Sequence[int], where: str) -> tuple[int, ...]:
-  sizes = _common.validate_sizes(expert_hidden, "expert_hidden", where)
-  if not sizes:
-    raise ValueError(f"{where}: expert_hidden must have at least one layer width, got {expert_hidden!r}")
-  return sizes
-
-
-def _expert_module(sizes: tuple[int, ...], activation, dtype, param_dtype) -> _common.MLP:
-  """One expert: ``Dense + activation`` per width, the last one activated too."""
-  return _common.MLP(features=sizes, activation=activation, activate_last=True, dtype=dtype, param_dtype=param_dtype)
-
-
-def _init_stack(module: nn.Module, key: Array, n: int, shape: tuple[int, ...], dtype: Any) -> Params:
-  """``n`` independent inits of ``module`` (one cached compile) stacked on a leading axis."""
-  return _common.stack_trees([_common.init_module(module, k, shape, dtype) for k in jax.random.split(key, n)])
-
-
-def _run_stack(module: nn.Module, stacked: Params, x: Array) -> Array:
-  """All experts of a stack on the same input ``(B, F)``: returns ``(n, B, H)``."""
-  return jax.vmap(lambda p: module.apply({"params": p}, x))(stacked)
-
-
-def _mix(gate: Array, outs: Array) -> Array:
-  """``Σᵢ gate[:, i] · outs[i]``: gate ``(B, n)``, outs ``(n, B, H)`` -> ``(B, H)``."""
-  return jnp.einsum("bn,nbh->bh", gate.astype(outs.dtype), outs)
-
-
-def _softmax_gate(dense: nn.Dense, p: Params, x: Array) -> Array:
-  return jax.nn.softmax(dense.apply({"params": p}, x), axis=-1)
-
-
-def _flat_input(inputs: Any, where: str, expected: int | None = None) -> Array:
-  """Flattens ``inputs`` to ``(B, F)`` and checks ``F`` against the first expert layer."""
-  x = _common.flatten_batch(inputs)
-  if expected is not None and x.shape[1] != expected:
-    raise ValueError(
-      f"{where}: inputs of shape {tuple(jnp.shape(inputs))} flatten to {x.shape[1]} features, "
-      f"but the experts' dense_0 kernel expects {expected}"
-    )
-  return x
-
-
-def _flat_shape(inputs: Any) -> tuple[tuple[int, int], Any]:
-  shape = jnp.shape(inputs)
-  if len(shape) == 0:
-    raise ValueError(f"inputs must have a leading batch axis, got a scalar of shape {tuple(shape)}")
-  features = 1
-  for d in shape[1:]:
-    features *= d
-  return (shape[0], features), jnp.result_type(inputs)
-
-
-def _out_spec(module: nn.Module, stacked: Params, features: int, dtype: Any) -> jax.ShapeDtypeStruct:
-  """Shape and dtype of one expert's output on one example, without running it."""
-  return jax.eval_shape(lambda p: _run_stack(module, p, jnp.zeros((1, features), dtype))[0], stacked)
-
-
-def _in_features(stacked: Params) -> int:
-  return stacked["dense_0"]["kernel"].shape[1]  # (n, F, H)
 
 
 # --- MMoE ---------------------------------------------------------------------
@@ -156,31 +88,41 @@ def mmoe(
   >>> params = model.init(jax.random.key(0), x)
   >>> params["shared"]["experts"]["dense_0"]["kernel"].shape, params["tasks"]["a"]["gate"]["kernel"].shape
   ((4, 6, 8), (6, 4))
-  >>> {k: v.shape for k, v in model.apply(params, x).items()}
+  >>> preds, _ = model.apply(params, x, {})
+  >>> {k: v.shape for k, v in preds.items()}
   {'a': (5, 3), 'b': (5, 2)}
   """
-  return _mmoe_parts("mmoe", task_dims, num_experts, expert_hidden, tower_hidden, activation, dtype, param_dtype)[0]
+  layers = _ec.LayerSpec(activation, dtype, param_dtype)
+  sizes = {"expert_hidden": expert_hidden, "tower_hidden": tower_hidden}
+  return _mmoe_parts("mmoe", task_dims, num_experts=num_experts, **sizes, layers=layers)[0]
 
 
 def _mmoe_parts(
-  where: str, task_dims, num_experts, expert_hidden, tower_hidden, activation, dtype, param_dtype
+  where: str,
+  task_dims: Mapping[str, int],
+  *,
+  num_experts: int,
+  expert_hidden: Sequence[int],
+  tower_hidden: Sequence[int],
+  layers: _ec.LayerSpec = _ec.DEFAULT_LAYERS,
 ) -> tuple[MultiTaskModel, Callable]:
   """The MMoE model and its ``forward`` (predictions and gates ``{task: (B, E)}``)."""
+  activation, dtype, param_dtype = layers
   dims = _common.validate_task_dims(task_dims, where)
-  num_experts = _positive_int(num_experts, "num_experts", where)
-  sizes = _expert_sizes(expert_hidden, where)
+  num_experts = _common.positive_int(num_experts, "num_experts", where)
+  sizes = _ec.expert_sizes(expert_hidden, where)
   tower_hidden = _common.validate_sizes(tower_hidden, "tower_hidden", where)
   _common.check_activation(activation, where)
   names = tuple(dims)
-  expert = _expert_module(sizes, activation, dtype, param_dtype)
+  expert = _ec.expert_module(sizes, activation, dtype, param_dtype)
   gate = nn.Dense(num_experts, dtype=dtype, param_dtype=param_dtype)
   towers = _common.dense_heads(dims, tower_hidden, activation, dtype, param_dtype)
 
   def init(key: Array, inputs: Array) -> Params:
-    shape, in_dtype = _flat_shape(inputs)
+    shape, in_dtype = _ec.flat_shape(inputs)
     keys = jax.random.split(key, 1 + 2 * len(names))
-    experts = _init_stack(expert, keys[0], num_experts, shape, in_dtype)
-    z = _out_spec(expert, experts, shape[1], in_dtype)
+    experts = _ec.init_stack(expert, keys[0], num_experts, shape, in_dtype)
+    z = _ec.out_spec(expert, experts, shape[1], in_dtype)
     tasks = {
       name: {
         "gate": _common.init_module(gate, keys[1 + i], shape, in_dtype),
@@ -193,17 +135,16 @@ def _mmoe_parts(
   def forward(params: Params, inputs: Array) -> tuple[dict[str, Array], dict[str, Array]]:
     _common.check_tasks(params, names, where)
     stacked = params["shared"]["experts"]
-    x = _flat_input(inputs, where, _in_features(stacked))
-    outs = _run_stack(expert, stacked, x)  # (E, B, H)
-    gates = {name: _softmax_gate(gate, params["tasks"][name]["gate"], x) for name in names}
+    x = _ec.flat_input(inputs, where, _ec.in_features(stacked))
+    outs = _ec.run_stack(expert, stacked, x)  # (E, B, H)
+    gates = {name: _ec.softmax_gate(gate, params["tasks"][name]["gate"], x) for name in names}
     preds = {
-      name: towers[name].apply({"params": params["tasks"][name]["tower"]}, _mix(gates[name], outs)) for name in names
+      name: towers[name].apply({"params": params["tasks"][name]["tower"]}, _ec.mix(gates[name], outs)) for name in names
     }
     return preds, gates
 
-  model = MultiTaskModel(
-    init=init, apply=lambda params, inputs: forward(params, inputs)[0], encode=None, head=None, task_names=names
-  )
+  apply = stateless(lambda params, inputs: forward(params, inputs)[0])
+  model = MultiTaskModel(init=init, apply=apply, encode=None, head=None, task_names=names)
   return model, forward
 
 
@@ -213,48 +154,48 @@ def _mmoe_parts(
 def _extraction(
   where: str,
   task_dims: Mapping[str, int],
+  *,
   num_levels: int,
   num_shared_experts: int,
   num_task_experts: int,
   expert_hidden: Sequence[int],
   tower_hidden: Sequence[int],
-  activation,
-  dtype,
-  param_dtype,
+  layers: _ec.LayerSpec = _ec.DEFAULT_LAYERS,
 ) -> tuple[MultiTaskModel, Callable]:
   """The PLE model (CGC when ``num_levels == 1``) and its ``forward`` (predictions and gates)."""
+  activation, dtype, param_dtype = layers
   dims = _common.validate_task_dims(task_dims, where)
-  num_levels = _positive_int(num_levels, "num_levels", where)
-  n_s = _positive_int(num_shared_experts, "num_shared_experts", where)
-  n_t = _positive_int(num_task_experts, "num_task_experts", where)
-  sizes = _expert_sizes(expert_hidden, where)
+  num_levels = _common.positive_int(num_levels, "num_levels", where)
+  n_s = _common.positive_int(num_shared_experts, "num_shared_experts", where)
+  n_t = _common.positive_int(num_task_experts, "num_task_experts", where)
+  sizes = _ec.expert_sizes(expert_hidden, where)
   tower_hidden = _common.validate_sizes(tower_hidden, "tower_hidden", where)
   _common.check_activation(activation, where)
   names = tuple(dims)
   num_tasks = len(names)
-  expert = _expert_module(sizes, activation, dtype, param_dtype)
+  expert = _ec.expert_module(sizes, activation, dtype, param_dtype)
   task_gate = nn.Dense(n_t + n_s, dtype=dtype, param_dtype=param_dtype)
   shared_gate = nn.Dense(num_tasks * n_t + n_s, dtype=dtype, param_dtype=param_dtype)
   towers = _common.dense_heads(dims, tower_hidden, activation, dtype, param_dtype)
   levels = [f"level_{i}" for i in range(num_levels)]
 
   def init(key: Array, inputs: Array) -> Params:
-    shape, in_dtype = _flat_shape(inputs)
+    shape, in_dtype = _ec.flat_shape(inputs)
     # Per level: shared experts, shared gate, then per task experts and gate; then the towers.
     keys = iter(jax.random.split(key, num_levels * (2 + 2 * num_tasks) + num_tasks))
     shared: dict[str, Params] = {}
     tasks: dict[str, dict[str, Params]] = {name: {} for name in names}
     for lvl_index, lvl in enumerate(levels):
-      shared[lvl] = {"experts": _init_stack(expert, next(keys), n_s, shape, in_dtype)}
+      shared[lvl] = {"experts": _ec.init_stack(expert, next(keys), n_s, shape, in_dtype)}
       gate_key = next(keys)
       if lvl_index < num_levels - 1:
         shared[lvl]["gate"] = _common.init_module(shared_gate, gate_key, shape, in_dtype)
       for name in names:
         tasks[name][lvl] = {
-          "experts": _init_stack(expert, next(keys), n_t, shape, in_dtype),
+          "experts": _ec.init_stack(expert, next(keys), n_t, shape, in_dtype),
           "gate": _common.init_module(task_gate, next(keys), shape, in_dtype),
         }
-      z = _out_spec(expert, shared[lvl]["experts"], shape[1], in_dtype)
+      z = _ec.out_spec(expert, shared[lvl]["experts"], shape[1], in_dtype)
       shape, in_dtype = (shape[0], z.shape[1]), z.dtype
     for name in names:
       tasks[name]["tower"] = _common.init_module(towers[name], next(keys), shape, in_dtype)
@@ -264,27 +205,26 @@ def _extraction(
     """Predictions, and per level the gate values ``{task: (B, n_t + n_s)}`` (plus ``"shared"``)."""
     _common.check_tasks(params, names, where)
     shared, tasks = params["shared"], params["tasks"]
-    x = _flat_input(inputs, where, _in_features(shared[levels[0]]["experts"]))
+    x = _ec.flat_input(inputs, where, _ec.in_features(shared[levels[0]]["experts"]))
     task_in = dict.fromkeys(names, x)
     shared_in = x
     all_gates = []
     for lvl_index, lvl in enumerate(levels):
-      shared_out = _run_stack(expert, shared[lvl]["experts"], shared_in)  # (n_s, B, H)
-      task_out = {name: _run_stack(expert, tasks[name][lvl]["experts"], task_in[name]) for name in names}
-      gates = {name: _softmax_gate(task_gate, tasks[name][lvl]["gate"], task_in[name]) for name in names}
-      next_in = {name: _mix(gates[name], jnp.concatenate([task_out[name], shared_out])) for name in names}
+      shared_out = _ec.run_stack(expert, shared[lvl]["experts"], shared_in)  # (n_s, B, H)
+      task_out = {name: _ec.run_stack(expert, tasks[name][lvl]["experts"], task_in[name]) for name in names}
+      gates = {name: _ec.softmax_gate(task_gate, tasks[name][lvl]["gate"], task_in[name]) for name in names}
+      next_in = {name: _ec.mix(gates[name], jnp.concatenate([task_out[name], shared_out])) for name in names}
       if lvl_index < num_levels - 1:
         # The shared path mixes every task's experts: this is what couples the tasks in PLE.
-        gates["shared"] = _softmax_gate(shared_gate, shared[lvl]["gate"], shared_in)
-        shared_in = _mix(gates["shared"], jnp.concatenate([*(task_out[n] for n in names), shared_out]))
+        gates["shared"] = _ec.softmax_gate(shared_gate, shared[lvl]["gate"], shared_in)
+        shared_in = _ec.mix(gates["shared"], jnp.concatenate([*(task_out[n] for n in names), shared_out]))
       task_in = next_in
       all_gates.append(gates)
     preds = {name: towers[name].apply({"params": tasks[name]["tower"]}, task_in[name]) for name in names}
     return preds, all_gates
 
-  model = MultiTaskModel(
-    init=init, apply=lambda params, inputs: forward(params, inputs)[0], encode=None, head=None, task_names=names
-  )
+  apply = stateless(lambda params, inputs: forward(params, inputs)[0])
+  model = MultiTaskModel(init=init, apply=apply, encode=None, head=None, task_names=names)
   return model, forward
 
 
@@ -338,11 +278,14 @@ def cgc(
   >>> params = model.init(jax.random.key(0), x)
   >>> params["tasks"]["a"]["level_0"]["gate"]["kernel"].shape
   (6, 3)
-  >>> {k: v.shape for k, v in model.apply(params, x).items()}
+  >>> preds, _ = model.apply(params, x, {})
+  >>> {k: v.shape for k, v in preds.items()}
   {'a': (5, 3), 'b': (5, 2)}
   """
-  args = (task_dims, 1, num_shared_experts, num_task_experts, expert_hidden, tower_hidden)
-  return _extraction("cgc", *args, activation, dtype, param_dtype)[0]
+  experts = {"num_shared_experts": num_shared_experts, "num_task_experts": num_task_experts}
+  sizes = {"expert_hidden": expert_hidden, "tower_hidden": tower_hidden}
+  layers = _ec.LayerSpec(activation, dtype, param_dtype)
+  return _extraction("cgc", task_dims, num_levels=1, **experts, **sizes, layers=layers)[0]
 
 
 def ple(
@@ -351,8 +294,8 @@ def ple(
   num_shared_experts: int = 2,
   num_task_experts: int = 1,
   expert_hidden: Sequence[int] = (64,),
-  tower_hidden: Sequence[int] = (),
   *,
+  tower_hidden: Sequence[int] = (),
   activation: Callable[[Array], Array] = jax.nn.relu,
   dtype: Any = None,
   param_dtype: Any = jnp.float32,
@@ -409,8 +352,11 @@ def ple(
   (['experts', 'gate'], ['experts'])
   >>> params["shared"]["level_0"]["gate"]["kernel"].shape  # over 2 tasks x 1 + 2 shared experts
   (6, 4)
-  >>> {k: v.shape for k, v in model.apply(params, x).items()}
+  >>> preds, _ = model.apply(params, x, {})
+  >>> {k: v.shape for k, v in preds.items()}
   {'a': (5, 3), 'b': (5, 2)}
   """
-  args = (task_dims, num_levels, num_shared_experts, num_task_experts, expert_hidden, tower_hidden)
-  return _extraction("ple", *args, activation, dtype, param_dtype)[0]
+  experts = {"num_shared_experts": num_shared_experts, "num_task_experts": num_task_experts}
+  sizes = {"expert_hidden": expert_hidden, "tower_hidden": tower_hidden}
+  layers = _ec.LayerSpec(activation, dtype, param_dtype)
+  return _extraction("ple", task_dims, num_levels=num_levels, **experts, **sizes, layers=layers)[0]

@@ -12,6 +12,7 @@ import jax.numpy as jnp
 
 from jmtl.models import _common
 from jmtl.models._base import MultiTaskModel
+from jmtl.models._base import stateless
 
 Array = jax.Array
 Params = Any
@@ -35,7 +36,8 @@ def mlp(
   with ``activation`` between them and none on the output (logits or
   regression values); its parameters are ``params["tasks"][name] =
   {"dense_0": ..., ...}``. ``apply`` is exactly ``encode`` once then every
-  ``head``, so it costs what a hand-written MLP with K heads costs.
+  ``head``, so it costs what a hand-written MLP with K heads costs. The model
+  is stateless: its ``model_state`` is ``{}`` and comes back unchanged.
 
   Args:
     task_dims: task name -> output dimension; the order fixes the task order.
@@ -49,7 +51,7 @@ def mlp(
 
   Returns:
     A :class:`~jmtl.models.MultiTaskModel` with ``encode`` and ``head``:
-    ``encode(params["shared"], x)`` has shape ``(B, hidden[-1])``.
+    ``z, _ = encode(params["shared"], x, {})`` has shape ``(B, hidden[-1])``.
 
   Raises:
     ValueError: on bad ``task_dims`` or layer widths, and in ``apply``/``encode``
@@ -61,9 +63,11 @@ def mlp(
   >>> params = model.init(jax.random.key(0), x)
   >>> params["shared"]["dense_0"]["kernel"].shape, params["tasks"]["parity"]["dense_0"]["kernel"].shape
   ((64, 32), (16, 2))
-  >>> {k: v.shape for k, v in model.apply(params, x).items()}
-  {'digit': (4, 10), 'parity': (4, 2)}
-  >>> z = model.encode(params["shared"], x)
+  >>> state = model.init_state(jax.random.key(0), x)
+  >>> preds, state = model.apply(params, x, state)
+  >>> {k: v.shape for k, v in preds.items()}, state
+  ({'digit': (4, 10), 'parity': (4, 2)}, {})
+  >>> z, _ = model.encode(params["shared"], x, state)
   >>> model.head("parity", params["tasks"]["parity"], z).shape
   (4, 2)
   """
@@ -89,4 +93,4 @@ def mlp(
         )
     return trunk.apply({"params": shared}, x)
 
-  return _common.hard_sharing(names, where, trunk, heads, encode)
+  return _common.hard_sharing(names, where, trunk, heads, stateless(encode))

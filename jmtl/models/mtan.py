@@ -20,7 +20,7 @@ import jax.numpy as jnp
 
 from jmtl.models import _common
 from jmtl.models._base import MultiTaskModel
-from jmtl.models.cnn import _as_nhwc
+from jmtl.models._base import stateless
 
 Array = jax.Array
 Params = Any
@@ -31,7 +31,7 @@ def _pool(x: Array) -> Array:
   return nn.max_pool(x, (2, 2), strides=(2, 2))
 
 
-def _layer(kind: str, width: int, size: int, name: str, dtype, param_dtype) -> nn.Module:
+def _layer(kind: str, width: int, size: int, name: str, *, dtype, param_dtype) -> nn.Module:
   """A ``size × size`` SAME conv for images, a Dense layer for vectors."""
   if kind == "cnn":
     return nn.Conv(width, (size, size), padding="SAME", dtype=dtype, param_dtype=param_dtype, name=name)
@@ -55,8 +55,8 @@ class _Trunk(nn.Module):
     for i, c in enumerate(self.features):
       if i > 0 and self.kind == "cnn":
         x = _pool(x)
-      u = self.activation(_layer(self.kind, c, 3, f"{prefix}_{i}_u", self.dtype, self.param_dtype)(x))
-      p = self.activation(_layer(self.kind, c, 3, f"{prefix}_{i}_p", self.dtype, self.param_dtype)(u))
+      u = self.activation(_layer(self.kind, c, 3, f"{prefix}_{i}_u", dtype=self.dtype, param_dtype=self.param_dtype)(x))
+      p = self.activation(_layer(self.kind, c, 3, f"{prefix}_{i}_p", dtype=self.dtype, param_dtype=self.param_dtype)(u))
       stages.append((u, p))
       x = p
     return tuple(stages)
@@ -77,10 +77,10 @@ class _Attention(nn.Module):
     x = u
     if prev is not None:
       # f: the task's feature extractor, to the stage's width (and resolution).
-      f = self.activation(_layer(self.kind, self.width, 3, "f", self.dtype, self.param_dtype)(prev))
+      f = self.activation(_layer(self.kind, self.width, 3, "f", dtype=self.dtype, param_dtype=self.param_dtype)(prev))
       x = jnp.concatenate([u, _pool(f) if self.kind == "cnn" else f], axis=-1)
-    g = self.activation(_layer(self.kind, self.width, 1, "g", self.dtype, self.param_dtype)(x))
-    mask = jax.nn.sigmoid(_layer(self.kind, self.width, 1, "h", self.dtype, self.param_dtype)(g))
+    g = self.activation(_layer(self.kind, self.width, 1, "g", dtype=self.dtype, param_dtype=self.param_dtype)(x))
+    mask = jax.nn.sigmoid(_layer(self.kind, self.width, 1, "h", dtype=self.dtype, param_dtype=self.param_dtype)(g))
     return mask * p
 
 
@@ -202,13 +202,13 @@ def mtan(
        "tasks": {name: {"att_0": {"g", "h"}, "att_1": {"f", "g", "h"}, ...,
                         "head": {"dense_0": ...}}}}
 
-  ``encode(params["shared"], x)`` returns ``z = ((u⁽⁰⁾, p⁽⁰⁾), ..., (u⁽ᴸ⁻¹⁾,
-  p⁽ᴸ⁻¹⁾))`` and ``head(name, params["tasks"][name], z)`` runs the task's
-  attention modules and output layers; ``apply`` is ``encode`` once then
-  every ``head``. At ``level="representation"`` the gradient engine's
+  ``z, _ = encode(params["shared"], x, {})`` gives ``z = ((u⁽⁰⁾, p⁽⁰⁾), ...,
+  (u⁽ᴸ⁻¹⁾, p⁽ᴸ⁻¹⁾))`` and ``head(name, params["tasks"][name], z)`` runs the
+  task's attention modules and output layers; ``apply`` is ``encode`` once
+  then every ``head``. At ``level="representation"`` the gradient engine's
   Gramian is therefore that of the per-task gradients with respect to all
   stage features together (every ``u`` and ``p``, concatenated), not of one
-  final feature vector.
+  final feature vector. The model is stateless: ``model_state`` is ``{}``.
 
   Args:
     task_dims: task name -> output dimension; the order fixes the task order.
@@ -234,15 +234,16 @@ def mtan(
   >>> params = model.init(jax.random.key(0), x)
   >>> sorted(params["shared"]), sorted(params["tasks"]["left"])
   (['conv_0_p', 'conv_0_u', 'conv_1_p', 'conv_1_u'], ['att_0', 'att_1', 'head'])
-  >>> z = jax.eval_shape(model.encode, params["shared"], x)  # shapes only: quick in a doctest
+  >>> z, _ = jax.eval_shape(model.encode, params["shared"], x, {})  # shapes only: quick in a doctest
   >>> [(u.shape, p.shape) for u, p in z]
   [((2, 8, 8, 4), (2, 8, 8, 4)), ((2, 4, 4, 8), (2, 4, 4, 8))]
   >>> vec = mtan({"a": 3, "b": 2}, features=(8, 8), trunk="mlp")
   >>> params = vec.init(jax.random.key(0), jnp.ones((2, 5)))
   >>> params["shared"]["dense_0_u"]["kernel"].shape
   (5, 8)
-  >>> {k: v.shape for k, v in vec.apply(params, jnp.ones((2, 5))).items()}
-  {'a': (2, 3), 'b': (2, 2)}
+  >>> preds, state = vec.apply(params, jnp.ones((2, 5)), vec.init_state(jax.random.key(0), x))
+  >>> {k: v.shape for k, v in preds.items()}, state
+  ({'a': (2, 3), 'b': (2, 2)}, {})
   """
   where = "mtan"
   dims = _common.validate_task_dims(task_dims, where)
@@ -260,10 +261,10 @@ def mtan(
 
   def prepare(inputs: Array) -> Array:
     if trunk == "cnn":
-      return _as_nhwc(inputs, len(features), where)
+      return _common.as_nhwc(inputs, len(features), where)
     return _common.flatten_batch(inputs)
 
-  def encode(shared: Params, inputs: Array) -> tuple[tuple[Array, Array], ...]:
+  def trunk_features(shared: Params, inputs: Array) -> tuple[tuple[Array, Array], ...]:
     x = prepare(inputs)
     first = shared.get(f"{'conv' if trunk == 'cnn' else 'dense'}_0_u") if isinstance(shared, Mapping) else None
     if first is None:
@@ -290,13 +291,15 @@ def mtan(
     spec = jax.ShapeDtypeStruct((1, *spec.shape[1:]), spec.dtype)  # only the shape past the batch axis matters
     keys = jax.random.split(key, len(names) + 1)
     shared = _init_params(trunk_mod, keys[0], spec)
-    z = jax.eval_shape(encode, shared, spec)
+    z = jax.eval_shape(trunk_features, shared, spec)
     tasks = {name: _init_params(branches[name], keys[i + 1], z) for i, name in enumerate(names)}
     return {"shared": shared, "tasks": tasks}
 
-  def apply(params: Params, inputs: Array) -> dict[str, Array]:
+  def predict(params: Params, inputs: Array) -> dict[str, Array]:
     _common.check_tasks(params, names, where)
-    z = encode(params["shared"], inputs)
+    z = trunk_features(params["shared"], inputs)
     return {name: head(name, params["tasks"][name], z) for name in names}
 
-  return MultiTaskModel(init=init, apply=apply, encode=encode, head=head, task_names=names)
+  return MultiTaskModel(
+    init=init, apply=stateless(predict), encode=stateless(trunk_features), head=head, task_names=names
+  )

@@ -12,7 +12,7 @@ import jax.numpy as jnp
 
 from jmtl.models import _common
 from jmtl.models._base import MultiTaskModel
-from jmtl.models.cnn import _as_nhwc
+from jmtl.models._base import stateless
 
 Array = jax.Array
 Params = Any
@@ -109,17 +109,18 @@ def resnet(
   Normalisation (``norm``):
 
   * ``"batch"`` -- batch norm (Ioffe & Szegedy, ICML 2015). The model is
-    *stateful*: the running statistics are ``model_state =
-    model.init_state(key, x)``, kept in :class:`jmtl.TrainState` and updated
-    by every training step (with momentum ``momentum``); ``apply`` and
-    ``encode`` take and return it (see
-    :class:`~jmtl.models.MultiTaskModel`). In training the batch statistics
+    *stateful* (``model.stateful``): the running statistics are
+    ``model_state = model.init_state(key, x)``, kept in
+    :class:`jmtl.TrainState` and updated by every training step (with
+    momentum ``momentum``); ``apply(..., train=True)`` and ``encode`` return
+    the new statistics (see :class:`~jmtl.models.MultiTaskModel`). In training the batch statistics
     are those of the global batch: under pmap the step passes its axis name,
     under a mesh the jitted step sees the whole batch. Evaluation uses the
     running statistics.
   * ``"group"`` -- group norm (Wu & He, ECCV 2018) with ``groups`` groups
-    (each stage width must be divisible by it): stateless, independent of
-    the batch, so per-example and per-device results never mix.
+    (each stage width must be divisible by it): stateless (``model_state``
+    is ``{}``), independent of the batch, so per-example and per-device
+    results never mix.
   * ``"none"`` -- convolutions with biases and no normalisation.
 
   Args:
@@ -134,7 +135,7 @@ def resnet(
 
   Returns:
     A :class:`~jmtl.models.MultiTaskModel` with ``encode`` and ``head``
-    (stateful with ``norm="batch"``). Inputs are NHWC ``(B, H, W, C)``; a
+    (``stateful`` with ``norm="batch"``). Inputs are NHWC ``(B, H, W, C)``; a
     ``(B, H, W)`` batch gets a channel axis.
 
   Raises:
@@ -149,8 +150,9 @@ def resnet(
   >>> preds["left"].shape, jax.tree.structure(new_state) == jax.tree.structure(state)
   ((2, 10), True)
   >>> gn = resnet({"a": 3}, stage_features=(8,), norm="group", groups=4)
-  >>> gn.stateful, gn.apply(gn.init(jax.random.key(0), x), x)["a"].shape
-  (False, (2, 3))
+  >>> preds, gn_state = gn.apply(gn.init(jax.random.key(0), x), x, gn.init_state(jax.random.key(0), x))
+  >>> gn.stateful, gn_state, preds["a"].shape
+  (False, {}, (2, 3))
   """
   where = "resnet"
   dims = _common.validate_task_dims(task_dims, where)
@@ -173,7 +175,7 @@ def resnet(
   heads = _common.dense_heads(dims, (), jax.nn.relu, dtype, param_dtype)
 
   def images(inputs):
-    return _as_nhwc(inputs, num_strided, where)
+    return _common.as_nhwc(inputs, num_strided, where)
 
   def nhwc(shape, dtype_):
     x = jax.eval_shape(images, jax.ShapeDtypeStruct(shape, dtype_))
@@ -184,9 +186,14 @@ def resnet(
     def encode(shared: Params, inputs: Array) -> Array:
       return trunk.apply({"params": shared}, images(inputs))
 
-    return _common.hard_sharing(names, where, trunk, heads, encode, nhwc)
+    return _common.hard_sharing(names, where, trunk, heads, stateless(encode), trunk_input=nhwc)
 
-  def encode_stateful(shared, inputs, model_state, *, train, axis_name=None):
+  def encode_stateful(shared, inputs, model_state, *, train=False, axis_name=None):
+    if not jax.tree.leaves(model_state):
+      raise ValueError(
+        f"{where}: batch norm needs its running statistics but model_state is empty ({model_state!r}); "
+        "start from model.init_state(key, inputs) (jmtl.TrainState.from_model does)"
+      )
     variables = {"params": shared, "batch_stats": model_state}
     module = trunk if axis_name is None else trunk.clone(axis_name=axis_name)
     if not train:
@@ -194,4 +201,4 @@ def resnet(
     z, updated = module.apply(variables, images(inputs), train=True, mutable=["batch_stats"])
     return z, updated["batch_stats"]
 
-  return _common.hard_sharing(names, where, trunk, heads, encode_stateful, nhwc, stateful=True)
+  return _common.hard_sharing(names, where, trunk, heads, encode_stateful, trunk_input=nhwc, stateful=True)

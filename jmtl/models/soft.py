@@ -18,6 +18,7 @@ import jax.numpy as jnp
 
 from jmtl.models import _common
 from jmtl.models._base import MultiTaskModel
+from jmtl.models._base import stateless
 
 Array = jax.Array
 Params = Any
@@ -116,8 +117,9 @@ def soft_mlp(
   >>> params = model.init(jax.random.key(0), x)
   >>> params["shared"], sorted(params["tasks"]["a"])
   ({}, ['head', 'tower'])
-  >>> {k: v.shape for k, v in model.apply(params, x).items()}
-  {'a': (4, 3), 'b': (4, 2)}
+  >>> preds, state = model.apply(params, x, {})
+  >>> {k: v.shape for k, v in preds.items()}, state
+  ({'a': (4, 3), 'b': (4, 2)}, {})
   >>> model.encode is None and model.head is None
   True
   """
@@ -151,7 +153,7 @@ def soft_mlp(
     tasks = {name: {"tower": tower_ps[i], "head": head_ps[name]} for i, name in enumerate(names)}
     return {"shared": {}, "tasks": tasks}
 
-  def apply(params: Params, inputs: Array) -> dict[str, Array]:
+  def predict(params: Params, inputs: Array) -> dict[str, Array]:
     _common.check_tasks(params, names, where)
     x = _common.flatten_batch(inputs)
     expected = params["tasks"][names[0]]["tower"]["dense_0"]["kernel"].shape[0]
@@ -168,4 +170,4 @@ def soft_mlp(
       return {name: ys[i] for i, name in enumerate(names)}
     return {name: heads[name].apply({"params": params["tasks"][name]["head"]}, zs[i]) for i, name in enumerate(names)}
 
-  return MultiTaskModel(init=init, apply=apply, encode=None, head=None, task_names=names)
+  return MultiTaskModel(init=init, apply=stateless(predict), encode=None, head=None, task_names=names)
