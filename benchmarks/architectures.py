@@ -1,6 +1,6 @@
 """Step time of every architecture on MultiDigits-shaped batches: jmtl steps against a bare JAX step.
 
-For each model of ``jmtl.run.registry.MODELS`` built from the config groups of
+For each model of ``jmtl.run.registry.model_constructors()`` built from the config groups of
 ``configs/multi_digits.py`` (images 16×16×1, tasks ``left``/``right`` with 10
 classes, batch 64, Adam): the jmtl ``equal`` step, the jmtl ``mgda`` step
 (parameter level: the fast separable path where the model has ``encode``/``head``,
@@ -25,7 +25,6 @@ import optax
 import jmtl
 from benchmarks import _timing
 from configs import multi_digits
-from jmtl.run import loop
 from jmtl.run import registry
 
 BATCH, NAMES, CLASSES = 64, ("left", "right"), 10
@@ -39,23 +38,20 @@ def make_batch(seed=0):
   }
 
 
-def jmtl_step(config, model, tasks, opt, method, batch):
+def jmtl_step(config, model, tasks, opt, batch, *, method):
   config.weighting = method
   w = registry.make_weighting(config, len(NAMES))
-  state = loop.create_train_state(config, model, opt, w, len(NAMES), batch)
-  return jmtl.parallel.jit(jmtl.make_train_step(model, tasks, opt, w)), state
+  state = jmtl.TrainState.from_model(model, batch["inputs"], tx=opt, weighting=w, rng=jax.random.key(config.seed))
+  return jmtl.parallel.jit(jmtl.make_train_step(model, tasks)), state
 
 
 def bare_step(config, model, opt, batch):
   """The same model's update written directly: ∇ Σ_t CE_t, optax, (batch statistics)."""
-  state = loop.create_train_state(config, model, opt, jmtl.weighting.equal(), len(NAMES), batch)
+  state = jmtl.TrainState.from_model(model, batch["inputs"], tx=opt, rng=jax.random.key(config.seed))
   params, mstate = state.params, state.model_state
 
   def loss(p, ms, x, labels):
-    if ms is None:
-      preds, new = model.apply(p, x), None
-    else:
-      preds, new = model.apply(p, x, ms, train=True)
+    preds, new = model.apply(p, x, ms, train=True)
     total = sum(optax.softmax_cross_entropy_with_integer_labels(preds[n], labels[n]).mean() for n in NAMES)
     return total, new
 
@@ -70,7 +66,7 @@ def bare_step(config, model, opt, batch):
 
 def main():
   ap = argparse.ArgumentParser()
-  ap.add_argument("--models", nargs="+", default=[m for m in registry.MODELS if m != "soft_mlp"])
+  ap.add_argument("--models", nargs="+", default=[m for m in registry.model_constructors() if m != "soft_mlp"])
   ap.add_argument("--repeats", type=int, default=5)
   ap.add_argument("--steps", type=int, default=10)
   args = ap.parse_args()
@@ -84,8 +80,8 @@ def main():
     model = registry.make_model(config, dict.fromkeys(NAMES, CLASSES))
     steps = {
       "bare_jax": bare_step(config, model, opt, batch),
-      "jmtl_equal": jmtl_step(config, model, tasks, opt, "equal", batch),
-      "jmtl_mgda": jmtl_step(config, model, tasks, opt, "mgda", batch),
+      "jmtl_equal": jmtl_step(config, model, tasks, opt, batch, method="equal"),
+      "jmtl_mgda": jmtl_step(config, model, tasks, opt, batch, method="mgda"),
     }
     timed, med = _timing.measure(steps, batch, batch_size=BATCH, steps_per_repeat=args.steps, repeats=args.repeats)
     row = {"model": name, "separable": model.encode is not None, "stateful": model.stateful, **timed}

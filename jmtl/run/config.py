@@ -25,7 +25,7 @@ import ml_collections
 #: Subtrees that take keys a config file did not define: they are keyword
 #: arguments checked by the function that receives them (the dataset builder,
 #: the weighting factory), so a wrong key still fails with its name.
-OPEN_FIELDS = ("dataset.options", "weighting_args")
+OPEN_FIELDS = ("dataset.options", "weighting_args", "optimizer.args")
 
 #: Fields that change nothing a single-task baseline computes.
 _NOT_IN_BASELINE = (
