@@ -1,6 +1,7 @@
 """jmtl: multi-task learning for JAX."""
 
 from jmtl import data
+from jmtl import grads
 from jmtl import losses
 from jmtl import metrics
 from jmtl import models
@@ -23,6 +24,7 @@ __all__ = [
   "compute_metrics",
   "data",
   "evaluate",
+  "grads",
   "losses",
   "make_eval_step",
   "make_train_step",
