@@ -21,6 +21,7 @@ around 1e-7. An eval loop looks like::
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable
 from collections.abc import Mapping
@@ -38,6 +39,10 @@ Array = jax.Array
 
 class Metric(NamedTuple):
   """An accumulable metric.
+
+  The built-in factories are cached (``accuracy() is accuracy()``), so tasks
+  given the same metrics compare equal and the engine evaluates them as one
+  batched op (``docs/design.md``, "Task groups").
 
   Attributes:
     stats: ``stats(predictions, labels, mask) -> pytree`` of arrays summed over
@@ -119,6 +124,7 @@ def _mean_over_present(scores: Array, present: Array) -> Array:
   return jnp.where(n > 0, jnp.sum(jnp.where(present, scores, 0)) / jnp.maximum(n, 1), jnp.nan)
 
 
+@functools.cache
 def accuracy() -> Metric:
   """Top-1 accuracy of ``(B, C)`` logits against ``(B,)`` integer labels.
 
@@ -142,6 +148,7 @@ def accuracy() -> Metric:
   return Metric(stats, lambda s: _ratio(s["correct"], s["count"]), True)
 
 
+@functools.cache
 def binary_accuracy() -> Metric:
   """Accuracy of multi-label sigmoid logits, averaged over all labels.
 
@@ -167,6 +174,7 @@ def binary_accuracy() -> Metric:
   return Metric(stats, lambda s: _ratio(s["correct"], s["count"]), True)
 
 
+@functools.cache
 def macro_f1(num_classes: int) -> Metric:
   """Macro-averaged F1 of single-label ``(B, C)`` logits, from a confusion matrix.
 
@@ -204,6 +212,7 @@ def macro_f1(num_classes: int) -> Metric:
   return Metric(stats, compute, True)
 
 
+@functools.cache
 def miou(num_classes: int, ignore_label: int | None = -1) -> Metric:
   """Mean intersection-over-union for segmentation logits ``(B, H, W, C)``.
 
@@ -247,6 +256,7 @@ def miou(num_classes: int, ignore_label: int | None = -1) -> Metric:
   return Metric(stats, compute, True)
 
 
+@functools.cache
 def pixel_accuracy(ignore_label: int | None = -1) -> Metric:
   """Fraction of correctly classified pixels, for logits ``(B, H, W, C)``.
 
@@ -276,6 +286,7 @@ def pixel_accuracy(ignore_label: int | None = -1) -> Metric:
   return Metric(stats, lambda s: _ratio(s["correct"], s["count"]), True)
 
 
+@functools.cache
 def mean_of(loss_fn: Callable, higher_is_better: bool = False) -> Metric:
   """The batch mean of a per-example jmtl loss, as a metric.
 
@@ -314,6 +325,7 @@ def mean_of(loss_fn: Callable, higher_is_better: bool = False) -> Metric:
   return Metric(stats, lambda s: _ratio(s["sum"], s["count"]), bool(higher_is_better))
 
 
+@functools.cache
 def mae() -> Metric:
   """Mean absolute error over all elements: ``Σ_b m_b Σ_j |p_bj − t_bj| / (Σ_b m_b · n)``.
 
@@ -329,6 +341,7 @@ def mae() -> Metric:
   return mean_of(_losses.l1)
 
 
+@functools.cache
 def rmse() -> Metric:
   """Root mean squared error over all elements: ``sqrt(Σ_b m_b Σ_j (p_bj − t_bj)² / (Σ_b m_b · n))``.
 

@@ -136,8 +136,22 @@ def loss_terms(task: Task, predictions: Mapping[str, Array], batch: Mapping[str,
   """
   if task.name not in predictions:
     raise ValueError(f"task {task.name!r}: the model returned no prediction for it (it returned {sorted(predictions)})")
-  pred, y = predictions[task.name], batch["labels"][task.name]
-  m = task_mask(task, batch)
+  return masked_terms(task, predictions[task.name], batch["labels"][task.name], task_mask(task, batch))
+
+
+def masked_terms(task: Task, pred: Array, y: Array, m: Array) -> tuple[Array, Array]:
+  """:func:`loss_terms` on one task's prediction ``pred``, labels ``y`` and ``(B,)`` mask ``m``.
+
+  Pure in its array arguments, so a group of tasks with the same loss runs it
+  as one ``jax.vmap`` over their stacked predictions, labels and masks.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> import jmtl
+    >>> t = jmtl.Task("r", jmtl.losses.mse)
+    >>> [float(v) for v in masked_terms(t, jnp.array([1.0, 3.0]), jnp.zeros(2), jnp.array([1.0, 0.0]))]
+    [1.0, 1.0]
+  """
   if hasattr(y, "ndim"):
     # An unlabelled example may carry a garbage label (a NaN target, say). Zero
     # it before the loss: masking the loss alone still leaks NaN into the

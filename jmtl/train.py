@@ -24,6 +24,7 @@ import optax
 from flax import struct
 
 from jmtl import grads as grads_lib
+from jmtl import groups
 from jmtl import metrics as metrics_lib
 from jmtl import sharing
 from jmtl import tasks as tasks_lib
@@ -303,6 +304,9 @@ def make_eval_step(model, tasks: Sequence[tasks_lib.Task], *, axis_name: str | N
     state = {} if model_state is None else model_state
     if model.stateful and not jax.tree.leaves(state):
       raise ValueError("eval_step: the model has state (batch-norm statistics); pass model_state=state.model_state")
+    if model.encode is not None and model.head is not None and model.head_kind is not None:
+      stats = _grouped_stats(model, tasks, params, batch, state)
+      return stats if axis_name is None else jax.lax.psum(stats, axis_name)
     preds, _ = model.apply(params, batch["inputs"], state, train=False, axis_name=None)
     stats = {}
     for t in tasks:
@@ -315,6 +319,20 @@ def make_eval_step(model, tasks: Sequence[tasks_lib.Task], *, axis_name: str | N
     return stats if axis_name is None else jax.lax.psum(stats, axis_name)
 
   return eval_step
+
+
+def _grouped_stats(model, tasks, params, batch, model_state):
+  """Eval statistics of a separable model: trunk once, each task group's heads, losses and metrics batched."""
+  z, _ = model.encode(params["shared"], batch["inputs"], model_state, train=False, axis_name=None)
+  stats = {}
+  for g in groups.task_groups(model, tasks, params["tasks"], with_metrics=True):
+    gb = groups.group_batch(g, tasks, params["tasks"], batch)
+    preds = groups.head_fn(model, g)(gb.params, z)
+    sums, counts = groups.terms_fn(g)(preds, gb.labels, gb.masks)
+    metric_stats = groups.metric_stats_fn(g)(preds, gb.labels, gb.masks)
+    for i, n in enumerate(g.names):
+      stats[n] = {"loss": (sums[i], counts[i]), **jax.tree.map(lambda x, i=i: x[i], metric_stats)}
+  return stats
 
 
 def compute_metrics(tasks: Sequence[tasks_lib.Task], stats) -> dict[str, float]:

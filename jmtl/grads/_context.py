@@ -17,6 +17,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
+from jmtl import groups as groups_lib
 from jmtl import tasks as tasks_lib
 from jmtl.models import MultiTaskModel
 from jmtl.weighting import WeightingTransform
@@ -140,10 +141,31 @@ class Context:
   def loss_terms(self, task: tasks_lib.Task, predictions) -> tuple[Array, Array]:
     return tasks_lib.loss_terms(task, predictions, self.batch)
 
+  @property
+  def grouped(self) -> bool:
+    """Whether heads run in task groups (:mod:`jmtl.grads._groups`): a separable model that declares head kinds."""
+    m = self.model
+    return m.encode is not None and m.head is not None and m.head_kind is not None
+
   def forward(self) -> Forward:
-    """The full model's forward pass to the losses, with the VJP of the loss sums."""
+    """The model's forward pass to the losses, with the VJP of the loss sums.
+
+    A model whose heads form groups runs the trunk once and each group's heads
+    and losses as one batched op; any other model runs ``apply``.
+    """
 
     def terms(p):
+      if self.grouped:
+        z, model_state = self.encode(p["shared"])
+        groups = groups_lib.task_groups(self.model, self.tasks, p["tasks"])
+        out = []
+        for g in groups:
+          gb = groups_lib.group_batch(g, self.tasks, p["tasks"], self.batch)
+          out.append(groups_lib.terms_fn(g)(groups_lib.head_fn(self.model, g)(gb.params, z), gb.labels, gb.masks))
+        return groups_lib.in_task_order([s for s, _ in out], groups), (
+          groups_lib.in_task_order([c for _, c in out], groups),
+          model_state,
+        )
       preds, model_state = self.apply(p)
       out = [self.loss_terms(t, preds) for t in self.tasks]
       return jnp.stack([s for s, _ in out]), (jnp.stack([c for _, c in out]), model_state)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from jmtl.grads import _taps
 from jmtl.grads._context import Context
@@ -23,13 +24,20 @@ def linear_heads(ctx: Context, paths) -> StepGrads:
   """G and ``Σwₖdzₖ`` without any ``dzₖ``; ``paths`` are the heads' kernel paths (:func:`_taps.linear_head_kernels`)."""
   z, enc_vjp, model_state = jax.vjp(ctx.encode, ctx.params["shared"], has_aux=True)
   heads = Heads(ctx, z)
-  kernels = [_taps.kernel_at(ctx.params["tasks"][t.name], p) for t, p in zip(ctx.tasks, paths)]
-  deltas = [heads.dpred(i, 1.0) for i in range(ctx.k)]
-  widths = [w.shape[1] for w in kernels]
-  delta = jnp.concatenate([d.reshape(-1, d.shape[-1]) for d in deltas], axis=1)  # (rows, ΣC)
+  # Columns of [δ₁ … δ_K] and [W₁ … W_K] group by group (a group is one stacked array); `owner` maps
+  # each column to its task, so the column order does not matter.
+  ones = jnp.ones((ctx.k,), heads.losses.dtype)
+  deltas, kernels, owners = [], [], []
+  for p, d in zip(heads.passes, heads.dpreds(ones)):
+    g, c = d.shape[0], d.shape[-1]
+    deltas.append(jnp.moveaxis(d.reshape(g, -1, c), 0, 1).reshape(-1, g * c))  # (rows, G·C)
+    w = jnp.stack([_taps.kernel_at(ctx.params["tasks"][n], paths[i]) for n, i in zip(p.group.names, p.group.index)])
+    kernels.append(jnp.moveaxis(w, 0, 1).reshape(w.shape[1], g * c))  # (D, G·C)
+    owners.append(np.repeat(np.asarray(p.group.index), c))
+  delta = jnp.concatenate(deltas, axis=1)  # (rows, ΣC)
   kernel = jnp.concatenate(kernels, axis=1).astype(delta.dtype)  # (D, ΣC)
-  owner = jnp.repeat(jnp.arange(ctx.k), jnp.asarray(widths), total_repeat_length=sum(widths))
-  member = (owner[:, None] == jnp.arange(ctx.k)[None, :]).astype(delta.dtype)  # (ΣC, K)
+  owner = np.concatenate(owners)
+  member = jnp.asarray(owner[:, None] == np.arange(ctx.k)[None, :], delta.dtype)  # (ΣC, K)
   gramian = member.T @ ((delta.T @ delta) * (kernel.T @ kernel)) @ member
   gramian = ctx.psum(gramian)  # rows concatenate over devices: exact
   weights, wstate = ctx.weigh(heads.losses, gramian=gramian)

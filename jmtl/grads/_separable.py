@@ -111,11 +111,7 @@ def parameter_gramian(ctx: Context, trunk: Trunk, heads: Heads):
   dz = heads.dz()
   gramian = jnp.zeros((k, k), heads.losses.dtype)
   # Per-task trunk cotangents: dz itself, or (linear heads) what dzₖ = δₖ Wₖᵀ is made of.
-  task_xs, cot_of = (
-    (dz, lambda x: x)
-    if chunk_size is None
-    else _taps.task_cotangents(ctx, trunk.z, [heads.dpred(i, 1.0) for i in range(k)], dz)
-  )
+  task_xs, cot_of = (dz, lambda x: x) if chunk_size is None else _taps.task_cotangents(ctx, trunk.z, heads, dz)
   chunked = bool(trunk.layers) and chunk_size is not None and chunk_size < k
   if chunked:
     # One layer at a time, its δ recomputed chunk by chunk: at most one

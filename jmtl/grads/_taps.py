@@ -189,7 +189,7 @@ def linear_head_kernels(ctx, z) -> list | None:
   return paths
 
 
-def task_cotangents(ctx, z, dpreds, dz):
+def task_cotangents(ctx, z, heads, dz):
   """``(xs, cot_of)`` with ``cot_of(xs[k]) = dzₖ``, the smallest such ``xs`` the heads allow.
 
   Linear heads (``predₖ = z Wₖ + bₖ``) give ``dzₖ = δₖ Wₖᵀ`` from the
@@ -203,7 +203,8 @@ def task_cotangents(ctx, z, dpreds, dz):
   kernels = [kernel_at(ctx.params["tasks"][t.name], path) for t, path in zip(ctx.tasks, paths)]
   width = max(w.shape[1] for w in kernels)
   pad = lambda x: jnp.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, width - x.shape[-1])])
-  xs = (jnp.stack([pad(d) for d in dpreds]), jnp.stack([pad(w).astype(dpreds[0].dtype) for w in kernels]))
+  deltas = heads.dpred_stack(jnp.ones((ctx.k,), heads.losses.dtype))
+  xs = (deltas, jnp.stack([pad(w).astype(deltas.dtype) for w in kernels]))
   return xs, lambda x: (x[0] @ x[1].T).astype(z.dtype)
 
 

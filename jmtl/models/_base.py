@@ -76,6 +76,11 @@ class MultiTaskModel(NamedTuple):
       running statistics), so that a training step must thread
       ``model_state`` through; ``False`` (the default) when ``init_state``
       returns ``{}``.
+    head_kind: ``head_kind(task) -> key`` (hashable) or ``None``: tasks whose
+      keys are equal have the same ``head`` function, so that the engine may
+      run heads of the same parameter shapes (and the same loss) as one
+      batched op over their stacked parameters (``docs/design.md``, "Task
+      groups"). ``None``: every head is run on its own.
 
   >>> import jax, jax.numpy as jnp
   >>> m = MultiTaskModel(
@@ -99,6 +104,7 @@ class MultiTaskModel(NamedTuple):
   task_names: tuple[str, ...]
   init_state: Callable[[Array, Any], ModelState] = no_state
   stateful: bool = False
+  head_kind: Callable[[str], Any] | None = None
 
 
 def as_model(model_or_apply: Any, task_names: Sequence[str] | None = None) -> MultiTaskModel:

@@ -345,4 +345,5 @@ def hard_sharing(names, where, trunk, heads, encode, *, trunk_input=None, statef
     task_names=names,
     init_state=init_state if stateful else no_state,
     stateful=stateful,
+    head_kind=heads.__getitem__,  # linen modules compare by configuration: equal heads compute the same function
   )

@@ -301,5 +301,10 @@ def mtan(
     return {name: head(name, params["tasks"][name], z) for name in names}
 
   return MultiTaskModel(
-    init=init, apply=stateless(predict), encode=stateless(trunk_features), head=head, task_names=names
+    init=init,
+    apply=stateless(predict),
+    encode=stateless(trunk_features),
+    head=head,
+    task_names=names,
+    head_kind=branches.__getitem__,  # linen modules compare by configuration
   )
