@@ -49,6 +49,8 @@ def get_config() -> ml_collections.ConfigDict:
   # cnn | resnet | mtan | mlp | soft_mlp | cross_stitch | mmoe | cgc | ple | dselect_k;
   # the model's arguments are the group of the same name.
   config.model.name = "cnn"
+  # The computation dtype ("bfloat16" on accelerators); parameters, losses and the update stay float32.
+  config.model.dtype = "float32"
   config.model.cnn = ml_collections.ConfigDict(dict(features=(16, 32), dense=64))
   config.model.resnet = ml_collections.ConfigDict(dict(stage_features=(16, 32), blocks_per_stage=1, norm="batch"))
   config.model.mtan = ml_collections.ConfigDict(dict(features=(16, 32), trunk="cnn"))

@@ -157,6 +157,8 @@ def masked_terms(task: Task, pred: Array, y: Array, m: Array) -> tuple[Array, Ar
     # it before the loss: masking the loss alone still leaks NaN into the
     # gradient (0 · NaN), and a NaN gradient would skip the whole step.
     y = jnp.where(m.reshape((-1,) + (1,) * (y.ndim - 1)) > 0, y, jnp.zeros((), y.dtype))
+  if jnp.issubdtype(pred.dtype, jnp.floating) and jnp.finfo(pred.dtype).bits < 32:
+    pred = pred.astype(jnp.float32)  # a bfloat16 model still has float32 losses (and loss gradients)
   try:
     out = task.loss(pred, y)
   except (ValueError, TypeError) as e:

@@ -12,6 +12,7 @@ import jmtl
 from configs import multi_digits
 from configs import synthetic
 from jmtl.run import registry
+from jmtl.run.config import ConfigError
 
 IMAGE_ONLY = {"cnn", "resnet"}  # convolutional trunks: MultiDigits only (synthetic inputs are vectors)
 
@@ -73,3 +74,18 @@ def test_every_kind_of_method_runs_on_a_non_separable_model(method):
   state, _, m = _train(config, ("t0", "t1", "t2"), 2, (5,), steps=2)
   assert int(state.num_skipped) == 0 and bool(jnp.isfinite(m["loss"]))
   assert all(bool(jnp.isfinite(m[f"weight/t{i}"])) for i in range(3))
+
+
+def test_bfloat16_compute_dtype_from_the_config():
+  """model.dtype = bfloat16: the model computes in bfloat16; parameters, losses and the update stay float32."""
+  config = synthetic.get_config()
+  config.model.dtype = "bfloat16"
+  state, first, m = _train(config, ("t0", "t1"), 2, (32,), steps=3)
+  assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(state.params))
+  assert m["loss/t0"].dtype == jnp.float32 and float(m["loss"]) < float(first)
+  model = registry.make_model(config, {"t0": 2, "t1": 2})
+  preds, _ = model.apply(state.params, jnp.ones((2, 32)), {})
+  assert preds["t0"].dtype == jnp.bfloat16
+  config.model.dtype = "float13"
+  with pytest.raises(ConfigError, match=r"model\.dtype"):
+    registry.make_model(config, {"t0": 2})

@@ -16,6 +16,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import optax
 
@@ -113,6 +114,9 @@ def _one_weighting(name: str, config: ml_collections.ConfigDict, num_tasks: int)
 def make_model(config: ml_collections.ConfigDict, task_dims: Mapping[str, int]) -> models.MultiTaskModel:
   """The model ``config.model.name`` names, built from ``config.model[name]`` fields.
 
+  ``config.model.dtype`` (optional) is the computation dtype of models that
+  take one (``"bfloat16"`` on accelerators; parameters stay float32).
+
   Examples:
     >>> c = ml_collections.ConfigDict({"model": {"name": "mlp", "mlp": {"hidden": (8,)}}})
     >>> make_model(c, {"a": 3}).task_names
@@ -122,6 +126,14 @@ def make_model(config: ml_collections.ConfigDict, task_dims: Mapping[str, int]) 
   constructor = resolve(name, model_constructors(), "model (config field 'model.name')")
   fields = config.model.get(name)
   kwargs = fields.to_dict() if isinstance(fields, ml_collections.ConfigDict) else {}
+  dtype = config.model.get("dtype")
+  if dtype is not None and "dtype" not in kwargs:
+    if "dtype" not in inspect.signature(constructor).parameters:
+      raise ConfigError(f"config field 'model.dtype' = {dtype!r}: model {name!r} takes no computation dtype")
+    try:
+      kwargs["dtype"] = jnp.dtype(dtype)
+    except TypeError as e:
+      raise ConfigError(f"config field 'model.dtype' = {dtype!r} is not a dtype (float32, bfloat16, ...)") from e
   try:
     return constructor(dict(task_dims), **kwargs)
   except (TypeError, ValueError) as e:
