@@ -9,6 +9,7 @@ import statistics
 import time
 
 import jax
+import jax.numpy as jnp
 
 
 def compile_step(step, state, batch):
@@ -61,21 +62,57 @@ def looper(compiled, state, batch):
   return run
 
 
+def evaluator(compiled, params, batch):
+  """A ``run(n)`` closure that calls an eval step ``compiled(params, batch)`` n times and blocks on every result."""
+
+  def run(n):
+    jax.block_until_ready([compiled(params, batch) for _ in range(n)])
+
+  return run
+
+
+def flops(compiled) -> float | None:
+  """FLOPs of a compiled step by XLA's cost analysis (``None`` when the backend gives none)."""
+  cost = compiled.cost_analysis()
+  cost = cost[0] if isinstance(cost, list) else cost
+  return float(cost.get("flops", 0.0)) if cost else None
+
+
+def matmul_rate(n: int = 2048, repeats: int = 5, dtype=jnp.float32) -> float:
+  """This machine's matmul rate (FLOP/s) on an n×n product in ``dtype``, median of repeats."""
+  x = jax.random.normal(jax.random.key(0), (n, n), dtype)
+  f = jax.jit(lambda a: a @ a)
+  f(x).block_until_ready()
+  times = []
+  for _ in range(repeats):
+    t0 = time.perf_counter()
+    f(x).block_until_ready()
+    times.append(time.perf_counter() - t0)
+  return 2 * n**3 / statistics.median(times)
+
+
 def max_rss_bytes() -> int:
   return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
-def measure(steps: dict, batch, *, batch_size: int, steps_per_repeat: int, repeats: int) -> tuple[dict, dict]:
+def measure(
+  steps: dict, batch, *, batch_size: int, steps_per_repeat: int, repeats: int, evals=None
+) -> tuple[dict, dict]:
   """Compiles and times ``steps`` (name -> ``(jitted step, state)``) on one batch, interleaved.
 
+  ``evals`` (name -> ``(jitted eval step, params)``) are timed in the same
+  interleaved run, each call ``eval_step(params, batch)`` counting as a step.
+
   Returns ``(rows, median seconds)``: ``rows[name]`` holds ``step_ms``,
-  ``examples_per_s``, ``compile_s`` and XLA's memory analysis.
+  ``examples_per_s``, ``compile_s``, ``flops`` (XLA's cost analysis) and
+  XLA's memory analysis.
   """
   runners, info = {}, {}
-  for name, (step, state) in steps.items():
-    compiled, compile_s, mem = compile_step(step, state, batch)
-    runners[name] = looper(compiled, state, batch)
-    info[name] = {"compile_s": round(compile_s, 3), **mem}
+  for kind, make in ((steps, looper), (evals or {}, evaluator)):
+    for name, (step, state) in kind.items():
+      compiled, compile_s, mem = compile_step(step, state, batch)
+      runners[name] = make(compiled, state, batch)
+      info[name] = {"compile_s": round(compile_s, 3), "flops": flops(compiled), **mem}
   med = time_steps(runners, steps_per_repeat=steps_per_repeat, repeats=repeats)
   rows = {
     name: {"step_ms": round(1e3 * med[name], 3), "examples_per_s": round(batch_size / med[name], 1), **info[name]}

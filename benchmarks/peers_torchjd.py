@@ -8,6 +8,12 @@ gradient), which is what ``mtl_backward`` does. Needs the ``peers`` extra
 (``pip install torch==2.13.0 'torchjd[quadprog_projector]'``); without it the
 script says so and exits 0.
 
+The same run also times ``fused_jax``, the hand-written JAX step of the
+``equal`` math for K same-shaped heads (stacked head kernels, one ``einsum``,
+one vectorised cross-entropy; ``benchmarks._reference``): each K's
+``fused_jax_ms``, and for every method ``ratio_to_fused`` of the jmtl and the
+torch step.
+
 ``--chunk-size C`` passes ``chunk_size=C`` to jmtl's steps (the bounded-memory
 parameter-level route when C < K; see ``benchmarks.gradient_step``).
 
@@ -21,17 +27,16 @@ import json
 import sys
 
 import jax
-import jax.numpy as jnp
 import numpy as np
-import optax
 
 import jmtl
+from benchmarks import _reference
 from benchmarks import _timing
-from benchmarks.step_time import BATCH
-from benchmarks.step_time import CLASSES
-from benchmarks.step_time import HIDDEN
-from benchmarks.step_time import IN
-from benchmarks.step_time import reference_batch
+from benchmarks._reference import BATCH
+from benchmarks._reference import CLASSES
+from benchmarks._reference import HIDDEN
+from benchmarks._reference import IN
+from benchmarks._reference import reference_batch
 
 JMTL = {"upgrad": jmtl.weighting.upgrad, "mgda": jmtl.weighting.mgda, "pcgrad": jmtl.weighting.pcgrad}
 
@@ -75,15 +80,14 @@ def torch_runner(k, method, batch):
 
 
 def jmtl_runner(k, method, batch, chunk_size=None):
-  names = [f"t{i}" for i in range(k)]
-  model = jmtl.models.mlp(dict.fromkeys(names, CLASSES), hidden=(HIDDEN, HIDDEN))
-  tasks = [jmtl.Task(n, jmtl.losses.softmax_cross_entropy) for n in names]
   weighting = JMTL[method]() if method in JMTL else jmtl.weighting.equal()
-  params = model.init(jax.random.key(0), jnp.zeros((1, IN)))
-  state = jmtl.TrainState.create(
-    params=params, tx=optax.sgd(1e-2), weighting=weighting, num_tasks=k, rng=jax.random.key(1)
-  )
-  step = jmtl.parallel.jit(jmtl.make_train_step(model, tasks, heads="own", chunk_size=chunk_size))
+  step, state = _reference.jmtl_step(k, weighting, heads="own", chunk_size=chunk_size)
+  compiled, _, _ = _timing.compile_step(step, state, batch)
+  return _timing.looper(compiled, state, batch)
+
+
+def fused_runner(k, batch):
+  step, state = _reference.fused_step(k)
   compiled, _, _ = _timing.compile_step(step, state, batch)
   return _timing.looper(compiled, state, batch)
 
@@ -107,15 +111,22 @@ def main():
   rows = []
   for k in args.tasks:
     batch = reference_batch(k)
-    runners = {}
+    runners = {"fused_jax": fused_runner(k, batch)}
     for method in args.methods:
       runners[f"jmtl_{method}"] = jmtl_runner(k, method, batch, args.chunk_size)
       runners[f"torch_{method}"] = torch_runner(k, method, batch)
     med = _timing.time_steps(runners, steps_per_repeat=args.steps, repeats=args.repeats)
+    f = med["fused_jax"]
     row = {"K": k, "batch": BATCH, "chunked": args.chunk_size is not None and args.chunk_size < k}
+    row["fused_jax_ms"] = round(1e3 * f, 2)
     for method in args.methods:
       j, t = med[f"jmtl_{method}"], med[f"torch_{method}"]
-      row[method] = {"jmtl_ms": round(1e3 * j, 2), "torch_ms": round(1e3 * t, 2), "speedup": round(t / j, 2)}
+      row[method] = {
+        "jmtl_ms": round(1e3 * j, 2),
+        "torch_ms": round(1e3 * t, 2),
+        "speedup": round(t / j, 2),
+        "ratio_to_fused": {"jmtl": round(j / f, 2), "torch": round(t / f, 2)},
+      }
     rows.append(row)
   out = {
     "benchmark": "peers_torchjd",
@@ -123,7 +134,10 @@ def main():
     "chunk_size": args.chunk_size,
     "torch": version("torch"),
     "torchjd": version("torchjd"),
-    "note": "torch_equal is plain autograd on the summed loss; the others use mtl_backward + jac_to_grad",
+    "note": (
+      "torch_equal is plain autograd on the summed loss; the others use mtl_backward + jac_to_grad; "
+      "fused_jax is the hand-written JAX equal step (stacked heads, one einsum)"
+    ),
     "results": rows,
   }
   print(json.dumps(out, indent=1))

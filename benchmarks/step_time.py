@@ -1,9 +1,28 @@
-"""Step time of the jmtl ``equal`` step against a hand-written JAX step of the same math.
+"""Step time of jmtl's loss-level steps against hand-written JAX steps of the same math, in one run.
 
-Reference workload: MLP trunk 784→512→512 (ReLU), K linear heads 512→10,
-softmax cross-entropy, batch 256, SGD. Prints one JSON object.
+Reference workload (``benchmarks._reference``): MLP trunk 784→512→512 (ReLU),
+K linear heads 512→10, softmax cross-entropy, batch 256, SGD. For each K it
+times, interleaved on the same batch (median of repeats, after compilation,
+blocking on results):
 
-    python benchmarks/step_time.py [--tasks 2 10 40] [--repeats 7]
+* ``jmtl_equal`` -- the jmtl step with ``equal`` weighting;
+* ``jmtl_uncertainty`` -- the jmtl step with the loss-level ``uncertainty`` weighting;
+* ``loop_jax`` -- a hand-written step whose K heads are a Python loop;
+* ``fused_jax`` -- the hand-written step for K same-shaped heads: stacked head
+  kernels, one ``einsum``, one vectorised cross-entropy;
+* ``jmtl_eval`` / ``fused_eval`` -- ``jmtl.make_eval_step`` (loss and accuracy
+  per task, jitted) and a hand-written eval step of the same statistics.
+
+Each row reports ``step_ms``, ``examples_per_s``, ``compile_s``, ``flops``
+(XLA's cost analysis) and XLA's memory analysis (``peak_bytes``: arguments +
+outputs + temps − aliased); then ``ratio_jmtl_over_fastest`` (jmtl ``equal``
+over the faster of ``loop_jax`` and ``fused_jax``, named by
+``fastest_reference``), ``ratio_jmtl_over_loop``, ``ratio_jmtl_over_fused``,
+``ratio_uncertainty_over_fused``, ``ratio_uncertainty_over_fastest`` and
+``ratio_eval_jmtl_over_fused``. ``--dtype bfloat16`` sets the compute dtype of
+every step (parameters, losses and updates stay float32). Prints one JSON object.
+
+    python -m benchmarks.step_time [--tasks 2 10 40] [--repeats 7] [--steps 20] [--dtype float32]
 """
 
 from __future__ import annotations
@@ -11,66 +30,40 @@ from __future__ import annotations
 import argparse
 import json
 
-import jax
-import jax.numpy as jnp
-import numpy as np
-import optax
-
 import jmtl
+from benchmarks import _reference
 from benchmarks import _timing
+from benchmarks._reference import BATCH
+from benchmarks._reference import reference_batch
 
-BATCH, IN, HIDDEN, CLASSES = 256, 784, 512, 10
 
-
-def reference_batch(k, seed=0):
-  r = np.random.default_rng(seed)
-  return {
-    "inputs": jnp.asarray(r.normal(size=(BATCH, IN)), jnp.float32),
-    "labels": {f"t{i}": jnp.asarray(r.integers(0, CLASSES, BATCH), jnp.int32) for i in range(k)},
+def measure_k(k, *, dtype, steps_per_repeat, repeats) -> dict:
+  """One result row: every step of the module docstring at K tasks, timed interleaved."""
+  batch = reference_batch(k)
+  steps = {
+    "jmtl_equal": _reference.jmtl_step(k, jmtl.weighting.equal(), dtype=dtype),
+    "jmtl_uncertainty": _reference.jmtl_step(k, jmtl.weighting.uncertainty(), dtype=dtype),
+    "loop_jax": _reference.loop_step(k, dtype=dtype),
+    "fused_jax": _reference.fused_step(k, dtype=dtype),
   }
-
-
-def jmtl_step(k, weighting=None):
-  names = [f"t{i}" for i in range(k)]
-  model = jmtl.models.mlp(dict.fromkeys(names, CLASSES), hidden=(HIDDEN, HIDDEN))
-  tasks = [jmtl.Task(n, jmtl.losses.softmax_cross_entropy) for n in names]
-  params = model.init(jax.random.key(0), jnp.zeros((1, IN)))
-  state = jmtl.TrainState.create(
-    params=params, tx=optax.sgd(1e-2), weighting=weighting, num_tasks=k, rng=jax.random.key(1)
+  evals = {"jmtl_eval": _reference.jmtl_eval(k, dtype=dtype), "fused_eval": _reference.fused_eval(k, dtype=dtype)}
+  timed, med = _timing.measure(
+    steps, batch, batch_size=BATCH, steps_per_repeat=steps_per_repeat, repeats=repeats, evals=evals
   )
-  return jmtl.parallel.jit(jmtl.make_train_step(model, tasks)), state
-
-
-def bare_step(k):
-  """The same model and update written directly in JAX: the bar jmtl must meet."""
-  keys = jax.random.split(jax.random.key(0), 4)
-  glorot = jax.nn.initializers.lecun_normal()
-  params = {
-    "w1": glorot(keys[0], (IN, HIDDEN)),
-    "b1": jnp.zeros(HIDDEN),
-    "w2": glorot(keys[1], (HIDDEN, HIDDEN)),
-    "b2": jnp.zeros(HIDDEN),
-    "wh": glorot(keys[2], (k, HIDDEN, CLASSES)),
-    "bh": jnp.zeros((k, CLASSES)),
-  }
-  opt = optax.sgd(1e-2)
-
-  def loss(p, x, ys):
-    h = jax.nn.relu(jax.nn.relu(x @ p["w1"] + p["b1"]) @ p["w2"] + p["b2"])
-    total = 0.0
-    for i in range(k):
-      logits = h @ p["wh"][i] + p["bh"][i]
-      total += -jnp.mean(jnp.take_along_axis(jax.nn.log_softmax(logits), ys[i][:, None], 1))
-    return total
-
-  def step(state, batch):
-    p, o = state
-    ys = [batch["labels"][f"t{i}"] for i in range(k)]
-    value, g = jax.value_and_grad(loss)(p, batch["inputs"], ys)
-    u, o = opt.update(g, o, p)
-    return (optax.apply_updates(p, u), o), value
-
-  return jax.jit(step, donate_argnums=0), (params, opt.init(params))
+  fastest = min(("loop_jax", "fused_jax"), key=med.__getitem__)
+  ratio = lambda a, b: round(med[a] / med[b], 3)
+  row = {"K": k, "batch": BATCH, **timed, "fastest_reference": fastest}
+  row["ratio_jmtl_over_fastest"] = ratio("jmtl_equal", fastest)
+  row["ratio_jmtl_over_loop"] = ratio("jmtl_equal", "loop_jax")
+  row["ratio_jmtl_over_fused"] = ratio("jmtl_equal", "fused_jax")
+  row["ratio_uncertainty_over_fused"] = ratio("jmtl_uncertainty", "fused_jax")
+  row["ratio_uncertainty_over_fastest"] = ratio("jmtl_uncertainty", fastest)
+  row["ratio_eval_jmtl_over_fused"] = ratio("jmtl_eval", "fused_eval")
+  if "peak_bytes" in timed["jmtl_equal"] and "peak_bytes" in timed["fused_jax"]:
+    row["peak_memory_ratio_jmtl_over_fused"] = round(
+      timed["jmtl_equal"]["peak_bytes"] / timed["fused_jax"]["peak_bytes"], 3
+    )
+  return row
 
 
 def main():
@@ -78,16 +71,12 @@ def main():
   ap.add_argument("--tasks", type=int, nargs="+", default=[2, 10, 40])
   ap.add_argument("--repeats", type=int, default=7)
   ap.add_argument("--steps", type=int, default=20)
+  ap.add_argument("--dtype", choices=list(_reference.DTYPES), default="float32", help="compute dtype")
   args = ap.parse_args()
-  rows = []
-  for k in args.tasks:
-    batch = reference_batch(k)
-    steps = {"jmtl_equal": jmtl_step(k), "bare_jax": bare_step(k)}
-    timed, med = _timing.measure(steps, batch, batch_size=BATCH, steps_per_repeat=args.steps, repeats=args.repeats)
-    row = {"K": k, "batch": BATCH, **timed}
-    row["ratio_jmtl_over_bare"] = round(med["jmtl_equal"] / med["bare_jax"], 3)
-    rows.append(row)
-  print(json.dumps({"benchmark": "step_time", **_timing.environment(), "results": rows}, indent=1))
+  dtype = _reference.DTYPES[args.dtype]
+  rows = [measure_k(k, dtype=dtype, steps_per_repeat=args.steps, repeats=args.repeats) for k in args.tasks]
+  out = {"benchmark": "step_time", "dtype": args.dtype, **_timing.environment(), "results": rows}
+  print(json.dumps(out, indent=1))
 
 
 if __name__ == "__main__":
