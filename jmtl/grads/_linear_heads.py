@@ -31,7 +31,7 @@ def linear_heads(ctx: Context, paths) -> StepGrads:
   for p, d in zip(heads.passes, heads.dpreds(ones)):
     g, c = d.shape[0], d.shape[-1]
     deltas.append(jnp.moveaxis(d.reshape(g, -1, c), 0, 1).reshape(-1, g * c))  # (rows, G·C)
-    w = jnp.stack([_taps.kernel_at(ctx.params["tasks"][n], paths[i]) for n, i in zip(p.group.names, p.group.index)])
+    w = _taps.node_at(p.params, paths[p.group.index[0]])["kernel"]  # the group's kernels, already stacked (G, D, C)
     kernels.append(jnp.moveaxis(w, 0, 1).reshape(w.shape[1], g * c))  # (D, G·C)
     owners.append(np.repeat(np.asarray(p.group.index), c))
   delta = jnp.concatenate(deltas, axis=1)  # (rows, ΣC)

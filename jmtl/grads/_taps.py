@@ -21,6 +21,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from jmtl import groups
+
 
 class Layer(NamedTuple):
   path: tuple[str, ...]  # module path inside params["shared"]
@@ -200,11 +202,12 @@ def task_cotangents(ctx, z, heads, dz):
   paths = linear_head_kernels(ctx, z)
   if paths is None:
     return dz, lambda x: x
-  kernels = [kernel_at(ctx.params["tasks"][t.name], path) for t, path in zip(ctx.tasks, paths)]
-  width = max(w.shape[1] for w in kernels)
+  # Each group's kernels are already stacked (G, D, C): pad them to the widest head and put them in task order.
+  kernels = [node_at(p.params, paths[p.group.index[0]])["kernel"] for p in heads.passes]
+  width = max(w.shape[-1] for w in kernels)
   pad = lambda x: jnp.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, width - x.shape[-1])])
   deltas = heads.dpred_stack(jnp.ones((ctx.k,), heads.losses.dtype))
-  xs = (deltas, jnp.stack([pad(w).astype(deltas.dtype) for w in kernels]))
+  xs = (deltas, groups.in_task_order([pad(w).astype(deltas.dtype) for w in kernels], heads.groups))
   return xs, lambda x: (x[0] @ x[1].T).astype(z.dtype)
 
 

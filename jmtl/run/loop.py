@@ -274,10 +274,10 @@ class _Training:
         end = step == config.num_steps
         record = None
         if step % config.log_every == 0 or end:
-          record, sums = self.log_train(state, sums, count=step - last_log, tick=tick, first=first)
+          record, sums = self.log_train(state, sums, step=step, count=step - last_log, tick=tick, first=first)
           last_log, first = step, False
         if step % config.eval_every == 0 or end:
-          best = self.validate(state, best)
+          best = self.validate(state, best, step=step)
         if step % config.checkpoint_every == 0 or end or caught:
           self.ckpt.save(step, variables(state), best, (_rest(state), sums), _meta(self.batches, self.host))
         bar.update(step, record)
@@ -289,7 +289,7 @@ class _Training:
     bar.close()
     return state, best
 
-  def log_train(self, state, sums, *, count: int, tick: float, first: bool):
+  def log_train(self, state, sums, *, step: int, count: int, tick: float, first: bool):
     host = self.host
     values = jax.device_get(sums)  # the one host sync of the interval
     elapsed = time.perf_counter() - tick
@@ -300,11 +300,11 @@ class _Training:
     record["skipped"] = values["skipped"]
     record["num_skipped"] = int(state.num_skipped)
     record["examples_per_s"] = count * self.run.config.batch_size / max(elapsed, 1e-9)
-    self.log.write(int(state.step), "train", record)
+    self.log.write(step, "train", record)
     return record, _zeros(sums)
 
-  def validate(self, state, best):
-    run, host, step = self.run, self.host, int(state.step)
+  def validate(self, state, best, *, step: int):
+    run, host = self.run, self.host
     values = run.evaluate(variables(state), "validation")
     self.log.write(step, "validation", values)
     score = evaluation.selection_score(values, run.tasks, run.config.select_metric)
