@@ -111,6 +111,10 @@ def test_select_restricts_the_gramian_to_a_subset(chunk):
     out = run(model, params, batch, tasks, capture(select=kernel_only), chunk_size=chunk)
     jk = jnp.stack([j["shared"]["dense_0"]["kernel"].ravel() for j in js])
     np.testing.assert_allclose(out.weighting_state.gramian, jk @ jk.T, rtol=1e-10)
+    bias_only = lambda shared: {"b": shared["dense_0"]["bias"]}
+    out = run(model, params, batch, tasks, capture(select=bias_only), chunk_size=chunk)
+    jb = jnp.stack([j["shared"]["dense_0"]["bias"].ravel() for j in js])
+    np.testing.assert_allclose(out.weighting_state.gramian, jb @ jb.T, rtol=1e-10)
 
 
 def test_representation_gramian_is_of_dz():

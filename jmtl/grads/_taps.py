@@ -103,6 +103,19 @@ def selected_paths(shared, select) -> set[tuple]:
   return set(jax.tree.leaves(select(marked), is_leaf=lambda x: isinstance(x, tuple)))
 
 
+def _with_bias_column(rows, use_kernel, use_bias):
+  """The rows whose Gram matrix gives the selected Gramian: ``a``, ``[a, 1]`` (kernel and bias) or ``1`` (bias).
+
+  A bias gradient is ``Σ_b δ_b``, the kernel identity with an input of ones,
+  so the bias folds into the kernel's matmuls (XLA on CPU reduces a large
+  array over its leading axis ~40× slower than the equivalent matmul).
+  """
+  ones = jnp.ones((rows.shape[0], 1), rows.dtype)
+  if not use_kernel:
+    return ones
+  return jnp.concatenate([rows, ones], axis=1) if use_bias else rows
+
+
 def dense_gramian(a, delta, use_kernel, use_bias):
   """Kernel and bias Gramian of one Dense layer from inputs ``a`` and per-task cotangents ``delta``.
 
@@ -114,24 +127,25 @@ def dense_gramian(a, delta, use_kernel, use_bias):
   """
   k, o_dim = delta.shape[-2:]
   rows = a.reshape(-1, a.shape[-1]).astype(delta.dtype)
-  n, i_dim = rows.shape
+  n = rows.shape[0]
   d = delta.reshape(n, k, o_dim)
-  g = jnp.zeros((k, k), d.dtype)
+  if not (use_kernel or use_bias):
+    return jnp.zeros((k, k), d.dtype)
+  rows = _with_bias_column(rows, use_kernel, use_bias)
+  i_dim = rows.shape[1]
   batched = (((2,), (2,)), ((0,), (0,)))  # contract O, batch over the leading axis
-  if use_kernel:
-    identity_cost = n * n * i_dim + k * n * n * o_dim + k * k * n * o_dim
-    explicit_cost = k * n * i_dim * o_dim + k * k * i_dim * o_dim
-    if identity_cost <= explicit_cost:
-      m = (rows @ rows.T) @ d.reshape(n, k * o_dim)  # (a aᵀ) δₖ for every k at once
-      gk = jax.lax.dot_general(d, m.reshape(n, k, o_dim), batched).sum(0)
-    else:
-      jk = (rows.T @ d.reshape(n, k * o_dim)).reshape(i_dim, k, o_dim)  # Jₖ = aᵀ δₖ, stacked on axis 1
-      gk = jax.lax.dot_general(jk, jk, batched).sum(0)
-    g = g + 0.5 * (gk + gk.T)
-  if use_bias:
-    s = jnp.sum(d, axis=0)  # (K, O)
-    g = g + s @ s.T
-  return g
+  if i_dim == 1:  # the bias alone: Σ_b δ_b as a matmul
+    s = (rows.T @ d.reshape(n, k * o_dim)).reshape(k, o_dim)
+    return s @ s.T
+  identity_cost = n * n * i_dim + k * n * n * o_dim + k * k * n * o_dim
+  explicit_cost = k * n * i_dim * o_dim + k * k * i_dim * o_dim
+  if identity_cost <= explicit_cost:
+    m = (rows @ rows.T) @ d.reshape(n, k * o_dim)  # (a aᵀ) δₖ for every k at once
+    gk = jax.lax.dot_general(d, m.reshape(n, k, o_dim), batched).sum(0)
+  else:
+    jk = (rows.T @ d.reshape(n, k * o_dim)).reshape(i_dim, k, o_dim)  # Jₖ = aᵀ δₖ, stacked on axis 1
+    gk = jax.lax.dot_general(jk, jk, batched).sum(0)
+  return 0.5 * (gk + gk.T)
 
 
 def dense_gramian_chunked(a, delta, use_kernel, use_bias, chunk):
@@ -144,27 +158,28 @@ def dense_gramian_chunked(a, delta, use_kernel, use_bias, chunk):
   """
   k, o_dim = delta.shape[0], delta.shape[-1]
   rows = a.reshape(-1, a.shape[-1]).astype(delta.dtype)
-  n, i_dim = rows.shape
+  n = rows.shape[0]
   d = delta.reshape(k, n, o_dim)
-  g = jnp.zeros((k, k), d.dtype)
-  if use_kernel:
-    flat = d.reshape(k, n * o_dim)
-    if n * n * i_dim + k * n * n * o_dim <= 2 * k * n * i_dim * o_dim:
-      gram = rows @ rows.T
-      times_aat = lambda dj: gram @ dj
-    else:
-      times_aat = lambda dj: rows @ (rows.T @ dj)
+  if not (use_kernel or use_bias):
+    return jnp.zeros((k, k), d.dtype)
+  rows = _with_bias_column(rows, use_kernel, use_bias)
+  i_dim = rows.shape[1]
+  if i_dim == 1:  # the bias alone: Σ_b δ_b as a (batched) matmul
+    s = jnp.einsum("n,kno->ko", rows[:, 0], d)
+    return s @ s.T
+  flat = d.reshape(k, n * o_dim)
+  if n * n * i_dim + k * n * n * o_dim <= 2 * k * n * i_dim * o_dim:
+    gram = rows @ rows.T
+    times_aat = lambda dj: gram @ dj
+  else:
+    times_aat = lambda dj: rows @ (rows.T @ dj)
 
-    def block(j):  # G[:, chunk tasks from j]ᵀ; slicing the one flat array keeps XLA from copying δ
-      dj = jax.lax.dynamic_slice_in_dim(flat, j * chunk, chunk).reshape(chunk, n, o_dim)
-      return jax.vmap(times_aat)(dj).reshape(chunk, n * o_dim) @ flat.T
+  def block(j):  # G[:, chunk tasks from j]ᵀ; slicing the one flat array keeps XLA from copying δ
+    dj = jax.lax.dynamic_slice_in_dim(flat, j * chunk, chunk).reshape(chunk, n, o_dim)
+    return jax.vmap(times_aat)(dj).reshape(chunk, n * o_dim) @ flat.T
 
-    cols = jax.lax.map(block, jnp.arange(k // chunk)).reshape(k, k)  # row j: G[:, j]
-    g = g + 0.5 * (cols + cols.T)
-  if use_bias:
-    s = jnp.sum(d, axis=1)  # (K, O)
-    g = g + s @ s.T
-  return g
+  cols = jax.lax.map(block, jnp.arange(k // chunk)).reshape(k, k)  # row j: G[:, j]
+  return 0.5 * (cols + cols.T)
 
 
 def linear_head_kernels(ctx, z) -> list | None:
