@@ -119,10 +119,7 @@ def parameter_gramian(ctx: Context, trunk: Trunk, heads: Heads):
     chunk, xs = _taps.even_chunks(task_xs, k, chunk_size)
   elif trunk.layers:
     # Tasks next to the feature axis: every Gramian product is then a matmul.
-    # and next to it on the way in too, so that no (K, rows, O) array is transposed.
-    dz_inner = jax.tree.map(lambda d: jnp.moveaxis(d, 0, -2) if d.ndim > 1 else d, dz)
-    in_axes = jax.tree.map(lambda d: -2 if d.ndim > 1 else 0, dz)
-    deltas = jax.vmap(lambda c: trunk.vjp(c)[1], in_axes=(in_axes,), out_axes=-2)(dz_inner)
+    deltas = jax.vmap(lambda c: trunk.vjp(c)[1], out_axes=-2)(dz)
   covered = set()
   for i, (layer, a) in enumerate(zip(trunk.layers, trunk.acts)):
     kpath, bpath = (*layer.path, "kernel"), (*layer.path, "bias")
