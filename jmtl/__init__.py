@@ -10,6 +10,7 @@ from jmtl import sharing
 from jmtl import tasks
 from jmtl import weighting
 from jmtl.tasks import Task
+from jmtl.train import StepMetrics
 from jmtl.train import TrainState
 from jmtl.train import compute_metrics
 from jmtl.train import evaluate
@@ -19,6 +20,7 @@ from jmtl.train import make_train_step
 __version__ = "0.1.0"
 
 __all__ = [
+  "StepMetrics",
   "Task",
   "TrainState",
   "compute_metrics",

@@ -292,6 +292,98 @@ def test_nash_mtl_options():
   t = W.nash_mtl(max_norm=0.5)
   w, _ = t.update(jnp.ones(3), t.init(3), gramian=g1)
   np.testing.assert_allclose(np.linalg.norm(jac.T @ np.asarray(w)), 0.5, rtol=1e-5)  # ‖d‖ = √3 before the cap
-  t = W.nash_mtl(normalize_gramian=True)
-  w, _ = t.update(jnp.ones(3), t.init(3), gramian=g1)
-  np.testing.assert_allclose(w, weights("nash_mtl", jac) * np.linalg.norm(jac @ jac.T) ** 0.5, rtol=1e-4)
+
+
+def _nash_reference(g):
+  """``α > 0`` with ``G α = 1/α``, by Newton on ``F(α) = Gα − 1/α`` in float64 (independent of jmtl's solver)."""
+  a = 1 / np.sqrt(np.diag(g))
+  for _ in range(200):
+    step = np.linalg.solve(g + np.diag(1 / a**2), g @ a - 1 / a)
+    t = 1.0
+    while np.any(a - t * step <= 0):  # stay in α > 0
+      t /= 2
+    a = a - t * step
+  assert np.allclose(g @ a, 1 / a, rtol=1e-10)
+  return a
+
+
+@pytest.mark.parametrize("scale", [1.0, 1e-2, 1e2])
+def test_nash_mtl_normalize_gramian_keeps_the_papers_alpha(scale):
+  """The authors' code normalises G but keeps the factor in its constraints: α solves Gα = 1/α on the raw G."""
+  jac = scale * random_jacobian(4, seed=14)
+  g = jac @ jac.T
+  want = _nash_reference(g)
+  with jax.enable_x64(True):
+    for normalize in (False, True):
+      t = W.nash_mtl(normalize_gramian=normalize)
+      w, _ = t.update(jnp.ones(4), t.init(4), gramian=jnp.asarray(g))
+      np.testing.assert_allclose(w, want, rtol=1e-8)
+      np.testing.assert_allclose(np.linalg.norm(jac.T @ np.asarray(w)), 2.0, rtol=1e-8)  # ‖d‖ = √K
+      t = W.nash_mtl(normalize_gramian=normalize, max_norm=1.0)
+      w, _ = t.update(jnp.ones(4), t.init(4), gramian=jnp.asarray(g))
+      np.testing.assert_allclose(w, want / 2, rtol=1e-8)  # the cap scales ‖d‖ = 2 down to 1 at any scale
+  # float32, the step's usual dtype: the same α to float32 accuracy, with and without the option.
+  for normalize in (False, True):
+    t = W.nash_mtl(normalize_gramian=normalize)
+    w, _ = t.update(jnp.ones(4, jnp.float32), t.init(4), gramian=jnp.asarray(g, jnp.float32))
+    np.testing.assert_allclose(w, want, rtol=1e-4)
+
+
+# --- float32 accuracy on ill-conditioned Gramians ------------------------------------------------------------------
+
+# name -> {condition: (relative error of the step length ‖Jᵀw‖, direction error in degrees)} with jax_enable_x64 off:
+# the bounds each method's docstring states ("Float32 accuracy"), against the same method in float64 (whose
+# agreement with brute-force float64 solutions the tests above check).
+FLOAT32_BOUNDS = {
+  "mgda": {1: (1e-5, 0.05), 1e3: (1e-5, 0.05), 1e6: (1e-5, 0.5)},
+  "upgrad": {1: (1e-5, 0.05), 1e3: (5e-5, 0.05), 1e6: (2e-3, 1.0)},
+  "dualproj": {1: (1e-5, 0.05), 1e3: (1e-5, 0.05), 1e6: (5e-5, 1.0)},
+  "cagrad": {1: (1e-5, 0.05), 1e3: (1e-5, 0.05), 1e6: (1e-5, 0.05)},
+  "nash_mtl": {1: (3e-5, 0.05), 1e3: (5e-4, 0.05), 1e6: (5e-2, 1.0)},
+  "imtl_g": {1: (1e-5, 0.05), 1e3: (2e-5, 0.05), 1e6: (7e-2, 20.0)},
+  "aligned_mtl": {1: (1e-5, 0.05), 1e3: (1e-4, 0.05), 1e6: (1e-1, 1.0)},
+  "pcgrad": {1: (1e-5, 0.05), 1e3: (1e-5, 0.05), 1e6: (1e-5, 0.05)},
+  "gradvac": {1: (1e-5, 0.05), 1e3: (1e-5, 0.05), 1e6: (1e-5, 0.05)},
+}
+# The same with jax_enable_x64 on and a float32 Gramian: the K×K problem is solved in float64, and what is left is
+# the float32 rounding of G itself.
+X64_BOUNDS = {"aligned_mtl": 1e-2, "imtl_g": 2e-3}
+
+
+def conditioned_gramian(k, cond, seed):
+  """``G = J Jᵀ`` with eigenvalues log-spaced from 1 to ``1/cond`` in a random basis (float64)."""
+  rng = np.random.default_rng(seed)
+  basis = np.linalg.qr(rng.normal(size=(k, k)))[0]
+  jac = basis @ np.diag(np.logspace(0, -np.log10(cond) / 2, k)) @ np.linalg.qr(rng.normal(size=(k, k)))[0]
+  return jac @ jac.T
+
+
+def _step_errors(name, g, dtype):
+  """(length error, angle in degrees) of ``name``'s direction for the Gramian ``g`` computed in ``dtype``."""
+  losses = np.linspace(0.5, 2.0, len(g))
+
+  def solve(dt):
+    t = W.methods()[name]()
+    w, _ = t.update(
+      jnp.asarray(losses, dt), t.init(len(g)), gramian=jnp.asarray(g, dt), key=jax.random.key(0), step=jnp.int32(0)
+    )
+    return np.asarray(w, np.float64)
+
+  with jax.enable_x64(True):
+    ref = solve(jnp.float64)
+  w = solve(dtype)
+  n_ref, n = np.sqrt(ref @ g @ ref), np.sqrt(w @ g @ w)
+  return abs(n - n_ref) / n_ref, np.degrees(np.arccos(np.clip((w @ g @ ref) / (n * n_ref), -1, 1)))
+
+
+@pytest.mark.parametrize("name", sorted(FLOAT32_BOUNDS))
+def test_float32_accuracy_on_ill_conditioned_gramians(name):
+  for cond, (length_bound, angle_bound) in FLOAT32_BOUNDS[name].items():
+    for seed in range(3):
+      g = conditioned_gramian(5, cond, seed)
+      length, angle = _step_errors(name, g, jnp.float32)
+      assert length <= length_bound and angle <= angle_bound, (name, cond, seed, length, angle)
+      if cond == 1e6:
+        with jax.enable_x64(True):
+          length, angle = _step_errors(name, g.astype(np.float32).astype(np.float64), jnp.float32)
+        assert length <= X64_BOUNDS.get(name, 1e-5) and angle <= 0.1, (name, "x64", seed, length, angle)

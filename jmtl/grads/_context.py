@@ -80,7 +80,7 @@ class StepGrads(NamedTuple):
   weights: Array  # (K,)
   weighting_state: Any
   grads: Any  # like params
-  extra: dict  # Gramian-derived metrics
+  extra: dict  # Gramian-derived metrics (gradient_metrics), or {}
   model_state: Any = None  # the model's new state (batch-norm statistics; {} for a stateless model)
 
 
@@ -204,24 +204,22 @@ class Context:
     return combine_jacobian(weights, jac), jnp.ones((self.k,), jax.tree.leaves(jac)[0].dtype)
 
 
-def gradient_metrics(gramian: Array, names) -> dict[str, Array]:
-  """Per-task gradient norms and the cosine matrix, from the Gramian ``J Jᵀ``.
+def gradient_metrics(gramian: Array) -> dict[str, Array]:
+  """``{"grad_norm": (K,) per-task gradient norms, "grad_cosine": (K, K)}`` from the Gramian ``J Jᵀ``.
 
   Examples:
     >>> import jax.numpy as jnp
     >>> from jmtl import grads
-    >>> m = grads.gradient_metrics(jnp.array([[4.0, -2.0], [-2.0, 1.0]]), ["a", "b"])
-    >>> float(m["grad_norm/a"]), m["grad_cosine"].tolist()
-    (2.0, [[1.0, -1.0], [-1.0, 1.0]])
+    >>> m = grads.gradient_metrics(jnp.array([[4.0, -2.0], [-2.0, 1.0]]))
+    >>> m["grad_norm"].tolist(), m["grad_cosine"].tolist()
+    ([2.0, 1.0], [[1.0, -1.0], [-1.0, 1.0]])
   """
   norms = jnp.sqrt(jnp.clip(jnp.diagonal(gramian), 0))
   # A zero gradient has no direction: report cosine 0 against it, not NaN.
   safe = jnp.where(norms > 0, norms, 1)
   cos = gramian / (safe[:, None] * safe[None, :])
   cos = jnp.where((norms[:, None] > 0) & (norms[None, :] > 0), cos, 0)
-  out = {f"grad_norm/{n}": norms[i] for i, n in enumerate(names)}
-  out["grad_cosine"] = cos
-  return out
+  return {"grad_norm": norms, "grad_cosine": cos}
 
 
 def map_rows(fn, rows, chunk_size):

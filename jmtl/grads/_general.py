@@ -34,4 +34,4 @@ def general(ctx: Context) -> StepGrads:
   g_shared, weights = ctx.combine(weights, jac["shared"])
   g_tasks = combine_jacobian(ctx.head_weights(weights), jac["tasks"])
   grads = {"shared": g_shared, "tasks": g_tasks}
-  return StepGrads(fwd.losses, weights, wstate, grads, gradient_metrics(gramian, ctx.names), fwd.model_state)
+  return StepGrads(fwd.losses, weights, wstate, grads, gradient_metrics(gramian), fwd.model_state)

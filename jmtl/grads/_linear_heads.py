@@ -44,4 +44,4 @@ def linear_heads(ctx: Context, paths) -> StepGrads:
   cot = (delta * (member @ weights.astype(delta.dtype))[None, :]) @ kernel.T
   g_shared = ctx.psum(enc_vjp(cot.reshape(z.shape).astype(z.dtype))[0])
   grads = {"shared": g_shared, "tasks": heads.task_grads(weights)}
-  return StepGrads(heads.losses, weights, wstate, grads, gradient_metrics(gramian, ctx.names), model_state)
+  return StepGrads(heads.losses, weights, wstate, grads, gradient_metrics(gramian), model_state)

@@ -96,7 +96,7 @@ def separable(ctx: Context) -> StepGrads:
   else:
     g_shared, weights = ctx.combine(weights, jac)  # jac is already the global Jacobian
   grads = {"shared": g_shared, "tasks": heads.task_grads(weights)}
-  return StepGrads(heads.losses, weights, wstate, grads, gradient_metrics(gramian, ctx.names), trunk.model_state)
+  return StepGrads(heads.losses, weights, wstate, grads, gradient_metrics(gramian), trunk.model_state)
 
 
 def parameter_gramian(ctx: Context, trunk: Trunk, heads: Heads):

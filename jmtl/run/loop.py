@@ -118,12 +118,11 @@ def make_loop_step(config, model, tasks, mesh=None):
   def logged_step(carry, batch):
     state, sums = carry
     state, metrics = step(state, batch)
-    metrics.pop("num_skipped")  # cumulative already; the state keeps it
+    metrics = metrics.without("num_skipped")  # cumulative already; the state keeps it
     return state, jax.tree.map(lambda s, m: s + m.astype(s.dtype), sums, metrics)
 
   def zero_sums(state, batch):
-    shapes = jax.eval_shape(step, state, batch)[1]
-    shapes.pop("num_skipped")
+    shapes = jax.eval_shape(step, state, batch)[1].without("num_skipped")
     return place(jax.device_put(jax.tree.map(lambda s: np.zeros(s.shape, np.float32), shapes)), mesh)
 
   if mesh is None:

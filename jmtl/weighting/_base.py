@@ -223,10 +223,14 @@ def needs_of(*transforms: WeightingTransform) -> str:
 
 
 def checked_gramian(name: str, losses: Array, gramian: Array | None) -> Array:
-  """The Gramian a transform reads: checked against the losses, without gradient, float32 at least, symmetric.
+  """The Gramian a transform reads: checked against the losses, without gradient, symmetric, widened.
 
   A Gramian accumulated leaf by leaf can differ from its transpose in the
-  last bits; eigen-solvers and pairwise rules assume symmetry.
+  last bits; eigen-solvers and pairwise rules assume symmetry. It is float32
+  at least, and float64 whenever ``jax_enable_x64`` is on: the ``K×K``
+  problem is then solved in float64 (negligible cost next to the step) even
+  when the step computes in float32, which is what an ill-conditioned
+  Gramian needs (see each method's float32 accuracy).
 
   Examples:
     >>> import jax.numpy as jnp
@@ -241,7 +245,8 @@ def checked_gramian(name: str, losses: Array, gramian: Array | None) -> Array:
       f"{name}: losses have shape {losses.shape}, so the gramian must be ({k}, {k}); got {gramian.shape}"
     )
   g = jax.lax.stop_gradient(gramian)
-  g = g.astype(jnp.promote_types(g.dtype, jnp.float32))
+  wide = jnp.float64 if jax.config.jax_enable_x64 else jnp.float32
+  g = g.astype(jnp.promote_types(g.dtype, wide))
   return (g + g.T) / 2
 
 

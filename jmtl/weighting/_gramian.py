@@ -62,6 +62,11 @@ def mgda(normalization: str = "none", *, max_iter: int | None = None) -> Weighti
   Scale: the weights do not change when ``J`` is scaled; the direction scales
   with it.
 
+  Float32 accuracy (``jax_enable_x64`` off; Gramians of condition 1, 10³, 10⁶; measured by
+  ``tests/test_weighting_gramian.py``): step length within 1e-5, 1e-5, 1e-5 (relative), direction
+  within 0.5° at 10⁶. With ``jax_enable_x64`` on the K×K problem is solved in float64 even in a
+  float32 step: within 1e-5 at 10⁶.
+
   Args:
     normalization: one of ``"none"``, ``"l2"``, ``"loss"``, ``"loss+"``.
     max_iter: iteration cap of the active-set solver (default ``3K + 10``).
@@ -120,6 +125,11 @@ def upgrad(*, max_iter: int | None = None) -> WeightingTransform:
   Scale: the weights do not change when ``J`` is scaled; the direction scales
   with it. Cost: ``K`` active-set solves on the ``K×K`` Gramian, batched.
 
+  Float32 accuracy (``jax_enable_x64`` off; Gramians of condition 1, 10³, 10⁶; measured by
+  ``tests/test_weighting_gramian.py``): step length within 1e-5, 5e-5, 2e-3 (relative), direction
+  within 1° at 10⁶. With ``jax_enable_x64`` on the K×K problem is solved in float64 even in a
+  float32 step: within 1e-5 at 10⁶.
+
   Args:
     max_iter: iteration cap of each active-set solve (default ``3K + 10``).
 
@@ -159,6 +169,11 @@ def dualproj(*, max_iter: int | None = None) -> WeightingTransform:
 
   Scale: the weights do not change when ``J`` is scaled; the direction scales
   with it.
+
+  Float32 accuracy (``jax_enable_x64`` off; Gramians of condition 1, 10³, 10⁶; measured by
+  ``tests/test_weighting_gramian.py``): step length within 1e-5, 1e-5, 5e-5 (relative), direction
+  within 1° at 10⁶. With ``jax_enable_x64`` on the K×K problem is solved in float64 even in a
+  float32 step: within 1e-5 at 10⁶.
 
   Args:
     max_iter: iteration cap of the active-set solver (default ``3K + 10``).
@@ -204,6 +219,11 @@ def cagrad(c: float = 0.5, *, rescale: bool = True, max_iter: int = 64) -> Weigh
 
   Scale: the weights do not change when ``J`` is scaled. ``c = 0`` is equal
   weighting ``1/K``.
+
+  Float32 accuracy (``jax_enable_x64`` off; Gramians of condition 1, 10³, 10⁶; measured by
+  ``tests/test_weighting_gramian.py``): step length within 1e-5, 1e-5, 1e-5 (relative), direction
+  within 0.05° at 10⁶. With ``jax_enable_x64`` on the K×K problem is solved in float64 even in a
+  float32 step: within 1e-5 at 10⁶.
 
   Args:
     c: the radius factor ``c ≥ 0``: how far from the mean gradient the
@@ -263,15 +283,23 @@ def nash_mtl(
   Newton on ``K×K`` (:func:`~jmtl.weighting._solvers.nash_bargaining`).
 
   Scale: the direction does not change when ``J`` (or any single task's
-  gradient) is scaled; ``αₖ`` scales as ``1/‖gₖ‖``, and ``‖d‖ = √K``. The
-  authors' code divides ``G`` by its Frobenius norm first; with
-  ``normalize_gramian=True`` the weights are multiplied by ``‖G‖_F^½`` to
-  match it (the direction then scales with ``J``).
+  gradient) is scaled; ``αₖ`` scales as ``1/‖gₖ‖``, and ``‖d‖ = √K`` (since
+  ``dᵀd = αᵀGα = Σ αₖ/αₖ``). The authors' code divides ``G`` by its
+  Frobenius norm before the solve and puts the same factor back into every
+  constraint, so its ``α`` solves ``Gα = 1/α`` on the unnormalised ``G``
+  too; ``normalize_gramian=True`` does the same: it solves on
+  ``Gₙ = G/‖G‖_F`` (better conditioned at extreme gradient scales) and
+  returns ``αₙ/‖G‖_F^½``, the same ``α`` and step length as without.
 
   Degenerate ``G``: when some non-negative combination of the gradients is
   zero (a zero gradient, two exactly opposite ones) the equation has no
   solution. The solver adds a tiny ridge, so the affected weights come out
   large but finite while their part of the direction stays bounded.
+
+  Float32 accuracy (``jax_enable_x64`` off; Gramians of condition 1, 10³, 10⁶; measured by
+  ``tests/test_weighting_gramian.py``): step length within 3e-5, 5e-4, 5e-2 (relative), direction
+  within 1° at 10⁶. With ``jax_enable_x64`` on the K×K problem is solved in float64 even in a
+  float32 step: within 1e-5 at 10⁶.
 
   Args:
     max_norm: if set, the weights are scaled down so that ``‖Jᵀα‖ ≤
@@ -279,7 +307,8 @@ def nash_mtl(
     update_weights_every: solve every this many calls and reuse the last
       ``α`` in between (the authors' speed-up; ``max_norm`` is applied every
       call, to the current ``G``).
-    normalize_gramian: scale the weights as the authors' code does (above).
+    normalize_gramian: solve on ``G/‖G‖_F`` and rescale (above); the
+      weights are those of the paper's equation either way.
     max_iter: cap on Newton steps.
 
   Returns:
@@ -308,9 +337,13 @@ def nash_mtl(
     return NashMTLState(jnp.zeros((), jnp.int32), jnp.zeros((num_tasks,), dtype))
 
   def solve(g, prev):
-    # ‖G‖_F^½: the factor between the paper's α and the authors' code's.
-    official = jnp.sqrt(jnp.sqrt(jnp.sum(g * g))) if normalize_gramian else 1.0
-    return official * nash_bargaining(g, init=prev / official, max_iter=max_iter)
+    if not normalize_gramian:
+      return nash_bargaining(g, init=prev, max_iter=max_iter)
+    # αₙ solves (G/f²) αₙ = 1/αₙ with f = ‖G‖_F^½; then α = αₙ/f solves G α = 1/α.
+    f2 = jnp.sqrt(jnp.sum(g * g))
+    f2 = jnp.where(f2 > 0, f2, 1)
+    f = jnp.sqrt(f2)
+    return nash_bargaining(g / f2, init=prev * f, max_iter=max_iter) / f
 
   def keep(g, prev):
     del g

@@ -53,6 +53,11 @@ def pcgrad() -> WeightingTransform:
   ``update`` raises ``ValueError`` without a key. A zero ``gⱼ`` is never
   projected on.
 
+  Float32 accuracy (``jax_enable_x64`` off; Gramians of condition 1, 10³, 10⁶; measured by
+  ``tests/test_weighting_gramian.py``): step length within 1e-5, 1e-5, 1e-5 (relative), direction
+  within 0.05° at 10⁶. With ``jax_enable_x64`` on the K×K problem is solved in float64 even in a
+  float32 step: within 1e-5 at 10⁶.
+
   Returns:
     A stateless :class:`WeightingTransform` that needs the Gramian.
 
@@ -116,6 +121,11 @@ def imtl_g() -> WeightingTransform:
   weight 0 and the others are balanced among themselves. If every gradient
   is zero, the weights are ``1/K``.
 
+  Float32 accuracy (``jax_enable_x64`` off; Gramians of condition 1, 10³, 10⁶; measured by
+  ``tests/test_weighting_gramian.py``): step length within 1e-5, 2e-5, 7e-2 (relative), direction
+  within 20° at 10⁶. With ``jax_enable_x64`` on the K×K problem is solved in float64 even in a
+  float32 step: within 2e-3 at 10⁶.
+
   Returns:
     A stateless :class:`WeightingTransform` that needs the Gramian.
 
@@ -175,6 +185,11 @@ def aligned_mtl(scale: str = "min", rtol: float | None = None) -> WeightingTrans
   zero and their directions are dropped; ``λ_min`` is the smallest kept one. If
   ``G`` is zero the weights are ones (no alignment is defined; the direction
   is zero anyway).
+
+  Float32 accuracy (``jax_enable_x64`` off; Gramians of condition 1, 10³, 10⁶; measured by
+  ``tests/test_weighting_gramian.py``): step length within 1e-5, 1e-4, 1e-1 (relative), direction
+  within 1° at 10⁶. With ``jax_enable_x64`` on the K×K problem is solved in float64 even in a
+  float32 step: within 1e-2 at 10⁶.
 
   Args:
     scale: ``s²`` among the kept eigenvalues: ``"min"`` (the paper's
@@ -251,6 +266,11 @@ def gradvac(beta: float = 1e-2) -> WeightingTransform:
   with a zero gradient is neither corrected nor averaged into its target;
   ``√(1−φ̂²)`` is floored at ``√eps``, because a target of ±1 could only be
   reached by an infinite multiple of ``gⱼ``.
+
+  Float32 accuracy (``jax_enable_x64`` off; Gramians of condition 1, 10³, 10⁶; measured by
+  ``tests/test_weighting_gramian.py``): step length within 1e-5, 1e-5, 1e-5 (relative), direction
+  within 0.05° at 10⁶. With ``jax_enable_x64`` on the K×K problem is solved in float64 even in a
+  float32 step: within 1e-5 at 10⁶.
 
   Args:
     beta: ``β`` in (0, 1], the EMA rate of the targets. The default ``1e-2``
