@@ -332,8 +332,10 @@ def test_nash_mtl_normalize_gramian_keeps_the_papers_alpha(scale):
 # --- float32 accuracy on ill-conditioned Gramians ------------------------------------------------------------------
 
 # name -> {condition: (relative error of the step length ‖Jᵀw‖, direction error in degrees)} with jax_enable_x64 off:
-# the bounds each method's docstring states ("Float32 accuracy"), against the same method in float64 (whose
-# agreement with brute-force float64 solutions the tests above check).
+# the bounds each method's docstring states ("Float32 accuracy"), against the same method in float64, which
+# test_float64_solutions_match_brute_force_on_ill_conditioned_gramians checks against brute-force solutions at the
+# same conditions for MGDA, UPGrad, DualProj and Nash-MTL (the other methods: brute force or closed forms on
+# well-conditioned problems, above and in test_weighting_projection.py).
 FLOAT32_BOUNDS = {
   "mgda": {1: (1e-5, 0.05), 1e3: (1e-5, 0.05), 1e6: (1e-5, 0.5)},
   "upgrad": {1: (1e-5, 0.05), 1e3: (5e-5, 0.05), 1e6: (2e-3, 1.0)},
@@ -387,3 +389,24 @@ def test_float32_accuracy_on_ill_conditioned_gramians(name):
         with jax.enable_x64(True):
           length, angle = _step_errors(name, g.astype(np.float32).astype(np.float64), jnp.float32)
         assert length <= X64_BOUNDS.get(name, 1e-5) and angle <= 0.1, (name, "x64", seed, length, angle)
+
+
+def test_float64_solutions_match_brute_force_on_ill_conditioned_gramians():
+  """The float64 references of the float32 bounds above, checked against independent solutions at 1, 10³, 10⁶."""
+  k = 5
+  references = {
+    "mgda": simplex_reference,
+    "upgrad": lambda g: np.mean([box_reference(g, np.eye(k)[i]) for i in range(k)], axis=0),
+    "dualproj": lambda g: box_reference(g, np.full(k, 1 / k)),
+    "nash_mtl": _nash_reference,
+  }
+  with jax.enable_x64(True):
+    for cond in (1, 1e3, 1e6):
+      g = conditioned_gramian(k, cond, seed=0)
+      for name, reference in references.items():
+        t = W.methods()[name]()
+        w = np.asarray(t.update(jnp.ones(k), t.init(k), gramian=jnp.asarray(g))[0])
+        ref = reference(g)
+        n, n_ref = np.sqrt(w @ g @ w), np.sqrt(ref @ g @ ref)
+        assert abs(n - n_ref) <= 1e-7 * n_ref, (name, cond, n, n_ref)
+        assert (w @ g @ ref) / (n * n_ref) >= 1 - 1e-10, (name, cond)
