@@ -5,7 +5,7 @@ reference implementation of Jacobian descent for PyTorch. Workload: MLP
 784→512→512 (ReLU), K linear heads 512→10, softmax cross-entropy, batch 256,
 SGD, 2 threads. jmtl runs with ``heads="own"`` (each head follows its own
 gradient), which is what ``mtl_backward`` does. Needs the ``peers`` extra
-(``pip install torch==2.13.0 'torchjd[quadprog_projector]'``); without it the
+(``pip install torch==2.13.0 'torchjd[quadprog-projector]'``); without it the
 script says so and exits 0.
 
 The same run also times ``fused_jax``, the hand-written JAX step of the
