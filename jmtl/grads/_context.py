@@ -40,9 +40,10 @@ class GradientOptions(NamedTuple):
       once. Bounds the memory of materialised Jacobian rows at
       ``chunk_size × P``; when smaller than K it also takes the Dense-layer
       Gramian one layer at a time (a trunk backward per layer, each only as
-      deep as that layer). Benchmark MLP at K = 40, ``chunk_size=10``: peak
-      memory 1.5× the ``equal`` step's instead of 2.5×, step time unchanged
-      within noise.
+      deep as that layer). Benchmark MLP at K = 40, ``chunk_size=10``: XLA's peak
+      memory estimate 40.7 MB instead of 68.9 MB, step time 1.4× (162
+      against 116 ms for MGDA in one A/B run): the layers are taken one
+      after the other, each in smaller products.
     cross_device: ``"exact"`` or ``"approximate"`` (see :mod:`jmtl.grads`).
 
   Examples:
