@@ -112,6 +112,7 @@ TABLE: dict[str, Spec] = {
   # Each eager call of PCGrad and GradVac traces and compiles their loops again: one is compared.
   "pcgrad": Spec(needs="gramian", key=True, perm="k2", steps=2, eager_steps=1),
   "imtl_g": Spec(needs="gramian"),
+  "config": Spec(needs="gramian"),  # conflict-free for independent gradients (test_weighting_projection)
   "aligned_mtl": Spec(
     needs="gramian",
     hyper=("rtol",),

@@ -1,5 +1,5 @@
-"""Gramian- and Jacobian-level weightings (PCGrad, IMTL-G, Aligned-MTL, GradVac, GradNorm, GradDrop): each method
-against a hand reference.
+"""Gramian- and Jacobian-level weightings (PCGrad, IMTL-G, ConFIG, Aligned-MTL, GradVac, GradNorm, GradDrop): each
+method against a hand reference.
 
 The contract every method keeps (jit, retrace, state, degenerate inputs, permutations, chaining, bad inputs and
 arguments) is in test_weighting_contract.py. The jitted updates come from :func:`tests._asserts.compiled`, shared
@@ -92,6 +92,31 @@ def aligned_reference(js, scale):
   lam = np.sort(s**2)
   sigma = np.sqrt({"min": lam[0], "median": lam[(len(lam) - 1) // 2], "rmse": lam.mean()}[scale])
   return (sigma * u @ vt).sum(axis=1)
+
+
+def config_reference(js):
+  """ConFIG by its definition on the explicit gradients: g_u = U⁺1 (U: unit gradients), d = (Σ gᵢᵀĝ_u) ĝ_u."""
+  u = js / np.linalg.norm(js, axis=1, keepdims=True)
+  gu = np.linalg.pinv(u) @ np.ones(len(js))
+  gv = gu / np.linalg.norm(gu)
+  return np.sum(js @ gv) * gv
+
+
+def test_config_matches_its_definition_and_has_no_conflict():
+  with jax.enable_x64(True):
+    for seed in range(3):
+      js = random_jacobians(1, 3, 6, seed=seed, dtype=np.float64)[0]
+      d, _, _ = direction(compiled(W.config), js)
+      np.testing.assert_allclose(d, config_reference(js), rtol=1e-9, atol=1e-12)
+      cos = js @ d / (np.linalg.norm(js, axis=1) * np.linalg.norm(d))
+      np.testing.assert_allclose(cos, cos[0], rtol=1e-9)  # the same angle with every task
+      assert cos[0] > 0
+    # A zero gradient is left out: the others are balanced among themselves.
+    js = random_jacobians(1, 3, 6, seed=7, dtype=np.float64)[0]
+    with_zero = np.concatenate([js[:2], np.zeros((1, 6))])
+    d, w, _ = direction(compiled(W.config), with_zero)
+    assert w[2] == 0
+    np.testing.assert_allclose(d, config_reference(js[:2]), rtol=1e-9, atol=1e-12)
 
 
 @pytest.mark.parametrize("scale", ["min", "median", "rmse"])

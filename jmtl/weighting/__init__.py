@@ -48,6 +48,7 @@ from jmtl.weighting._loss_level import gls
 from jmtl.weighting._loss_level import rlw
 from jmtl.weighting._projection import GradVacState
 from jmtl.weighting._projection import aligned_mtl
+from jmtl.weighting._projection import config
 from jmtl.weighting._projection import gradvac
 from jmtl.weighting._projection import imtl_g
 from jmtl.weighting._projection import pcgrad
@@ -75,6 +76,7 @@ __all__ = [
   "chain",
   "checked_gramian",
   "combine_jacobian",
+  "config",
   "dualproj",
   "dwa",
   "equal",
