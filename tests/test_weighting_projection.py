@@ -260,3 +260,45 @@ def test_aggregate_with_element_wise_weights_on_an_array_and_a_pytree():
     x = np.asarray(leaf)
     pos, neg = np.where(x > 0, x, 0).sum(0), np.where(x < 0, x, 0).sum(0)
     assert np.all(np.isclose(out, pos, rtol=1e-6) | np.isclose(out, neg, rtol=1e-6))
+
+
+# --- robust aggregators ---------------------------------------------------------------------------------------------
+
+
+def krum_reference(js, f, m):
+  """Multi-Krum by the paper's definition: the mean of the m gradients whose K−f−2 nearest neighbours are closest."""
+  k = len(js)
+  scores = []
+  for i in range(k):
+    dists = sorted(float(np.sum((js[i] - js[j]) ** 2)) for j in range(k) if j != i)
+    scores.append(sum(dists[: k - f - 2]))
+  chosen = np.argsort(scores, kind="stable")[:m]
+  return js[chosen].mean(0)
+
+
+@pytest.mark.parametrize(("f", "m"), [(0, 1), (1, 1), (1, 3), (2, 2)])
+def test_krum_matches_its_definition_and_ignores_an_outlier(f, m):
+  with jax.enable_x64(True):
+    for seed in range(3):
+      js = random_jacobians(1, 7, 5, seed=seed, dtype=np.float64)[0]
+      js[seed] = 100 * np.abs(js[seed]) + 50  # one gradient far from the others
+      d, w, _ = direction(compiled(W.krum, n_byzantine=f, n_selected=m), js)
+      np.testing.assert_allclose(d, krum_reference(js, f, m), rtol=1e-10, atol=1e-12)
+      assert w[seed] == 0 and np.isclose(w.sum(), 1.0)
+  with pytest.raises(ValueError, match="at least 5 tasks"):
+    W.krum(n_byzantine=2).update(jnp.ones(4), (), gramian=jnp.eye(4))
+
+
+def test_trimmed_mean_matches_its_definition():
+  rng = np.random.default_rng(0)
+  jac = {"a": rng.normal(size=(7, 4, 3)), "b": rng.normal(size=(7, 5))}
+  jac["a"][2] = 1e6  # one task far off everywhere: trimmed at every element
+  for trim in (0, 1, 3):
+    t = W.trimmed_mean(trim)
+    with jax.enable_x64(True):
+      got = W.aggregate(t, jax.tree.map(jnp.asarray, jac))
+    for name, leaf in jac.items():
+      want = np.sort(leaf, axis=0)[trim : 7 - trim].mean(0)
+      np.testing.assert_allclose(got[name], want, rtol=1e-12)
+  with pytest.raises(ValueError, match="more than 6 tasks"):
+    W.trimmed_mean(3).update(jnp.ones(6), (), jacobian=jnp.ones((6, 2)))

@@ -52,6 +52,8 @@ from jmtl.weighting._projection import config
 from jmtl.weighting._projection import gradvac
 from jmtl.weighting._projection import imtl_g
 from jmtl.weighting._projection import pcgrad
+from jmtl.weighting._robust import krum
+from jmtl.weighting._robust import trimmed_mean
 from jmtl.weighting._static import equal
 from jmtl.weighting._static import static
 
@@ -90,6 +92,7 @@ __all__ = [
   "imtl_l",
   "inject_hyperparams",
   "is_task_vector",
+  "krum",
   "last_layer",
   "methods",
   "mgda",
@@ -100,6 +103,7 @@ __all__ = [
   "rlw",
   "stateless",
   "static",
+  "trimmed_mean",
   "uncertainty",
   "upgrad",
 ]

@@ -1,0 +1,129 @@
+"""Byzantine-robust aggregators: Krum (on the Gramian) and the coordinate-wise trimmed mean (on the Jacobian).
+
+Both come from distributed learning, where some of the gradients may be
+arbitrary; in multi-task learning they discount tasks whose gradients are
+far from the others'. Both need a minimum number of tasks, which ``update``
+checks against the losses' shape.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from jmtl.weighting._base import EmptyState
+from jmtl.weighting._base import WeightingTransform
+from jmtl.weighting._base import checked_gramian
+from jmtl.weighting._base import method
+from jmtl.weighting._base import stateless
+
+
+def _count(name: str, arg: str, value, low: int) -> int:
+  if int(value) != value or value < low:
+    raise ValueError(f"{name}: {arg} must be an integer ≥ {low}, got {value!r}")
+  return int(value)
+
+
+@method(static=("n_byzantine", "n_selected"))
+def krum(n_byzantine: int = 0, n_selected: int = 1) -> WeightingTransform:
+  """Krum and Multi-Krum.
+
+  Blanchard, El Mhamdi, Guerraoui & Stainer, "Machine Learning with
+  Adversaries: Byzantine Tolerant Gradient Descent", NeurIPS 2017. With
+  ``f = n_byzantine``, each task ``i`` gets the score
+  ``s(i) = Σⱼ ‖gᵢ − gⱼ‖²`` over the ``K − f − 2`` gradients closest to
+  ``gᵢ`` (``j ≠ i``); Krum follows the gradient of lowest score, Multi-Krum
+  (``n_selected = m``) the mean of the ``m`` lowest-scored gradients: weight
+  ``1/m`` on each of them, 0 elsewhere. Distances come from the Gramian,
+  ``‖gᵢ − gⱼ‖² = Gᵢᵢ + Gⱼⱼ − 2Gᵢⱼ``. Ties go to the lower task index.
+
+  It needs ``K ≥ f + 3`` tasks (at least one neighbour per score); the
+  paper's resilience guarantee needs ``K > 2f + 2``.
+
+  Args:
+    n_byzantine: ``f``, the number of gradients that may be arbitrary.
+    n_selected: ``m``, the number of gradients averaged (1: Krum).
+
+  Returns:
+    A stateless :class:`WeightingTransform` that needs the Gramian.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> import jmtl
+    >>> J = jnp.array([[1.0, 0.0], [1.1, 0.0], [0.9, 0.1], [-5.0, 5.0]])  # the last one is far away
+    >>> t = jmtl.weighting.krum(n_byzantine=1, n_selected=2)
+    >>> w, _ = t.update(jnp.ones(4), t.init(4), gramian=J @ J.T)
+    >>> w.tolist()
+    [0.5, 0.5, 0.0, 0.0]
+  """
+  f = _count("krum", "n_byzantine", n_byzantine, 0)
+  m = _count("krum", "n_selected", n_selected, 1)
+
+  def weight_fn(losses, *, gramian=None, **_):
+    g = checked_gramian("krum", losses, gramian)
+    k = g.shape[0]
+    if k < f + 3 or m > k:
+      raise ValueError(
+        f"krum: n_byzantine={f} and n_selected={m} need at least {max(f + 3, m)} tasks, got losses of shape "
+        f"{losses.shape}"
+      )
+    d = jnp.diagonal(g)
+    dist = jnp.maximum(d[:, None] + d[None, :] - 2 * g, 0)
+    dist = jnp.where(jnp.eye(k, dtype=bool), jnp.inf, dist)  # not one's own neighbour
+    scores = jnp.sum(jnp.sort(dist, axis=1)[:, : k - f - 2], axis=1)
+    chosen = jnp.argsort(scores, stable=True)[:m]
+    return jnp.zeros((k,), g.dtype).at[chosen].set(1 / m)
+
+  return stateless(weight_fn, needs="gramian")
+
+
+@method(static=("trim",))
+def trimmed_mean(trim: int = 1) -> WeightingTransform:
+  """The coordinate-wise trimmed mean.
+
+  Yin, Chen, Ramchandran & Bartlett, "Byzantine-Robust Distributed Learning:
+  Towards Optimal Statistical Rates", ICML 2018. At every element of the
+  shared gradient the ``trim`` largest and ``trim`` smallest task values are
+  dropped and the other ``K − 2·trim`` averaged: element-wise weights
+  ``1/(K − 2·trim)`` on the kept values, 0 on the dropped ones (ties broken
+  by task index), shaped like the ``jacobian`` (see
+  :func:`jmtl.weighting.combine_jacobian`). It needs ``K > 2·trim``, and
+  goes last in a chain.
+
+  Args:
+    trim: the number of values dropped at each end, per element.
+
+  Returns:
+    A stateless :class:`WeightingTransform` that needs the Jacobian.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> import jmtl
+    >>> J = jnp.array([[1.0, 10.0], [2.0, 20.0], [3.0, -30.0]])
+    >>> jmtl.weighting.aggregate(jmtl.weighting.trimmed_mean(1), J).tolist()  # the median of each column
+    [2.0, 10.0]
+  """
+  t = _count("trimmed_mean", "trim", trim, 0)
+
+  def weights_of(leaf, k):
+    j = jax.lax.stop_gradient(leaf)
+    rank = jnp.argsort(jnp.argsort(j, axis=0, stable=True), axis=0, stable=True)  # each value's rank in its column
+    kept = (rank >= t) & (rank < k - t)
+    return (kept / (k - 2 * t)).astype(leaf.dtype)
+
+  def update_fn(losses, state, **inputs):
+    jacobian = inputs.get("jacobian")
+    if jacobian is None:
+      raise ValueError("trimmed_mean needs the Jacobian: pass jacobian=... (an array (K, ...) or a pytree of them)")
+    k = losses.shape[0]
+    shapes = [leaf.shape for leaf in jax.tree.leaves(jacobian)]
+    if losses.shape != (k,) or any(s[:1] != (k,) for s in shapes):
+      raise ValueError(
+        f"trimmed_mean: got losses of shape {losses.shape} and Jacobian leaves of shapes {shapes}; every leaf needs "
+        "a leading axis of size K"
+      )
+    if k <= 2 * t:
+      raise ValueError(f"trimmed_mean: trim={t} needs more than {2 * t} tasks, got losses of shape {losses.shape}")
+    return jax.tree.map(lambda leaf: weights_of(leaf, k), jacobian), state
+
+  return WeightingTransform(lambda num_tasks: EmptyState(), update_fn, "jacobian")
