@@ -348,9 +348,8 @@ def make_eval_step(model, tasks: Sequence[tasks_lib.Task], *, axis_name: str | N
   ``stats[task]`` is that task's statistics (``"loss"``: ``(sum, count)``, and
   each metric's). A model whose heads form task groups returns them stacked
   per group (:class:`jmtl.groups.GroupedStats`, a mapping like the dict of
-  any other model). The
-  model runs in inference mode (``train=False``) on ``model_state``, which a
-  stateful model (batch norm) must be given.
+  any other model). The model runs in inference mode (``train=False``) on
+  ``model_state``, which a stateful model (batch norm) must be given.
 
   Examples:
     >>> import jax.numpy as jnp

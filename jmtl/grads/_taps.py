@@ -108,7 +108,9 @@ def _with_bias_column(rows, use_kernel, use_bias):
 
   A bias gradient is ``Σ_b δ_b``, the kernel identity with an input of ones,
   so the bias folds into the kernel's matmuls (XLA on CPU reduces a large
-  array over its leading axis ~40× slower than the equivalent matmul).
+  array over its leading axis ~40× slower than the equivalent matmul). The
+  bias alone (one column) takes the explicit association, ``s = 1ᵀδ``.
+  The caller selects at least one of the two.
   """
   ones = jnp.ones((rows.shape[0], 1), rows.dtype)
   if not use_kernel:
@@ -129,14 +131,9 @@ def dense_gramian(a, delta, use_kernel, use_bias):
   rows = a.reshape(-1, a.shape[-1]).astype(delta.dtype)
   n = rows.shape[0]
   d = delta.reshape(n, k, o_dim)
-  if not (use_kernel or use_bias):
-    return jnp.zeros((k, k), d.dtype)
   rows = _with_bias_column(rows, use_kernel, use_bias)
   i_dim = rows.shape[1]
   batched = (((2,), (2,)), ((0,), (0,)))  # contract O, batch over the leading axis
-  if i_dim == 1:  # the bias alone: Σ_b δ_b as a matmul
-    s = (rows.T @ d.reshape(n, k * o_dim)).reshape(k, o_dim)
-    return s @ s.T
   identity_cost = n * n * i_dim + k * n * n * o_dim + k * k * n * o_dim
   explicit_cost = k * n * i_dim * o_dim + k * k * i_dim * o_dim
   if identity_cost <= explicit_cost:
@@ -160,13 +157,8 @@ def dense_gramian_chunked(a, delta, use_kernel, use_bias, chunk):
   rows = a.reshape(-1, a.shape[-1]).astype(delta.dtype)
   n = rows.shape[0]
   d = delta.reshape(k, n, o_dim)
-  if not (use_kernel or use_bias):
-    return jnp.zeros((k, k), d.dtype)
   rows = _with_bias_column(rows, use_kernel, use_bias)
   i_dim = rows.shape[1]
-  if i_dim == 1:  # the bias alone: Σ_b δ_b as a (batched) matmul
-    s = jnp.einsum("n,kno->ko", rows[:, 0], d)
-    return s @ s.T
   flat = d.reshape(k, n * o_dim)
   if n * n * i_dim + k * n * n * o_dim <= 2 * k * n * i_dim * o_dim:
     gram = rows @ rows.T

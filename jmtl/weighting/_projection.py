@@ -31,6 +31,13 @@ def _safe_div(num, den):
   return jnp.where(ok, num / jnp.where(ok, den, 1), 0)
 
 
+def _directions(g):
+  """``(norms, active)``: each task's gradient norm, and whether it is above ``eps`` times the largest (has a
+  direction)."""
+  norms = jnp.sqrt(jnp.maximum(jnp.diagonal(g), 0))
+  return norms, norms > jnp.max(norms) * jnp.finfo(g.dtype).eps
+
+
 def _visit_orders(name, key, k):
   """Row ``i``: the random order in which task ``i`` visits the tasks (``i`` itself is skipped)."""
   key = required_key(name, key, "visits the tasks in a random order")
@@ -142,8 +149,7 @@ def imtl_g() -> WeightingTransform:
   def weight_fn(losses, *, gramian=None, **_):
     g = checked_gramian("imtl_g", losses, gramian)
     k = g.shape[0]
-    norms = jnp.sqrt(jnp.maximum(jnp.diagonal(g), 0))
-    active = norms > jnp.max(norms) * jnp.finfo(g.dtype).eps
+    norms, active = _directions(g)
     ref = jnp.argmax(norms)
     proj = _safe_div(g, norms[None, :])  # proj[s, t] = gₛ·uₜ
     b = proj[ref, ref] - proj[ref]  # b[t] = g_r·(u_r − uₜ)
@@ -209,8 +215,7 @@ def config() -> WeightingTransform:
   def weight_fn(losses, *, gramian=None, **_):
     g = checked_gramian("config", losses, gramian)
     k = g.shape[0]
-    norms = jnp.sqrt(jnp.maximum(jnp.diagonal(g), 0))
-    active = norms > jnp.max(norms) * jnp.finfo(g.dtype).eps
+    norms, active = _directions(g)
     cosines = _safe_div(_safe_div(g, norms[None, :]), norms[:, None])
     cosines = jnp.where(active[:, None] & active[None, :], cosines, 0)
     a = _safe_div(jnp.linalg.pinv(cosines, hermitian=True) @ active.astype(g.dtype), norms)
