@@ -46,7 +46,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.tasks = ""  # comma-separated subset of the dataset's tasks; "" = all
 
   config.model = ml_collections.ConfigDict()
-  # cnn | resnet | mtan | mlp | soft_mlp | cross_stitch | mmoe | cgc | ple | dselect_k;
+  # cnn | resnet | mtan | mlp | soft_mlp | cross_stitch | mmoe | cgc | ple | dselect_k | ltb;
   # the model's arguments are the group of the same name.
   config.model.name = "cnn"
   # The computation dtype ("bfloat16" on accelerators); parameters, losses and the update stay float32.
@@ -64,6 +64,10 @@ def get_config() -> ml_collections.ConfigDict:
   )
   config.model.dselect_k = ml_collections.ConfigDict(
     dict(num_experts=4, k=2, expert_hidden=(256, 128), tower_hidden=(64,), gamma=1.0)
+  )
+  # Learning to Branch; None: warm-up and temperature decay laid out over config.num_steps (see jmtl.models.ltb).
+  config.model.ltb = ml_collections.ConfigDict(
+    dict(hidden=(256, 256), temperature=5.0, warmup_steps=None, decay_steps=None)
   )
   config.model.mlp = ml_collections.ConfigDict(dict(hidden=(256, 256), head_hidden=()))
   config.model.soft_mlp = ml_collections.ConfigDict(dict(hidden=(256, 256)))

@@ -38,6 +38,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.model.cgc.update(expert_hidden=(64,), tower_hidden=(32,))
   config.model.ple.update(expert_hidden=(64,), tower_hidden=(32,))
   config.model.dselect_k.update(num_experts=6, expert_hidden=(64,), tower_hidden=(32,))
+  config.model.ltb.hidden = (128, 128)
   config.num_steps = 1500
   config.batch_size = 128
   return config

@@ -31,6 +31,7 @@ from jmtl import tasks as tasks_lib
 from jmtl.models import as_model
 from jmtl.weighting import WeightingTransform
 from jmtl.weighting import equal
+from jmtl.weighting import init_state
 
 Array = jax.Array
 Params = Any
@@ -95,7 +96,7 @@ class TrainState(struct.PyTreeNode):
       step=jnp.zeros((), jnp.int32),
       params=params,
       opt_state=tx.init(params),
-      weighting_state=weighting.init(num_tasks),
+      weighting_state=init_state(weighting, num_tasks, params.get("shared") if isinstance(params, dict) else None),
       rng=rng,
       num_skipped=jnp.zeros((), jnp.int32),
       model_state={} if model_state is None else model_state,

@@ -113,15 +113,21 @@ def _device(tree):
   return jax.tree.map(lambda x: jnp.asarray(x) if isinstance(x, np.ndarray) else x, tree)
 
 
+#: The second half-batch's Jacobian in :func:`problem` is ``J R``: the same tasks' gradients, slightly turned.
+_SECOND_SAMPLE = np.eye(6) + 0.2 * np.random.default_rng(99).normal(size=(6, 6))
+
+
 def problem(needs: str, losses, jacobian=None, *, seed: int = 0, **extra) -> Problem:
-  """One call's losses and inputs, as the train step gives them: ``key`` and ``step`` always; ``gramian`` for a
-  transform that needs it or the Jacobian; ``jacobian`` for one that needs it; ``unread``, an input no built-in
-  reads (as a user may add one); and ``extra`` inputs. The same kinds of problem have the same jit signature, so
+  """One call's losses and inputs, as the train step gives them: ``key`` and ``step`` always; ``gramian`` and
+  ``cross_gramian`` (``J (J R)ᵀ``, as from a second sample) for a transform that needs the Gramian or the Jacobian;
+  ``jacobian`` for one that needs it; ``unread``, an input no built-in reads (as a user may add one); and ``extra``
+  inputs. The same kinds of problem have the same jit signature, so
   every test that builds them with this function shares compiled updates."""
   inputs = {"key": jax.random.key(seed), "step": np.int32(seed), "unread": np.zeros(2, np.float32), **extra}
   if needs != "losses":
     jac = np.asarray(jacobian)
     inputs["gramian"] = jac @ jac.T
+    inputs["cross_gramian"] = (jac @ (jac @ _SECOND_SAMPLE[: jac.shape[1], : jac.shape[1]]).T).astype(jac.dtype)
     if needs == "jacobian":
       inputs["jacobian"] = jac
   return Problem(jnp.asarray(losses), _device(inputs))
@@ -146,8 +152,9 @@ def permute_problem(p: Problem, perm) -> Problem:
   """The same problem with the tasks in the order ``perm``: losses, Gramian rows and columns, Jacobian rows."""
   perm = np.asarray(perm)
   inputs = _host(p.inputs)
-  if inputs.get("gramian") is not None:
-    inputs["gramian"] = inputs["gramian"][np.ix_(perm, perm)]
+  for name in ("gramian", "cross_gramian"):
+    if inputs.get(name) is not None:
+      inputs[name] = inputs[name][np.ix_(perm, perm)]
   if inputs.get("jacobian") is not None:
     inputs["jacobian"] = jax.tree.map(lambda j: j[perm], inputs["jacobian"])
   return Problem(jnp.asarray(np.asarray(p.losses)[perm]), _device(inputs))
@@ -158,8 +165,9 @@ def rescale_problem(p: Problem, scale, key=None) -> Problem:
   losses = np.asarray(p.losses)
   scale = np.asarray(scale, losses.dtype)
   inputs = _host(p.inputs)
-  if inputs.get("gramian") is not None:
-    inputs["gramian"] = inputs["gramian"] * np.outer(scale, scale)
+  for name in ("gramian", "cross_gramian"):
+    if inputs.get(name) is not None:
+      inputs[name] = inputs[name] * np.outer(scale, scale)
   if inputs.get("jacobian") is not None:
     inputs["jacobian"] = scale_rows(scale, inputs["jacobian"])
   if key is not None:
@@ -241,9 +249,17 @@ def signature(tree) -> tuple:
   return jax.tree.structure(tree), [(aval(x).shape, aval(x).dtype, aval(x).weak_type) for x in jax.tree.leaves(tree)]
 
 
+def init(t: W.WeightingTransform, k: int, p: int = 6):
+  """``t``'s initial state for ``k`` tasks whose gradients are ``(p,)`` (:func:`random_jacobians`' shape)."""
+  return W.init_state(t, k, np.zeros(p, np.float32))
+
+
 def direction(weights, jacobian):
-  """``Σₖ wₖ Jₖ`` in float64 numpy, for ``(K,)`` weights or element-wise ones (a pytree shaped like ``jacobian``)."""
+  """``Σₖ wₖ Jₖ`` in float64 numpy, for ``(K,)`` weights or element-wise ones (a pytree shaped like ``jacobian``);
+  a :class:`~jmtl.weighting.Direction`'s own."""
   as64 = lambda x: np.asarray(x, np.float64)
+  if isinstance(weights, W.Direction):
+    return jax.tree.map(as64, weights.shared)
   if W.is_task_vector(weights):
     return jax.tree.map(lambda j: np.tensordot(as64(weights), as64(j), 1), jacobian)
   return jax.tree.map(lambda w, j: np.sum(as64(w) * as64(j), axis=0), weights, jacobian)
@@ -257,6 +273,10 @@ def assert_finite(tree, err_msg="") -> None:
 def assert_weights_shaped(weights, p: Problem, err_msg="") -> None:
   """``(K,)`` weights in the losses' dtype, or element-wise weights shaped (and typed) like the Jacobian."""
   k = p.losses.shape[0]
+  if isinstance(weights, W.Direction):
+    row = jax.tree.map(lambda j: jax.ShapeDtypeStruct(j.shape[1:], j.dtype), p.inputs["jacobian"])
+    assert signature(weights.shared) == signature(row), (err_msg, signature(weights.shared), signature(row))
+    weights = weights.weights
   if W.is_task_vector(weights):
     assert weights.shape == (k,) and weights.dtype == p.losses.dtype, (err_msg, weights)
   else:
@@ -317,6 +337,7 @@ def assert_state_stable(update: Callable, init_state, p: Problem, loss_dtypes=(j
     losses = jnp.asarray(p.losses).astype(dtype)
     w, state = jax.eval_shape(lambda ls, s, inputs: update(ls, s, **inputs), losses, init_state, p.inputs)
     assert signature(state) == before, (dtype, signature(state), before)
+    w = w.weights if isinstance(w, W.Direction) else w
     if jax.tree_util.treedef_is_leaf(jax.tree.structure(w)) and len(w.shape) == 1:
       assert w.dtype == dtype and w.shape == p.losses.shape, (dtype, w)
 
@@ -369,7 +390,13 @@ def assert_permutation_equivariant(
   ws, state = run(update, init_state, probs)
   ws_perm, state_perm = run(update, init_state, [permute_problem(p, perm) for p in probs])
   for i, (w, w_perm) in enumerate(zip(ws, ws_perm)):
-    expected = w if invariant else jax.tree.map(lambda x: np.asarray(x)[np.asarray(perm)], w)
+    take = lambda x: np.asarray(x)[np.asarray(perm)]
+    if invariant:
+      expected = w
+    elif isinstance(w, W.Direction):  # the direction is the tasks' sum: it does not move
+      expected = W.Direction(w.shared, take(w.weights))
+    else:
+      expected = jax.tree.map(take, w)
     assert_trees_allclose(w_perm, expected, rtol=rtol, atol=atol, err_msg=f"weights of call {i}")
   if not invariant:
     assert_trees_allclose(state_perm, permute_tasks(state, perm), rtol=rtol, atol=atol, err_msg="state")
@@ -399,14 +426,16 @@ def assert_chains(
   assert chained.needs == base.needs and chained.select is base.select
   jitted, traces = counting_jit(chained.update)
   k = probs[0].losses.shape[0]
-  state, base_state = chained.init(k), base.init(k)
+  state, base_state = init(chained, k), init(base, k)
   before = signature(state)
   for i, p in enumerate(probs):
     w, state = jitted(p.losses, state, **p.inputs)
     key = jax.random.split(p.inputs["key"], len(parts))[1] if "key" in p.inputs else None
     rescaled = rescale_problem(p, scale, key)
     w_base, base_state = base_update(rescaled.losses, base_state, **rescaled.inputs)
-    if user is None:
+    if isinstance(w_base, W.Direction):
+      expected = W.Direction(w_base.shared, np.asarray(scale) * w_base.weights)
+    elif user is None:
       expected = scale_rows(scale, w_base) if not W.is_task_vector(w_base) else np.asarray(scale) * w_base
     else:
       v = np.asarray(scale, p.losses.dtype) * np.asarray(w_base)

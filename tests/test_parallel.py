@@ -20,6 +20,12 @@ TRANSFORMS = {
   "equal": W.equal,
   "uncertainty": lambda: W.uncertainty(optimizer=optax.adam(1e-2)),
   "famo": W.famo,
+  # The engine's other inputs and outputs: a tracked direction, the cross-Gramian of the two halves of the global
+  # batch (split by global example index, so every wrapper splits alike), RGW's own heads, the validation meta-gradient.
+  "moco": W.moco,
+  "modo": lambda: W.modo(gamma=0.1),
+  "rgw": W.rgw,
+  "auto_lambda": lambda: W.auto_lambda(learning_rate=1e-2),
 }
 
 
@@ -35,7 +41,7 @@ def run_single(transform, batches):
 @pytest.mark.parametrize("name", sorted(TRANSFORMS))
 def test_pmap_and_mesh_match_single_device(name):
   assert jax.device_count() == 4
-  batches = [make_batch(b=16, seed=s) for s in range(5)]
+  batches = [{**make_batch(b=16, seed=s), "validation": make_batch(b=16, seed=s + 10)} for s in range(5)]
   single, m_single = run_single(TRANSFORMS[name](), batches)
 
   opt = optax.adam(1e-2)

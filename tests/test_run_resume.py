@@ -174,3 +174,18 @@ def test_data_parallel_run_matches_one_device_and_resumes(tmp_path, data_dir, mo
       assert abs(b[split][key] - value) <= tol * max(1.0, abs(value)), (split, key, value, b[split][key])
   assert cli.main(["eval", "--workdir", str(tmp_path / "four")]) == 0  # restores onto the mesh too
   assert json.loads((tmp_path / "four" / "eval.json").read_text())["test"] == b["test"]
+
+
+def test_a_run_fed_validation_batches_resumes_exactly(tmp_path, data_dir, monkeypatch):
+  """Auto-λ reads a validation batch every step: its pipeline's position is checkpointed with the training one, so a
+  run interrupted by SIGTERM and resumed ends like an uninterrupted run."""
+  argv = lambda w: [
+    a if a != "--config.weighting=famo" else "--config.weighting=auto_lambda" for a in args(data_dir, w, 60)
+  ]
+  assert cli.main(argv(tmp_path / "full")) == 0
+  assert _run_until_sigterm(argv(tmp_path / "cut"), monkeypatch, 25) == 128 + signal.SIGTERM
+  assert cli.main(argv(tmp_path / "cut")) == 0
+  a, b = _records(tmp_path / "full"), _records(tmp_path / "cut")
+  assert a == b
+  weights = [r["weight/task_0"] for r in a if r["kind"] == "train"]
+  assert weights[-1] != weights[0]  # λ learned from the validation batches

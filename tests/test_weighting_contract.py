@@ -11,6 +11,7 @@ in test_weighting_protocol.py.
 
 from __future__ import annotations
 
+import functools
 import inspect
 from collections.abc import Callable
 from typing import NamedTuple
@@ -39,6 +40,7 @@ from tests._asserts import compiled
 from tests._asserts import counting_jit
 from tests._asserts import degenerate_jacobians
 from tests._asserts import extreme_losses
+from tests._asserts import init
 from tests._asserts import loss_sequence
 from tests._asserts import mixed_losses
 from tests._asserts import problem
@@ -67,6 +69,7 @@ class Spec(NamedTuple):
   steps: int = 3  # calls per trajectory (jit vs eager, retrace, permutation, chain, inject)
   eager_steps: int | None = None  # of them, compared eagerly (None: all)
   min_k: int = 1  # the fewest tasks the method is defined for (the degenerate cases run at K = 3 and, if allowed, 1)
+  validation: bool = False  # requires "validation": its update is given the stand-in meta_gradient below
 
 
 TABLE: dict[str, Spec] = {
@@ -87,9 +90,16 @@ TABLE: dict[str, Spec] = {
     steps=6,  # the weights move from the fifth call: two periods of two calls first
   ),
   "rlw": Spec(key=True, perm="invariant", invalid=(({"distribution": "cauchy"}, "distribution"),)),
+  "rgw": Spec(key=True, perm="invariant", invalid=(({"distribution": "cauchy"}, "distribution"),)),
   "gls": Spec(),
   "uncertainty": Spec(fixes_k=True),
   "imtl_l": Spec(fixes_k=True),
+  "auto_lambda": Spec(
+    fixes_k=True,
+    hyper=("learning_rate", "lookahead_lr", "init_weight"),
+    invalid=(({"lookahead_lr": 0.0}, "lookahead_lr"), ({"primary": (0, 0)}, "primary")),
+    validation=True,
+  ),
   "famo": Spec(
     args={"min_losses": 0.05},
     fixes_k=True,
@@ -139,13 +149,84 @@ TABLE: dict[str, Spec] = {
     min_k=3,
     invalid=(({"n_byzantine": -1}, "n_byzantine"), ({"n_selected": 0}, "n_selected")),
   ),
+  # Double sampling: the cross-Gramian of two half-batches.
+  "modo": Spec(needs="gramian", fixes_k=True, hyper=("gamma", "rho"), invalid=(({"gamma": 0.0}, "gamma"),)),
+  "sdmgrad": Spec(
+    needs="gramian",
+    fixes_k=True,
+    hyper=("lam", "lr", "momentum"),
+    invalid=(({"n_iter": 0}, "n_iter"), ({"momentum": 1.0}, "momentum")),
+  ),
   # Jacobian level.
   "trimmed_mean": Spec(needs="jacobian", min_k=3, last=True, invalid=(({"trim": 1.5}, "trim"),)),
+  # Tracked gradients: the direction is returned (a Direction), so they go last.
+  "moco": Spec(
+    needs="jacobian",
+    fixes_k=True,
+    last=True,
+    hyper=("beta", "beta_sigma", "gamma", "gamma_sigma", "rho"),
+    invalid=(({"beta": 0.0}, "beta"), ({"gamma": -1.0}, "gamma")),
+  ),
+  "db_mtl": Spec(
+    needs="jacobian", fixes_k=True, last=True, hyper=("beta", "beta_sigma", "eps"), invalid=(({"beta": 1.0}, "beta"),)
+  ),
   "graddrop": Spec(
     needs="jacobian", args={"leak": 0.25}, key=True, last=True, hyper=("leak",), invalid=(({"leak": 1.5}, "leak"),)
   ),
+  # Fairness, priorities, smoothed Tchebycheff, excess risks (FairGrad, PCD, STCH, ExcessMTL).
+  "fairgrad": Spec(
+    needs="gramian",
+    args={"alpha": 2.0},
+    no_conflict=True,  # gₖ·d = wₖ^(−1/α) > 0
+    hyper=("alpha",),
+    invalid=(({"alpha": -1.0}, "alpha"), ({"max_iter": 0}, "max_iter")),
+  ),
+  "pcd": Spec(
+    needs="gramian",
+    args={"tau": 0.2},
+    perm=None,  # task 0 is the primary objective
+    fixes_k=True,
+    hyper=("tau", "beta", "eps"),
+    invalid=(({"tau": 1.5}, "tau"), ({"beta": 1.0}, "beta"), ({"eps": -1.0}, "eps")),
+  ),
+  "stch": Spec(
+    args={"mu": 0.5, "warmup_steps": 1, "nadir_steps": 2},
+    fixes_k=True,
+    hyper=("mu", "eps"),
+    invalid=(({"mu": 0.0}, "mu"), ({"nadir_steps": 0}, "nadir_steps"), ({"warmup_steps": -1}, "warmup_steps")),
+    steps=5,  # log-loss weights for three calls (one warm-up, two recording the nadir), then STCH
+  ),
+  "excess_mtl": Spec(
+    needs="jacobian",
+    args={"step_size": 0.5},
+    fixes_k=True,
+    hyper=("step_size", "eps"),
+    invalid=(({"step_size": 0.0}, "step_size"), ({"eps": -1.0}, "eps")),
+  ),
 }
 NAMES = sorted(TABLE)
+
+
+def stand_in_meta_gradient(w, lr, val_weights=None):
+  """What the train step gives a transform that requires "validation" (a function; see test_weighting_tracked for
+  the real one), replaced by a smooth task-wise function so the contract runs without a model."""
+  v = jnp.ones_like(w) if val_weights is None else val_weights
+  return 1e3 * lr * v * jnp.tanh(w - 0.2)
+
+
+@functools.cache
+def factory(name: str):
+  """The registered factory; for a method that requires "validation", one whose update has the stand-in bound."""
+  base = W.methods()[name]
+  if not TABLE[name].validation:
+    return base
+
+  @functools.wraps(base)
+  def bound(*args, **kwargs):
+    t = base(*args, **kwargs)
+    return t._replace(update=functools.partial(t.update, meta_gradient=stand_in_meta_gradient))
+
+  return bound
 
 
 def args_of(name: str, k: int = 3) -> dict:
@@ -155,7 +236,7 @@ def args_of(name: str, k: int = 3) -> dict:
 
 def method(name: str, k: int = 3):
   """The method built with its test arguments, its jitted update and its list of traces, shared by the tests."""
-  return compiled(W.methods()[name], **args_of(name, k))
+  return compiled(factory(name), **args_of(name, k))
 
 
 def tolerance(name: str) -> dict:
@@ -197,9 +278,9 @@ def test_jit_equals_eager_ignoring_inputs_it_does_not_read(name):
   spec = TABLE[name]
   t, jitted, _ = method(name)
   probs = trajectory(name)[: spec.eager_steps]
-  read = ({spec.needs} - {"losses"}) | ({"key"} if spec.key else set())
+  read = ({spec.needs} - {"losses"}) | ({"key"} if spec.key else set()) | set(t.requires)
   eager_probs = [p._replace(inputs={k: v for k, v in p.inputs.items() if k in read}) for p in probs]
-  assert_jit_equals_eager(t.update, jitted, t.init(3), probs, eager_probs, **tolerance(name))
+  assert_jit_equals_eager(t.update, jitted, init(t, 3), probs, eager_probs, **tolerance(name))
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -209,8 +290,8 @@ def test_no_retrace_and_stable_state(name):
   the losses' dtype and the state keeps its own."""
   t, jitted, traces = method(name)
   probs = trajectory(name, seed=1)
-  assert_no_retrace(jitted, traces, t.init(3), probs)
-  assert_state_stable(t.update, t.init(3), probs[0], loss_dtypes=(jnp.bfloat16,))
+  assert_no_retrace(jitted, traces, init(t, 3), probs)
+  assert_state_stable(t.update, init(t, 3), probs[0], loss_dtypes=(jnp.bfloat16,))
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -229,7 +310,7 @@ def test_finite_on_degenerate_inputs(name):
     for case, (ls, jac64) in cases.items():
       jac = jac64.astype(np.float32)
       probs = problems(spec.needs, ls, None if spec.needs == "losses" else [jac] * len(ls))
-      ws = assert_finite_along(jitted, t.init(k), probs, jacobian=jac, err_msg=f"K={k}, {case}")
+      ws = assert_finite_along(jitted, init(t, k), probs, jacobian=jac, err_msg=f"K={k}, {case}")
       for w in ws if spec.no_conflict else ():
         assert_no_conflict(jac, w, err_msg=f"K={k}, {case}")
     assert len(traces) - before <= 1, f"K={k}: retraced on the same shapes"
@@ -246,7 +327,7 @@ def test_no_conflict_with_any_task(name, jac):
   whose squared norm underflows (‖g‖ < 1e-19); extreme but representable scales are in the degenerate cases."""
   t, jitted, _ = method(name)
   p = problem(TABLE[name].needs, np.ones(3, np.float32), jac)
-  w, _ = jitted(p.losses, t.init(3), **p.inputs)
+  w, _ = jitted(p.losses, init(t, 3), **p.inputs)
   assert_no_conflict(jac, w)
 
 
@@ -259,7 +340,7 @@ def test_permutation(name):
   t, jitted, _ = method(name, k)
   tol = tolerance(name) if spec.needs == "losses" else {"rtol": 1e-4, "atol": 1e-6}
   assert_permutation_equivariant(
-    jitted, t.init(k), trajectory(name, k, seed=2), np.roll(np.arange(k), 1), invariant=spec.perm == "invariant", **tol
+    jitted, init(t, k), trajectory(name, k, seed=2), np.roll(np.arange(k), 1), invariant=spec.perm == "invariant", **tol
   )
 
 
@@ -278,9 +359,9 @@ def test_inject_hyperparams_puts_the_numeric_arguments_in_the_state(name):
   non-static arguments in its state, at their values."""
   spec = TABLE[name]
   args = spec.inject_args or args_of(name)
-  t = W.inject_hyperparams(W.methods()[name])(**args)
+  t = W.inject_hyperparams(factory(name))(**args)
   assert t.needs == spec.needs and repr(t).startswith(f"inject_hyperparams({name}(")
-  state = t.init(3)
+  state = init(t, 3)
   assert set(state.hyperparams) == set(spec.hyper)
   for arg, value in args.items():
     if arg in spec.hyper:
@@ -297,13 +378,13 @@ def test_inject_hyperparams_with_constant_values_equals_the_plain_method_under_j
     args = args_of(name)
   else:  # compared eagerly, which compiles nothing new
     args = spec.inject_args
-    plain = W.methods()[name](**args)
+    plain = factory(name)(**args)
     plain_update = plain.update
-  injected = W.inject_hyperparams(W.methods()[name])(**args)
+  injected = W.inject_hyperparams(factory(name))(**args)
   jitted, traces = counting_jit(injected.update)
   probs = trajectory(name, seed=4)
-  ws, state = run(jitted, injected.init(3), probs)
-  ws_plain, plain_state = run(plain_update, plain.init(3), probs)
+  ws, state = run(jitted, init(injected, 3), probs)
+  ws_plain, plain_state = run(plain_update, init(plain, 3), probs)
   for i, (w, w_plain) in enumerate(zip(ws, ws_plain)):
     assert_trees_allclose(w, w_plain, err_msg=f"call {i}", **tolerance(name))
   assert_trees_allclose(state.inner_state, plain_state, **tolerance(name))
@@ -319,20 +400,20 @@ def test_bad_inputs_are_rejected(name):
   three = problem(spec.needs, np.ones(3, np.float32), random_jacobians(1, 3)[0])
   two = problem(spec.needs, np.ones(2, np.float32), random_jacobians(1, 2)[0])
   if spec.needs != "losses":
-    missing = {k: v for k, v in three.inputs.items() if k not in ("gramian", "jacobian")}
+    missing = {k: v for k, v in three.inputs.items() if k not in ("gramian", "jacobian", "cross_gramian")}
     with pytest.raises(ValueError, match=f"(?i){spec.needs}"):
-      t.update(three.losses, t.init(3), **missing)
+      t.update(three.losses, init(t, 3), **missing)
     match = r"gramian must be \(2, 2\); got \(3, 3\)" if spec.needs == "gramian" else "leading axis"
     with pytest.raises(ValueError, match=match):
-      t.update(two.losses, t.init(2), **three.inputs)
+      t.update(two.losses, init(t, 2), **three.inputs)
   if spec.key:
     with pytest.raises(ValueError, match="key"):
-      t.update(three.losses, t.init(3), **{k: v for k, v in three.inputs.items() if k != "key"})
+      t.update(three.losses, init(t, 3), **{k: v for k, v in three.inputs.items() if k != "key"})
   if spec.fixes_k:
     with pytest.raises(ValueError, match="tasks"):
-      t.update(two.losses, t.init(3), **two.inputs)
+      t.update(two.losses, init(t, 3), **two.inputs)
   elif spec.needs == "losses":  # nothing fixes K: the same state serves any number of tasks
-    w, _ = t.update(two.losses, t.init(3), **two.inputs)
+    w, _ = t.update(two.losses, init(t, 3), **two.inputs)
     assert w.shape == (2,)
 
 
@@ -351,5 +432,5 @@ def test_every_method_under_pmap_equals_one_device():
   cases = {}
   for name in NAMES:
     t, jitted, _ = method(name)
-    cases[name] = PmapCase(t, jitted, t.init(3), trajectory(name, seed=5)[0], tolerance(name))
+    cases[name] = PmapCase(t, jitted, init(t, 3), trajectory(name, seed=5)[0], tolerance(name))
   assert_pmap_equals_single_device(cases)

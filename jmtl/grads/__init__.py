@@ -15,7 +15,9 @@ engine"), one module each:
   representation or parameter level (Dense-layer identity, or Jacobian rows
   of the trunk), then one trunk backward with ``Σₖ wₖ dzₖ``.
 * **general** (:mod:`~jmtl.grads._general`): any ``apply``; one full VJP per
-  task. Correct, and K times the backward cost.
+  task. Correct, and K times the backward cost. Also the route of a
+  transform that requires ``"cross_gramian"`` (MoDo, SDMGrad): one VJP per
+  task and half of the batch.
 
 :func:`route` says which route (and which Gramian) a step takes, without
 running it.
@@ -119,6 +121,8 @@ def _choose(ctx: Context):
   if ctx.transform.needs == "losses":
     return "loss_level", None
   _check(ctx)
+  if "cross_gramian" in ctx.transform.requires:
+    return "general", None
   paths = _linear_head_paths(ctx)
   if paths is not None:
     return "linear_heads", paths
@@ -151,6 +155,8 @@ def _route(ctx: Context) -> Route:
     return Route(name, "one forward and one backward; the weighting reads the losses")
   if name == "linear_heads":
     return Route(name, f"representation-level Gramian from {len(paths)} linear heads (no dz formed)")
+  if name == "general" and "cross_gramian" in ctx.transform.requires:
+    return Route(name, "the weighting needs the cross-Gramian of two half-batches: one full VJP per task and half")
   if name == "general":
     return Route(name, "the model has no encode/head: one full VJP per task (K backward passes)")
   return Route(name, "trunk once, heads per task; " + _gramian_source(ctx))

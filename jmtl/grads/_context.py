@@ -20,6 +20,7 @@ import jax.numpy as jnp
 from jmtl import groups as groups_lib
 from jmtl import tasks as tasks_lib
 from jmtl.models import MultiTaskModel
+from jmtl.weighting import Direction
 from jmtl.weighting import WeightingTransform
 from jmtl.weighting import combine_jacobian
 from jmtl.weighting import is_task_vector
@@ -148,32 +149,69 @@ class Context:
     m = self.model
     return m.encode is not None and m.head is not None and m.head_kind is not None
 
-  def forward(self) -> Forward:
-    """The model's forward pass to the losses, with the VJP of the loss sums.
+  def loss_terms_of(self, p) -> tuple[Array, tuple[Array, Any]]:
+    """``(sums, (counts, model_state))``: the local ``(K,)`` loss sums and label counts at parameters ``p``.
 
     A model whose heads form groups runs the trunk once and each group's heads
     and losses as one batched op; any other model runs ``apply``.
     """
+    if self.grouped:
+      z, model_state = self.encode(p["shared"])
+      groups = groups_lib.task_groups(self.model, self.tasks, p["tasks"])
+      out = []
+      for g in groups:
+        gb = groups_lib.group_batch(g, self.tasks, p["tasks"], self.batch)
+        out.append(groups_lib.terms_fn(g)(groups_lib.head_fn(self.model, g)(gb.params, z), gb.labels, gb.masks))
+      return groups_lib.in_task_order([s for s, _ in out], groups), (
+        groups_lib.in_task_order([c for _, c in out], groups),
+        model_state,
+      )
+    preds, model_state = self.apply(p)
+    out = [self.loss_terms(t, preds) for t in self.tasks]
+    return jnp.stack([s for s, _ in out]), (jnp.stack([c for _, c in out]), model_state)
 
-    def terms(p):
-      if self.grouped:
-        z, model_state = self.encode(p["shared"])
-        groups = groups_lib.task_groups(self.model, self.tasks, p["tasks"])
-        out = []
-        for g in groups:
-          gb = groups_lib.group_batch(g, self.tasks, p["tasks"], self.batch)
-          out.append(groups_lib.terms_fn(g)(groups_lib.head_fn(self.model, g)(gb.params, z), gb.labels, gb.masks))
-        return groups_lib.in_task_order([s for s, _ in out], groups), (
-          groups_lib.in_task_order([c for _, c in out], groups),
-          model_state,
-        )
-      preds, model_state = self.apply(p)
-      out = [self.loss_terms(t, preds) for t in self.tasks]
-      return jnp.stack([s for s, _ in out]), (jnp.stack([c for _, c in out]), model_state)
-
-    sums, vjp, (counts, model_state) = jax.vjp(terms, self.params, has_aux=True)
+  def forward(self) -> Forward:
+    """The model's forward pass to the losses, with the VJP of the (local) loss sums."""
+    sums, vjp, (counts, model_state) = jax.vjp(self.loss_terms_of, self.params, has_aux=True)
     losses, denom = self.mean_losses(sums, counts)
     return Forward(losses, denom, vjp, model_state, sums.dtype)
+
+  def forward_halves(self) -> tuple[Forward, Array]:
+    """``(forward, denom)``: the loss sums of each half of the global batch, ``(2, K)``, and the whole batch's counts.
+
+    For a transform that requires ``"cross_gramian"``: one forward of the
+    whole batch; example ``i`` of the global batch of ``n`` is in the first
+    half when ``i < n/2`` (by its global index, so one device, ``pmap`` and a
+    mesh split the same way). ``forward.denom`` holds the global label counts
+    of each half ``(2, K)`` and ``denom`` those of the whole batch ``(K,)``
+    (each at least 1); ``forward.losses`` are the whole batch's ``(K,)``.
+    """
+    m = jax.tree.leaves(self.batch["inputs"])[0].shape[0]
+    devices = 1 if self.axis_name is None else jax.lax.axis_size(self.axis_name)
+    if m * devices < 2:
+      raise ValueError(
+        f"{self.transform!r} needs the cross-Gramian of two halves of the batch: it needs at least 2 examples, "
+        f"got {m * devices}"
+      )
+    first = 0 if self.axis_name is None else jax.lax.axis_index(self.axis_name) * m
+    in_first = (first + jnp.arange(m)) < (m * devices) / 2
+    halves = (in_first.astype(jnp.float32), 1 - in_first.astype(jnp.float32))
+    labels = self.batch["labels"]
+
+    def terms(p):
+      preds, model_state = self.apply(p)
+      sums, counts = [], []
+      for half in halves:
+        masks = {t.name: tasks_lib.task_mask(t, self.batch) * half for t in self.tasks}
+        batch = {**self.batch, "labels": labels, "masks": masks}
+        out = [tasks_lib.loss_terms(t, preds, batch) for t in self.tasks]
+        sums.append(jnp.stack([s for s, _ in out]))
+        counts.append(jnp.stack([c for _, c in out]))
+      return jnp.stack(sums), (jnp.stack(counts), model_state)
+
+    sums, vjp, (counts, model_state) = jax.vjp(terms, self.params, has_aux=True)
+    losses, denom = self.mean_losses(sums.sum(0), counts.sum(0))
+    return Forward(losses, jnp.maximum(self.psum(counts), 1), vjp, model_state, sums.dtype), denom
 
   def weigh(self, losses: Array, **computed) -> tuple[Any, Any]:
     """``(weights, new weighting state)``: the weighting's update on the losses and every input.
@@ -181,27 +219,76 @@ class Context:
     ``computed`` holds the Gramian and/or Jacobian a route computed; the
     weights are constants of the update (``stop_gradient``).
     """
+    if "validation" in self.transform.requires:
+      computed["meta_gradient"] = self.meta_gradient
     w, state = self.transform.update(losses, self.weighting_state, **self.inputs, **computed)
     return jax.lax.stop_gradient(w), state
 
+  def meta_gradient(self, weights: Array, lr, val_weights: Array | None = None) -> Array:
+    """``∂/∂w Σₖ vₖ Lₖ^val(θ − lr ∇θ Σⱼ wⱼ Lⱼ(θ))``: how the validation losses after one virtual SGD step move with
+    the task weights ``w`` (``v``: ``val_weights``, ones by default).
+
+    The input ``meta_gradient`` of a transform that requires ``"validation"``
+    (Auto-λ): the step's batch holds ``batch["validation"]``, a batch of the
+    same tasks. The virtual step moves every parameter (shared and per task).
+    Since ``θ'`` is linear in ``w``, the derivative is exactly
+    ``−lr ∇θLₖ(θ) · ∇θ'L^val(θ')`` (the paper approximates it by a finite
+    difference): one backward for ``θ'``, one for ``∇θ'L^val``, one JVP of
+    the training losses along it. The model's state (batch-norm statistics)
+    is not updated by it.
+    """
+    val = self.batch.get("validation") if isinstance(self.batch, Mapping) else None
+    if val is None:
+      raise ValueError(
+        f"{self.transform!r} learns from validation data: the batch needs batch['validation'], a batch of the "
+        "same tasks (the runner adds one when the weighting requires it)"
+      )
+    tasks_lib.check_batch(self.tasks, val)
+    params = jax.lax.stop_gradient(self.params)
+    weights = jnp.asarray(weights)
+    v = jnp.ones((self.k,), weights.dtype) if val_weights is None else jnp.asarray(val_weights)
+    # d/dwₖ = −lr ∇θLₖ(θ)·∇θ'L^val(θ') = −lr (J_sums g_val)ₖ / countₖ: one JVP of the training loss sums, summed
+    # over devices. Written out, not by differentiating through the step: a psum's transpose would count the
+    # devices' shares wrongly under pmap.
+    train = self.forward()
+    (g,) = train.vjp((weights / train.denom).astype(train.dtype))
+    ahead = jax.tree.map(lambda p, d: p - (lr * d).astype(p.dtype), params, self.psum(g))
+    val_fwd = dataclasses.replace(self, params=ahead, batch=val).forward()
+    (g_val,) = val_fwd.vjp((v / val_fwd.denom).astype(val_fwd.dtype))
+    g_val = self.psum(g_val)
+    _, along = jax.jvp(
+      lambda p: self.loss_terms_of(p)[0], (params,), (jax.tree.map(lambda x, p: x.astype(p.dtype), g_val, params),)
+    )
+    return (-lr * self.psum(along) / train.denom).astype(weights.dtype)
+
+  @property
+  def heads_rule(self) -> str:
+    """How task parameters move: the transform's declared rule, else the options'."""
+    return self.transform.heads or self.options.heads
+
   def head_weights(self, weights: Array) -> Array:
     """The weights of each task's own head parameters: ``w`` (``heads="weighted"``) or ones (``"own"``)."""
-    return weights if self.options.heads == "weighted" else jnp.ones_like(weights)
+    return weights if self.heads_rule == "weighted" else jnp.ones_like(weights)
 
   def combine(self, weights, jac) -> tuple[Any, Array]:
     """``(shared-parameter update, weights to report)`` from the (global) Jacobian of the shared part.
 
-    ``weights`` is a ``(K,)`` vector or element-wise weights shaped like
-    ``jac`` (a Jacobian-level transform); element-wise weights need the whole
-    shared Jacobian and are reported as ones.
+    ``weights`` is a ``(K,)`` vector, element-wise weights shaped like
+    ``jac`` or a :class:`~jmtl.weighting.Direction` (Jacobian-level
+    transforms); element-wise weights are reported as ones, a direction's
+    weights as given. Both need the Jacobian of all shared parameters.
     """
     if is_task_vector(weights):
       return combine_jacobian(weights, jac), weights
     if self.transform.select is not None:
       raise ValueError(
-        f"{self.transform!r} returns element-wise weights, which need the Jacobian of all shared parameters; "
-        "it selects a subset (select is not None)"
+        f"{self.transform!r} returns element-wise weights or a Direction, which need the Jacobian of all shared "
+        "parameters; it selects a subset (select is not None)"
       )
+    if isinstance(weights, Direction):
+      if jax.tree.structure(weights.shared) != jax.tree.structure(jac):
+        raise ValueError(f"{self.transform!r} returned a Direction not shaped like the shared parameters")
+      return jax.tree.map(lambda d, j: d.astype(j.dtype), weights.shared, jac), weights.weights
     return combine_jacobian(weights, jac), jnp.ones((self.k,), jax.tree.leaves(jac)[0].dtype)
 
 

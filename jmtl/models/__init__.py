@@ -27,6 +27,8 @@ from jmtl.models.dselect import dselect_k
 from jmtl.models.experts import cgc
 from jmtl.models.experts import mmoe
 from jmtl.models.experts import ple
+from jmtl.models.ltb import ltb
+from jmtl.models.ltb import ltb_export
 from jmtl.models.mlp import mlp
 from jmtl.models.mtan import mtan
 from jmtl.models.resnet import resnet
@@ -42,6 +44,8 @@ __all__ = [
   "dselect_k",
   "from_equinox",
   "from_nnx",
+  "ltb",
+  "ltb_export",
   "mlp",
   "mmoe",
   "mtan",

@@ -154,6 +154,11 @@ def _select(batch: dict, names: list[str]) -> dict:
 class TrainBatches:
   """The training batches of a run; batch ``s`` is a function of ``(seed, s)`` and the iterator state saves.
 
+  With ``validation`` (a weighting that requires it, such as Auto-λ) every
+  batch also holds ``batch["validation"]``: a batch of the validation split,
+  shuffled and repeated by a pipeline of its own (seed ``seed + 1``), saved
+  and restored with the training one.
+
   Examples:
     >>> src = data_lib.ArraySource({"inputs": np.zeros((8, 2)), "labels": {"a": np.arange(8)}})
     >>> c = ml_collections.ConfigDict({"batch_size": 4, "seed": 0, "dataset": {"workers": 0}})
@@ -163,28 +168,42 @@ class TrainBatches:
     True
   """
 
-  def __init__(self, data: Data, names: list[str], config: ml_collections.ConfigDict):
+  def __init__(self, data: Data, names: list[str], config: ml_collections.ConfigDict, *, validation: bool = False):
     self.names = names
-    self.pipeline = data_lib.multi_label(
-      data.sources["train"],
+    pipeline = lambda split, seed: data_lib.multi_label(
+      data.sources[split],
       config.batch_size,
-      seed=config.seed,
+      seed=seed,
       transform=data.transform,
       read=data_lib.ReadOptions(worker_count=config.dataset.workers),
     )
+    self.pipeline = pipeline("train", config.seed)
     self.iterator = iter(self.pipeline)
+    self.val_pipeline = pipeline("validation", config.seed + 1) if validation else None
+    self.val_iterator = None if self.val_pipeline is None else iter(self.val_pipeline)
+
+  def _with_validation(self, batch: dict, val) -> dict:
+    return batch if val is None else {**batch, "validation": _select(val, self.names)}
 
   def example(self) -> dict:
-    return _select(self.pipeline[0], self.names)
+    val = None if self.val_pipeline is None else self.val_pipeline[0]
+    return self._with_validation(_select(self.pipeline[0], self.names), val)
 
   def __next__(self) -> dict:
-    return _select(next(self.iterator), self.names)
+    val = None if self.val_iterator is None else next(self.val_iterator)
+    return self._with_validation(_select(next(self.iterator), self.names), val)
 
   def get_state(self) -> dict:
-    return self.iterator.get_state()
+    if self.val_iterator is None:
+      return self.iterator.get_state()
+    return {"train": self.iterator.get_state(), "validation": self.val_iterator.get_state()}
 
   def set_state(self, state: Mapping) -> None:
-    self.iterator.set_state(dict(state))
+    if self.val_iterator is None:
+      self.iterator.set_state(dict(state))
+    else:
+      self.iterator.set_state(dict(state["train"]))
+      self.val_iterator.set_state(dict(state["validation"]))
 
 
 def eval_batches(data: Data, split: str, names: list[str], batch_size: int) -> Iterator[dict]:

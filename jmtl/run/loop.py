@@ -232,7 +232,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, progr
     return workdir_lib.read_json(results_path, f"workdir {workdir}")
   run = Run(config)  # every config error surfaces here, before the workdir is written
   workdir_lib.open_run(workdir, config)
-  batches = inputs.TrainBatches(run.data, run.names, config)
+  batches = inputs.TrainBatches(run.data, run.names, config, validation="validation" in run.weighting.requires)
   example = batches.example()
   state = place(create_train_state(run, example), run.mesh)
   sums = run.zero_sums(state, example)

@@ -115,7 +115,10 @@ def make_model(config: ml_collections.ConfigDict, task_dims: Mapping[str, int]) 
   """The model ``config.model.name`` names, built from ``config.model[name]`` fields.
 
   ``config.model.dtype`` (optional) is the computation dtype of models that
-  take one (``"bfloat16"`` on accelerators; parameters stay float32).
+  take one (``"bfloat16"`` on accelerators; parameters stay float32). A
+  constructor with a ``num_steps`` argument (a schedule laid out over the
+  training length, as :func:`~jmtl.models.ltb`'s) gets ``config.num_steps``
+  unless its group sets ``num_steps``.
 
   Examples:
     >>> c = ml_collections.ConfigDict({"model": {"name": "mlp", "mlp": {"hidden": (8,)}}})
@@ -126,6 +129,8 @@ def make_model(config: ml_collections.ConfigDict, task_dims: Mapping[str, int]) 
   constructor = resolve(name, model_constructors(), "model (config field 'model.name')")
   fields = config.model.get(name)
   kwargs = fields.to_dict() if isinstance(fields, ml_collections.ConfigDict) else {}
+  if "num_steps" in inspect.signature(constructor).parameters and "num_steps" not in kwargs and "num_steps" in config:
+    kwargs["num_steps"] = config.num_steps
   dtype = config.model.get("dtype")
   if dtype is not None and "dtype" not in kwargs:
     if "dtype" not in inspect.signature(constructor).parameters:

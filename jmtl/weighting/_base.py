@@ -38,10 +38,25 @@ NEEDS = ("losses", "gramian", "jacobian")
 #: adds with ``make_train_step(..., weighting_inputs=...)`` too.
 INPUTS = ("gramian", "jacobian", "key", "step")
 
+#: What a transform may ask the engine for beyond ``needs``, in its ``requires``:
+#: ``"cross_gramian"``: ``update`` also gets ``cross_gramian``, ``J_a J_bᵀ`` of
+#: the per-task gradients of two disjoint halves of the batch (double sampling,
+#: MoDo and SDMGrad); ``"gradient_shapes"``: ``init`` also gets ``shapes``, a
+#: pytree of ``jax.ShapeDtypeStruct`` shaped like one task's gradient (of the
+#: selected shared parameters), for a state that tracks gradients (MoCo, DB-MTL);
+#: ``"validation"``: ``update`` also gets ``meta_gradient(w, lr, val_weights=None)``,
+#: the derivative in ``w`` of the validation losses after one virtual SGD step on
+#: ``Σ wₖ Lₖ`` (Auto-λ); the batch must carry ``batch["validation"]``.
+REQUIRES = ("cross_gramian", "gradient_shapes", "validation")
+
+#: The head rules a transform may declare (``heads``), as in
+#: :class:`jmtl.grads.GradientOptions`.
+HEADS = ("weighted", "own")
+
 
 class InitFn(Protocol):
   def __call__(self, num_tasks: int) -> WeightingState:
-    """Returns the initial state for ``num_tasks`` tasks."""
+    """Returns the initial state for ``num_tasks`` tasks (and ``shapes=`` if ``requires`` has ``"gradient_shapes"``)."""
 
 
 class UpdateFn(Protocol):
@@ -69,6 +84,13 @@ class WeightingTransform(NamedTuple):
       :func:`last_layer` for GradNorm.
     label: what ``repr`` shows, e.g. ``"cagrad(c=0.5, rescale=True, max_iter=64)"``
       (set by the built-ins; ``None`` shows the tuple).
+    requires: what the engine must provide beyond ``needs`` (:data:`REQUIRES`):
+      ``"cross_gramian"`` and ``"validation"`` (inputs of ``update``),
+      ``"gradient_shapes"`` (an argument of ``init``).
+    heads: ``None`` (the step's :class:`~jmtl.grads.GradientOptions` decide
+      how task parameters move) or a rule of :data:`HEADS` that the method's
+      paper defines: ``"own"``, each task's parameters along their own
+      unweighted gradient (RGW).
   """
 
   init: InitFn
@@ -76,6 +98,8 @@ class WeightingTransform(NamedTuple):
   needs: str = "losses"
   select: Callable[[Any], Any] | None = None
   label: str | None = None
+  requires: tuple[str, ...] = ()
+  heads: str | None = None
 
   def __repr__(self) -> str:
     if self.label is not None:
@@ -85,6 +109,44 @@ class WeightingTransform(NamedTuple):
 
 class EmptyState(NamedTuple):
   """State of a stateless transform."""
+
+
+class Direction(NamedTuple):
+  """What a Jacobian-level transform returns when its update is not ``Σₖ wₖ Jₖ`` of this step's gradients.
+
+  A method that follows *tracked* gradients (MoCo, DB-MTL: moving averages
+  of past per-task gradients, kept in its state) returns the shared-parameter
+  direction itself. It goes last in a :func:`chain`.
+
+  Attributes:
+    shared: the update direction of the (selected) shared parameters, shaped
+      like one row of the Jacobian (a descent direction, as ``Σₖ wₖ Jₖ`` is).
+    weights: ``(K,)`` task weights: reported in the step's metrics and applied
+      to each task's own parameters (under the step's head rule).
+  """
+
+  shared: Any
+  weights: Array
+
+
+def init_state(transform: WeightingTransform, num_tasks: int, shared: Any = None) -> WeightingState:
+  """``transform.init(num_tasks)``, given the gradient shapes when it requires them.
+
+  ``shared`` is the shared-parameter pytree (arrays or
+  :class:`jax.ShapeDtypeStruct`); a transform whose ``requires`` has
+  ``"gradient_shapes"`` gets ``shapes``, the part it selects as
+  ``ShapeDtypeStruct`` leaves. What :class:`jmtl.TrainState` calls.
+  """
+  if "gradient_shapes" not in transform.requires:
+    return transform.init(num_tasks)
+  if shared is None:
+    raise ValueError(
+      f"{transform!r} keeps per-task gradients in its state: its init needs the shared parameters' shapes "
+      "(TrainState.create(params=...) gives them)"
+    )
+  part = shared if transform.select is None else transform.select(shared)
+  shapes = jax.tree.map(lambda x: jax.ShapeDtypeStruct(jnp.shape(x), jnp.result_type(x)), part)
+  return transform.init(num_tasks, shapes=shapes)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -317,8 +379,9 @@ class ChainState(NamedTuple):
 def _rescaled(inputs: dict, w: Array, key) -> dict:
   """The inputs as the next transform of a chain sees them, after weights ``w`` so far."""
   out = dict(inputs)
-  if out.get("gramian") is not None:
-    out["gramian"] = out["gramian"] * jnp.outer(w, w).astype(out["gramian"].dtype)
+  for name in ("gramian", "cross_gramian"):
+    if out.get(name) is not None:
+      out[name] = out[name] * jnp.outer(w, w).astype(out[name].dtype)
   if out.get("jacobian") is not None:
     out["jacobian"] = scale_jacobian(w, out["jacobian"])
   if "key" in out:
@@ -327,12 +390,21 @@ def _rescaled(inputs: dict, w: Array, key) -> dict:
 
 
 def _chain_parts(transforms: Sequence[WeightingTransform]):
-  """``(needs, select)`` of a chain of ``transforms``, checked."""
+  """``(needs, select, requires, heads)`` of a chain of ``transforms``, checked."""
   needs = needs_of(*transforms)
   selects = {t.select for t in transforms if t.select is not None}
   if len(selects) > 1:
     raise ValueError("chain: the transforms select different parameter subsets for their Gramian/Jacobian")
-  return needs, (selects.pop() if selects else None)
+  requires = tuple(r for r in REQUIRES if any(r in t.requires for t in transforms))
+  heads = {t.heads for t in transforms if t.heads is not None}
+  if len(heads) > 1:
+    raise ValueError(f"chain: the transforms declare different head rules {sorted(heads)}")
+  return needs, (selects.pop() if selects else None), requires, (heads.pop() if heads else None)
+
+
+def _chain_init(transforms, num_tasks, shapes):
+  tracked = [("gradient_shapes" in t.requires) for t in transforms]
+  return [t.init(num_tasks, shapes=shapes) if r else t.init(num_tasks) for t, r in zip(transforms, tracked)]
 
 
 def _chain_update(transforms, states, losses, inputs):
@@ -341,11 +413,21 @@ def _chain_update(transforms, states, losses, inputs):
   keys = [None] * len(transforms) if key is None else list(jax.random.split(key, len(transforms)))
   w = jnp.ones_like(losses)
   new_states = []
-  for t, s, k in zip(transforms, states, keys):
+  for i, (t, s, k) in enumerate(zip(transforms, states, keys)):
+    if not is_task_vector(w):
+      raise ValueError(
+        f"chain: {transforms[i - 1]!r} returns element-wise weights or a Direction, so it must be the last "
+        f"transform of the chain; {t!r} follows it"
+      )
     wt, new_state = t.update(w * losses, s, **_rescaled(inputs, w, k))
-    # A Jacobian-level transform may answer with element-wise weights; they
-    # absorb the task weights so far (and such a transform goes last).
-    w = w * wt if jnp.ndim(wt) == 1 and wt.shape == w.shape else scale_jacobian(w, wt)
+    # A Jacobian-level transform may answer with element-wise weights or a
+    # Direction; they absorb the task weights so far (and it goes last).
+    if isinstance(wt, Direction):
+      w = Direction(wt.shared, w * wt.weights)
+    elif jnp.ndim(wt) == 1 and wt.shape == w.shape:
+      w = w * wt
+    else:
+      w = scale_jacobian(w, wt)
     new_states.append(new_state)
   return w, new_states
 
@@ -354,8 +436,8 @@ def chain(*transforms: WeightingTransform) -> WeightingTransform:
   """Applies transforms in sequence; the weights multiply.
 
   Transform ``b`` after ``a`` sees the problem as ``a`` weighted it: losses
-  ``w_a·L``, Gramian ``diag(w_a) G diag(w_a)``, Jacobian rows ``w_a,k Jₖ``;
-  every other input passes through unchanged (a ``key`` is split, one part
+  ``w_a·L``, Gramian (and cross-Gramian) ``diag(w_a) G diag(w_a)``, Jacobian
+  rows ``w_a,k Jₖ``; every other input passes through unchanged (a ``key`` is split, one part
   per transform). The chained weights are ``w_a·w_b`` (element-wise), so the
   update direction is ``Σₖ w_a,k w_b,k ∇Lₖ`` -- what ``b`` would choose on the
   rescaled problem.
@@ -379,17 +461,17 @@ def chain(*transforms: WeightingTransform) -> WeightingTransform:
     >>> t
     chain(static(weights=[2.0, 1.0]), static(weights=[0.5, 3.0]))
   """
-  needs, select = _chain_parts(transforms)
+  needs, select, requires, heads = _chain_parts(transforms)
 
-  def init_fn(num_tasks):
-    return ChainState(tuple(t.init(num_tasks) for t in transforms))
+  def init_fn(num_tasks, shapes=None):
+    return ChainState(tuple(_chain_init(transforms, num_tasks, shapes)))
 
   def update_fn(losses, state, **inputs):
     w, states = _chain_update(transforms, state.inner, losses, inputs)
     return w, ChainState(tuple(states))
 
   label = f"chain({', '.join(map(repr, transforms))})"
-  return WeightingTransform(init_fn, update_fn, needs, select, label)
+  return WeightingTransform(init_fn, update_fn, needs, select, label, requires, heads)
 
 
 def named_chain(*named: tuple[str, WeightingTransform]) -> WeightingTransform:
@@ -408,17 +490,17 @@ def named_chain(*named: tuple[str, WeightingTransform]) -> WeightingTransform:
   if len(set(names)) != len(names) or not all(isinstance(n, str) and n for n in names):
     raise ValueError(f"named_chain: names must be distinct non-empty strings, got {names}")
   transforms = [t for _, t in named]
-  needs, select = _chain_parts(transforms)
+  needs, select, requires, heads = _chain_parts(transforms)
 
-  def init_fn(num_tasks):
-    return {n: t.init(num_tasks) for n, t in named}
+  def init_fn(num_tasks, shapes=None):
+    return dict(zip(names, _chain_init(transforms, num_tasks, shapes)))
 
   def update_fn(losses, state, **inputs):
     w, states = _chain_update(transforms, [state[n] for n in names], losses, inputs)
     return w, dict(zip(names, states))
 
   label = f"named_chain({', '.join(f'({n!r}, {t!r})' for n, t in named)})"
-  return WeightingTransform(init_fn, update_fn, needs, select, label)
+  return WeightingTransform(init_fn, update_fn, needs, select, label, requires, heads)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -498,9 +580,9 @@ def inject_hyperparams(factory, *, static_args: Sequence[str] = ()):
     def current(count, stored):
       return {k: (jnp.asarray(v(count), dtype) if callable(v) else stored[k]) for k, v in injected.items()}
 
-    def init_fn(num_tasks):
+    def init_fn(num_tasks, **shapes):
       hyperparams = {k: jnp.asarray(v, dtype) for k, v in first.items()}
-      return InjectHyperparamsState(jnp.zeros((), jnp.int32), hyperparams, template.init(num_tasks))
+      return InjectHyperparamsState(jnp.zeros((), jnp.int32), hyperparams, template.init(num_tasks, **shapes))
 
     def update_fn(losses, state, **inputs):
       hyperparams = current(state.count, state.hyperparams)
@@ -509,7 +591,7 @@ def inject_hyperparams(factory, *, static_args: Sequence[str] = ()):
 
     shown = ", ".join(f"{k}={_short_hp(v)}" for k, v in values.items())
     label = f"inject_hyperparams({getattr(factory, '__name__', 'factory')}({shown}))"
-    return WeightingTransform(init_fn, update_fn, template.needs, template.select, label)
+    return template._replace(init=init_fn, update=update_fn, label=label)
 
   return wrapped
 
@@ -537,7 +619,7 @@ def _direction(transform, jacobian, state, losses, inputs):
   if transform.needs == "jacobian":
     inputs["jacobian"] = jacobian
   w, state = transform.update(losses, state, **inputs)
-  return combine_jacobian(w, jacobian), state
+  return (w.shared if isinstance(w, Direction) else combine_jacobian(w, jacobian)), state
 
 
 def aggregate(
@@ -570,7 +652,7 @@ def aggregate(
     [1.0, 1.0]
   """
   if state is None:
-    state = transform.init(jax.tree.leaves(jacobian)[0].shape[0])
+    state = init_state(transform, jax.tree.leaves(jacobian)[0].shape[0], _row(jacobian))
   return _direction(transform, jacobian, state, losses, inputs)[0]
 
 
@@ -593,14 +675,18 @@ def as_aggregator(transform: WeightingTransform, num_tasks: int):
   from optax.experimental import aggregating
 
   def init_fn(params):
-    del params
-    return transform.init(num_tasks)
+    return init_state(transform, num_tasks, params)
 
   def update_fn(per_task_grads, state, params=None, *, losses=None, **inputs):
     del params
     return _direction(transform, per_task_grads, state, losses, inputs)
 
   return aggregating.Aggregator(init_fn, update_fn)
+
+
+def _row(jacobian):
+  """One row of a stacked Jacobian, as shapes."""
+  return jax.tree.map(lambda j: jax.ShapeDtypeStruct(j.shape[1:], j.dtype), jacobian)
 
 
 def last_layer(shared) -> dict:

@@ -287,3 +287,97 @@ def famo(
     return weights, FAMOState(logits, opt_state, log_d, jnp.asarray(True))
 
   return WeightingTransform(init_fn, update_fn, "losses")
+
+
+class AutoLambdaState(NamedTuple):
+  """State of :func:`auto_lambda`."""
+
+  weights: Array  # (K,) float: λ, the task weights themselves
+  opt_state: optax.OptState  # the meta-optimizer's state for ``weights``
+
+
+@method(static=("primary",))
+def auto_lambda(
+  learning_rate: float = 1e-4,
+  lookahead_lr: float = 1e-3,
+  init_weight: float = 0.1,
+  *,
+  primary: Sequence[int] | None = None,
+  optimizer: optax.GradientTransformation | None = None,
+) -> WeightingTransform:
+  """Auto-λ: task weights learned by a one-step lookahead on validation data.
+
+  Liu, Davison & Johns, "Auto-Lambda: Disentangling Dynamic Task
+  Relationships", TMLR 2022. The weights ``λ`` are meta-parameters of
+
+      min_λ  Σ_{k ∈ primary} Lₖ^val(θ − α ∇θ Σⱼ λⱼ Lⱼ(θ))
+
+  and take one ``optimizer`` step (Adam, rate ``learning_rate``) on its
+  gradient every training step, before the model's step, which then uses
+  the new ``λ`` as task weights. The gradient is
+  ``−α Σ_params ∇θLₖ(θ) · ∇θ'L^val(θ')``, which the paper approximates by a
+  finite difference of ``∇λ`` at ``θ ± ε∇θ'L^val``; here JAX computes it
+  exactly (:meth:`jmtl.grads.Context.meta_gradient`: a few backward passes).
+  The virtual step is plain SGD of rate ``α = lookahead_lr`` on every
+  parameter (the authors' code also adds the optimizer's momentum and weight
+  decay); set it to the model optimizer's learning rate, as the paper does.
+  ``λ`` is not constrained (as in the paper) and starts at ``init_weight``.
+
+  The step's batch must carry ``batch["validation"]`` (a batch of validation
+  data for the same tasks; ``jmtl train`` adds one when the weighting
+  requires it). Defaults are the authors' (``autol_init=0.1``,
+  ``autol_lr=1e-4``).
+
+  Args:
+    learning_rate: the meta-optimizer's rate (Adam).
+    lookahead_lr: ``α``, the rate of the virtual SGD step.
+    init_weight: the initial ``λ`` of every task.
+    primary: indices of the tasks whose validation loss is the objective
+      (``None``: all; the paper's multi-task setting); the others are
+      auxiliary.
+    optimizer: replaces Adam(``learning_rate``) for ``λ``.
+
+  Returns:
+    A :class:`WeightingTransform` (needs the losses, requires
+    ``"validation"``) with state :class:`AutoLambdaState`.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> import jmtl
+    >>> t = jmtl.weighting.auto_lambda(learning_rate=0.1)
+    >>> helps = lambda w, lr, v=None: -jnp.array([1.0, -1.0])  # task 0's step lowers the validation loss
+    >>> w, state = t.update(jnp.ones(2), t.init(2), meta_gradient=helps)
+    >>> [round(float(x), 3) for x in w]
+    [0.2, 0.0]
+  """
+  if optimizer is None:
+    optimizer = optax.adam(learning_rate)
+  if is_concrete(lookahead_lr) and not lookahead_lr > 0:
+    raise ValueError(f"auto_lambda: lookahead_lr must be positive, got {lookahead_lr}")
+  picked = None if primary is None else tuple(int(i) for i in primary)
+  if picked is not None and (not picked or len(set(picked)) != len(picked) or min(picked) < 0):
+    raise ValueError(f"auto_lambda: primary must be distinct non-negative task indices, got {primary!r}")
+
+  def init_fn(num_tasks):
+    if picked is not None and max(picked) >= num_tasks:
+      raise ValueError(f"auto_lambda: primary {picked} names a task beyond the {num_tasks} tasks")
+    w = jnp.full((num_tasks,), init_weight, _float_dtype())
+    return AutoLambdaState(w, optimizer.init(w))
+
+  def update_fn(losses, state, **inputs):
+    k = state.weights.shape[0]
+    if losses.shape != (k,):
+      raise ValueError(f"auto_lambda: state is for {k} tasks, got losses of shape {losses.shape}")
+    meta_gradient = inputs.get("meta_gradient")
+    if meta_gradient is None:
+      raise ValueError(
+        "auto_lambda learns from validation data: pass meta_gradient=... (the train step gives it when the "
+        "batch has batch['validation'])"
+      )
+    v = None if picked is None else jnp.zeros((k,), state.weights.dtype).at[jnp.asarray(picked)].set(1)
+    grad = jax.lax.stop_gradient(meta_gradient(state.weights, lookahead_lr, v)).astype(state.weights.dtype)
+    updates, opt_state = optimizer.update(grad, state.opt_state, state.weights)
+    weights = optax.apply_updates(state.weights, updates)
+    return weights.astype(losses.dtype), AutoLambdaState(weights, opt_state)
+
+  return WeightingTransform(init_fn, update_fn, "losses", requires=("validation",))

@@ -1,4 +1,4 @@
-"""Loss-level weightings computed in closed form: DWA, RLW and GLS."""
+"""Loss-level weightings computed in closed form: DWA, RLW, RGW, GLS and STCH."""
 
 from __future__ import annotations
 
@@ -134,26 +134,68 @@ def rlw(distribution: str = "normal") -> WeightingTransform:
     >>> bool(jnp.allclose(w, jax.nn.softmax(jax.random.normal(jax.random.key(0), (3,)))))
     True
   """
+  _check_distribution("rlw", distribution)
+  return stateless(lambda losses, *, key=None, **_: _random_weights("rlw", distribution, losses, key))
+
+
+def _check_distribution(name: str, distribution: str) -> None:
   if distribution not in _RLW_DISTRIBUTIONS:
-    raise ValueError(f"rlw: distribution must be one of {_RLW_DISTRIBUTIONS}, got {distribution!r}")
+    raise ValueError(f"{name}: distribution must be one of {_RLW_DISTRIBUTIONS}, got {distribution!r}")
 
-  def weight_fn(losses, *, key=None, **_):
-    key = required_key("rlw", key, "draws random weights")
-    k = losses.shape
-    # Drawn in float32 at least, so a bfloat16 loss does not coarsen the draw.
-    dtype = jnp.promote_types(losses.dtype, jnp.float32)
-    if distribution == "normal":
-      w = jax.nn.softmax(jax.random.normal(key, k, dtype))
-    elif distribution == "uniform":
-      w = jax.nn.softmax(jax.random.uniform(key, k, dtype))
-    else:
-      # Dir(1, …, 1) is exactly i.i.d. Exp(1) draws divided by their sum; this
-      # avoids the rejection-sampling loop of a general gamma draw.
-      e = jax.random.exponential(key, k, dtype)
-      w = e / jnp.sum(e)
-    return w.astype(losses.dtype)
 
-  return stateless(weight_fn)
+def _random_weights(name: str, distribution: str, losses: Array, key) -> Array:
+  """Random weights on the simplex, drawn from ``key`` (RLW and RGW)."""
+  key = required_key(name, key, "draws random weights")
+  k = losses.shape
+  # Drawn in float32 at least, so a bfloat16 loss does not coarsen the draw.
+  dtype = jnp.promote_types(losses.dtype, jnp.float32)
+  if distribution == "normal":
+    w = jax.nn.softmax(jax.random.normal(key, k, dtype))
+  elif distribution == "uniform":
+    w = jax.nn.softmax(jax.random.uniform(key, k, dtype))
+  else:
+    # Dir(1, …, 1) is exactly i.i.d. Exp(1) draws divided by their sum; this
+    # avoids the rejection-sampling loop of a general gamma draw.
+    e = jax.random.exponential(key, k, dtype)
+    w = e / jnp.sum(e)
+  return w.astype(losses.dtype)
+
+
+@method()
+def rgw(distribution: str = "normal") -> WeightingTransform:
+  """Random gradient weighting (RGW).
+
+  Lin, Ye, Zhang & Tsang, "Reasonable Effectiveness of Random Weighting: A
+  Litmus Test for Multi-Task Learning", TMLR 2022, Algorithm 2. The weights
+  are :func:`rlw`'s (the same draw from the same key), applied to the task
+  gradients of the *shared* parameters only: ``θ ← θ − η Σₖ wₖ ∇θ Lₖ``,
+  while each task's own parameters follow its unweighted gradient
+  ``∇ψₖ Lₖ``. That difference from RLW (which also scales ``∇ψₖ Lₖ`` by
+  ``wₖ``) is declared as ``heads="own"``, so the engine applies it on every
+  route: on the loss-level route the task parameters' gradient is a second
+  VJP, batched with the first. The paper takes the gradients at the shared
+  representation; the direction on ``θ`` is the same.
+
+  Args:
+    distribution: as for :func:`rlw`.
+
+  Returns:
+    A stateless :class:`WeightingTransform` (``heads="own"``) that needs a
+    ``key``.
+
+  Examples:
+    >>> import jax, jax.numpy as jnp
+    >>> import jmtl
+    >>> t, r = jmtl.weighting.rgw(), jmtl.weighting.rlw()
+    >>> key = jax.random.key(0)
+    >>> bool(jnp.all(t.update(jnp.ones(3), t.init(3), key=key)[0] == r.update(jnp.ones(3), r.init(3), key=key)[0]))
+    True
+    >>> t.heads, r.heads
+    ('own', None)
+  """
+  _check_distribution("rgw", distribution)
+  t = stateless(lambda losses, *, key=None, **_: _random_weights("rgw", distribution, losses, key))
+  return t._replace(heads="own")
 
 
 @method()
@@ -196,3 +238,115 @@ def gls() -> WeightingTransform:
     return jnp.minimum(w, jnp.finfo(losses.dtype).max).astype(losses.dtype)
 
   return stateless(weight_fn)
+
+
+class STCHState(NamedTuple):
+  """State of :func:`stch`."""
+
+  count: Array  # () int32: update calls so far, saturating at warmup_steps + nadir_steps
+  loss_sum: Array  # (K,) float: sum of the losses of the nadir-recording calls (the nadir is loss_sum / nadir_steps)
+
+
+@method(static=("warmup_steps", "nadir_steps"))
+def stch(mu: float = 1.0, warmup_steps: int = 4, nadir_steps: int = 1, eps: float = 1e-20) -> WeightingTransform:
+  """Smooth Tchebycheff scalarization (STCH).
+
+  Lin, Zhang, Yang, Liu, Wang & Zhang, "Smooth Tchebycheff Scalarization for
+  Multi-Objective Optimization", ICML 2024. The smooth (log-sum-exp)
+  Tchebycheff scalarization ``μ log Σₖ exp(λₖ(fₖ − zₖ)/μ)`` of the paper,
+  applied as in the authors' multi-task code to the log-losses relative to a
+  nadir point ``n`` (``fₖ = log(Lₖ/nₖ + eps)``, ``z = 0``, ``λ = 1``) and
+  scaled by ``K``::
+
+      S(L) = K μ log Σₖ exp(xₖ/μ),      xₖ = log(Lₖ/nₖ + eps)
+
+  The engine applies the weights to ``∇Lₖ``, so they are ``∂S/∂Lₖ`` (and
+  ``Σₖ wₖ∇Lₖ = ∇S``)::
+
+      wₖ = K softmax(x/μ)ₖ / (Lₖ + eps·nₖ)
+
+  The nadir is recorded first: during ``warmup_steps + nadir_steps`` calls
+  the objective is ``Σₖ log(Lₖ + eps)`` (``wₖ = 1/(Lₖ + eps)``), and the
+  losses of the last ``nadir_steps`` of them are averaged into ``n``. The
+  reference code counts the warm-up in epochs (4 epochs of log-losses, the
+  nadir averaged over the 5th); **here both are counted in update calls
+  (steps)**: set ``warmup_steps = 4 × steps_per_epoch`` and ``nadir_steps =
+  steps_per_epoch`` to reproduce it (the defaults read an epoch as one
+  call). As ``μ → ∞`` the weights tend to the warm-up's; as ``μ → 0`` all the
+  weight goes to the task with the largest ``Lₖ/nₖ`` (the Tchebycheff
+  scalarization).
+
+  Guards: losses below 0 count as 0; ``x`` and the weights are computed in
+  log space (``logaddexp``), so ``Lₖ/nₖ`` cannot overflow; a zero loss gets
+  the large but finite weight ``1/eps`` (warm-up) or ``K·softmax/(eps·n)``,
+  capped at the losses' dtype's largest value; a zero nadir counts as the
+  smallest normal float.
+
+  Args:
+    mu: the smoothing ``μ > 0`` (the reference's default 1).
+    warmup_steps: calls of log-loss weights before the nadir is recorded
+      (``≥ 0``).
+    nadir_steps: calls whose mean loss is the nadir (``≥ 1``), also with
+      log-loss weights.
+    eps: ``eps > 0`` inside the logs (the reference's 1e-20).
+
+  Returns:
+    A :class:`WeightingTransform` that needs only the losses, with state
+    :class:`STCHState` (the call count and a ``(K,)`` sum: O(K) memory).
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> import jmtl
+    >>> t = jmtl.weighting.stch(mu=1.0, warmup_steps=0, nadir_steps=1)
+    >>> w, state = t.update(jnp.array([2.0, 4.0]), t.init(2))
+    >>> [round(float(x), 4) for x in w]  # recording the nadir n = (2, 4): ∂/∂L Σ log L
+    [0.5, 0.25]
+    >>> w, state = t.update(jnp.array([1.0, 4.0]), state)  # L/n = (½, 1): softmax = (⅓, ⅔)
+    >>> [round(float(x), 4) for x in w]  # 2·(⅓/1, ⅔/4)
+    [0.6667, 0.3333]
+  """
+  if is_concrete(mu) and not mu > 0:
+    raise ValueError(f"stch: mu must be positive, got {mu}")
+  if int(warmup_steps) != warmup_steps or warmup_steps < 0:
+    raise ValueError(f"stch: warmup_steps must be a non-negative integer, got {warmup_steps}")
+  if int(nadir_steps) != nadir_steps or nadir_steps < 1:
+    raise ValueError(f"stch: nadir_steps must be a positive integer, got {nadir_steps}")
+  if is_concrete(eps) and not eps > 0:
+    raise ValueError(f"stch: eps must be positive, got {eps}")
+  warmup_steps, nadir_steps = int(warmup_steps), int(nadir_steps)
+  warm = warmup_steps + nadir_steps
+
+  def init_fn(num_tasks):
+    dtype = jax.dtypes.canonicalize_dtype(float)
+    return STCHState(jnp.zeros((), jnp.int32), jnp.zeros((num_tasks,), dtype))
+
+  def update_fn(losses, state, **inputs):
+    del inputs
+    k = state.loss_sum.shape[0]
+    if losses.shape != (k,):
+      raise ValueError(f"stch: state is for {k} tasks, got losses of shape {losses.shape}")
+    dtype = state.loss_sum.dtype
+    finfo = jnp.finfo(dtype)
+    loss = jnp.maximum(jax.lax.stop_gradient(losses).astype(dtype), 0)
+    log_loss = jnp.log(loss)  # −inf for a zero loss: logaddexp below handles it
+    log_eps = jnp.log(jnp.asarray(eps, dtype))
+    warming = state.count < warm
+
+    # Warm-up: ∂/∂Lₖ Σ log(Lₖ + eps).
+    log_w_warm = -jnp.logaddexp(log_loss, log_eps)
+    # STCH, with the nadir of the completed recording (unused while warming).
+    log_nadir = jnp.log(jnp.maximum(state.loss_sum / nadir_steps, finfo.tiny))
+    x = jnp.logaddexp(log_loss - log_nadir, log_eps)
+    log_w_stch = jnp.log(k) + jax.nn.log_softmax(x / mu) - jnp.logaddexp(log_loss, log_eps + log_nadir)
+    log_w = jnp.where(warming, log_w_warm, log_w_stch)
+    top = jnp.asarray(jnp.finfo(losses.dtype).max, dtype)
+    weights = jnp.minimum(jnp.exp(jnp.minimum(log_w, jnp.log(top))), top)
+
+    recording = (state.count >= warmup_steps) & warming
+    new_state = STCHState(
+      jnp.minimum(state.count + 1, warm).astype(jnp.int32),
+      jnp.where(recording, state.loss_sum + loss, state.loss_sum),
+    )
+    return weights.astype(losses.dtype), new_state
+
+  return WeightingTransform(init_fn, update_fn, "losses")

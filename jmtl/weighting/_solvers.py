@@ -444,3 +444,27 @@ def nash_bargaining(gramian: Array, *, init: Array | None = None, max_iter: int 
   st = (jnp.int32(0), beta0, jnp.asarray(jnp.inf, dtype))
   _, beta, _ = jax.lax.while_loop(lambda st: (st[0] < max_iter) & (st[2] > k * eps), body, st)
   return beta / to_beta
+
+
+def project_simplex(v: Array) -> Array:
+  """The Euclidean projection of ``v`` onto the probability simplex ``{w ≥ 0, Σ w = 1}``.
+
+  The sort-based rule (Held, Wolfe & Crowder 1974; Duchi et al. 2008): with
+  ``u`` sorted descending and ``ρ`` the largest index with
+  ``uᵨ > (Σ_{i≤ρ} uᵢ − 1)/ρ``, ``w = max(v − θ, 0)`` for
+  ``θ = (Σ_{i≤ρ} uᵢ − 1)/ρ``. Exact, ``O(K log K)``.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> [round(x, 6) for x in project_simplex(jnp.array([0.5, 0.5, 0.5])).tolist()]
+    [0.333333, 0.333333, 0.333333]
+    >>> project_simplex(jnp.array([2.0, 0.0])).tolist()
+    [1.0, 0.0]
+  """
+  u = jnp.sort(v)[::-1]
+  css = jnp.cumsum(u)
+  idx = jnp.arange(1, v.shape[0] + 1, dtype=v.dtype)
+  # Written as u·i − css > −1: at i = 1 it is exactly 0 > −1, whatever the rounding of a huge u.
+  rho = jnp.maximum(jnp.sum(u * idx - css > -1), 1)
+  theta = (css[rho - 1] - 1) / rho.astype(v.dtype)
+  return jnp.maximum(v - theta, 0)
