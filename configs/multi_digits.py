@@ -10,17 +10,17 @@ jobs; jax 0.10 CPU), from an empty data dir: 110 s wall in all (preparing
 MultiDigits ~20 s, three 3,000-step trainings, evaluations, plots)::
 
   task    metric   single-task   MTL (equal)   negative transfer
-  left    acc           0.9517        0.9183                 yes
-  right   acc           0.9410        0.9135                 yes
+  left    acc           0.9517        0.9226                 yes
+  right   acc           0.9410        0.9156                 yes
 
-  Δm% = -3.22   (test split; model of step 3000, best validation acc; 8.43 ms/step; 0 non-finite steps skipped)
+  Δm% = -2.88   (test split; model of step 3000, best validation acc; 8.52 ms/step; 0 non-finite steps skipped)
 
 The two digits are independent labels, so a trunk shared at equal capacity
 costs each task a little (the single-task models each have a whole trunk).
 ``jmtl sweep --config configs/multi_digits.py --config.baselines=/tmp/md/baselines
---over weighting=equal,static,uncertainty,dwa,famo,mgda,pcgrad,cagrad,nash_mtl,upgrad
---workdir /tmp/md_sweep`` compares the methods, reusing those baselines
-(uncertainty was best here, Δm% = -1.87; 9 min for 12 runs).
+--over weighting=METHODS --workdir /tmp/md_sweep`` compares the methods, reusing those baselines; the README's
+table lists the methods run (30 of them, 47 min at load average 5-9; IMTL-L and uncertainty were best here,
+Δm% = -1.71 and -1.73).
 
 Every field can be changed on the command line, e.g.
 ``--config.weighting=uncertainty``, ``--config.model.name=mlp``,
@@ -100,6 +100,14 @@ def get_config() -> ml_collections.ConfigDict:
   config.eval_every = 500  # validation curves and model selection
   config.checkpoint_every = 500
   config.keep_checkpoints = 2
+  # A step whose loss, weight or gradient is not finite is skipped (nothing changes); skips are warned about on
+  # stderr as they happen, and the run stops (exit 1, after a checkpoint) when more than max_skipped_fraction of
+  # the last skip_window steps (at least log_every) were skipped. 1.0: never stop.
+  config.max_skipped_fraction = 0.1
+  config.skip_window = 100
+  # Check every batch and step on the device (labels in range, masks in [0, 1], finite inputs, losses, weights):
+  # the first bad one stops the run naming the task and the example. Slower (two host syncs per step): to debug.
+  config.checks = False
   config.select = "best"  # "best": the parameters with the best validation select_metric; "final"
   config.select_metric = "acc"  # a metric every task has (mean over tasks), or "loss"
   config.baselines = "auto"  # "auto": train into <workdir>/baselines; a directory to share; "" for none

@@ -1,5 +1,6 @@
 """jmtl: multi-task learning for JAX."""
 
+from jmtl import checks
 from jmtl import data
 from jmtl import grads
 from jmtl import losses
@@ -9,6 +10,7 @@ from jmtl import parallel
 from jmtl import sharing
 from jmtl import tasks
 from jmtl import weighting
+from jmtl.checks import checked
 from jmtl.tasks import Task
 from jmtl.train import StepMetrics
 from jmtl.train import TrainState
@@ -23,6 +25,8 @@ __all__ = [
   "StepMetrics",
   "Task",
   "TrainState",
+  "checked",
+  "checks",
   "compute_metrics",
   "data",
   "evaluate",

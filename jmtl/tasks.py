@@ -81,7 +81,8 @@ def check_batch(tasks: Sequence[Task], batch: Mapping[str, Any]) -> int:
 
   Raises:
     ValueError: naming the task, the field and the shapes when a label is
-      missing, a leading dimension disagrees or a mask has the wrong shape.
+      missing, a leading dimension disagrees or a mask has the wrong shape;
+      when the batch is empty.
   """
   if not isinstance(batch, Mapping) or "labels" not in batch or "inputs" not in batch:
     keys = list(batch) if isinstance(batch, Mapping) else type(batch).__name__
@@ -94,6 +95,11 @@ def check_batch(tasks: Sequence[Task], batch: Mapping[str, Any]) -> int:
   b = inputs[0].shape[0]
   if any(x.shape[0] != b for x in inputs):
     raise ValueError(f"batch['inputs'] leaves disagree on the batch size: {[_shape(x) for x in inputs]}")
+  if b == 0:
+    raise ValueError(
+      f"the batch is empty (inputs of shape {_shape(inputs[0])}); a batch needs at least one example "
+      "(an empty split, or a batch size larger than the data with drop_remainder, gives none)"
+    )
   for t in tasks:
     if t.name not in labels:
       raise ValueError(

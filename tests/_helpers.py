@@ -26,3 +26,23 @@ def fill_params(model, x, seed=0):
 def shapes(tree):
   """The shape of every leaf of ``tree``."""
   return jax.tree.map(lambda a: a.shape, tree)
+
+
+ROOT = __import__("os").path.dirname(__import__("os").path.dirname(__import__("os").path.abspath(__file__)))
+
+
+def synthetic_train_args(data_dir, data: dict, **fields) -> list[str]:
+  """``jmtl train`` arguments for a tiny run of ``configs/synthetic.py`` on data prepared in ``data_dir`` with the
+  options ``data``: a (16,) MLP, batch 32, no baselines, no plots, no progress bar; ``fields`` set further config
+  fields (``num_steps=40``, ``weighting="famo"``), in the order given. The workdir is for the caller to add."""
+  config = __import__("os").path.join(ROOT, "configs", "synthetic.py")
+  fields = {"model.mlp.hidden": "(16,)", "batch_size": 32, **fields, "baselines": "", "plots": "false"}
+  return [
+    "train",
+    "--config",
+    config,
+    f"--config.dataset.data_dir={data_dir}",
+    *(f"--config.dataset.options.{k}={v}" for k, v in data.items()),
+    *(f"--config.{k}={v}" for k, v in fields.items()),
+    "--no-progress",
+  ]

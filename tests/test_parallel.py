@@ -105,3 +105,26 @@ def test_parameter_level_exact_mode_matches_single_device(name):
   for got in (parallel.unreplicate(state).params, mstate.params):
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-4), got, single.params)
   np.testing.assert_allclose(m4["grad_cosine"][0], m1["grad_cosine"], atol=1e-5)
+
+
+def test_put_helpers_on_one_process_are_device_puts():
+  """put_replicated keeps PRNG keys; put_batch takes this process's rows, or every row with global_batch."""
+  mesh = parallel.make_mesh(4)
+  state = parallel.put_replicated({"w": np.ones(3, np.float32), "rng": jax.random.key(0)}, mesh)
+  assert state["w"].sharding.is_fully_replicated and len(state["w"].sharding.device_set) == 4
+  assert jax.dtypes.issubdtype(state["rng"].dtype, jax.dtypes.prng_key)
+  batch = {"x": np.arange(8.0)}
+  for b in (parallel.put_batch(batch, mesh), parallel.put_batch(batch, mesh, global_batch=True)):
+    np.testing.assert_array_equal(b["x"], batch["x"])
+    assert b["x"].sharding.spec == jax.sharding.PartitionSpec("data")
+
+
+def test_a_mesh_needs_the_same_devices_of_every_process(monkeypatch):
+  from jmtl.run import loop
+  from jmtl.run.config import ConfigError
+
+  monkeypatch.setattr(jax, "process_count", lambda: 2)  # 2 processes, yet every device is process 0's
+  with pytest.raises(ValueError, match="do not split evenly over 2 processes"):
+    parallel.make_mesh(4)
+  with pytest.raises(ConfigError, match="config field 'devices' = 1"):
+    loop.data_mesh({"devices": 1})

@@ -143,6 +143,25 @@ def test_process_sharding_takes_rows_of_the_global_batch(monkeypatch):
     P.multi_label(src, 7, seed=0)
 
 
+def test_a_position_saved_under_one_process_count_restores_under_another(monkeypatch):
+  """The saved position counts global batches: process 1 of 2 resumes what 1 process saved, and vice versa."""
+  src = _indexed(40)
+  it = iter(P.multi_label(src, 8, seed=3))
+  next(it), next(it)
+  one = it.get_state()
+  _fake_processes(monkeypatch, 1, 2)
+  it2 = iter(P.multi_label(src, 8, seed=3))
+  it2.set_state(one)
+  assert _ids(next(it2)) == _ids(P.multi_label(src, 8, seed=3)[2])  # batch 2, this process's rows
+  two = it2.get_state()
+  monkeypatch.undo()
+  it1 = iter(P.multi_label(src, 8, seed=3))
+  it1.set_state(two)
+  assert _ids(next(it1)) == _ids(P.multi_label(src, 8, seed=3)[3])
+  with pytest.raises(ValueError, match="another pipeline"):
+    iter(P.multi_label(src, 8, seed=4)).set_state(two)
+
+
 def _task_sources(sizes, in_shape=(1,)):
   out = {}
   for k, n in sizes.items():

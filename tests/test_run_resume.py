@@ -11,6 +11,7 @@ import pytest
 
 from jmtl.run import cli
 from jmtl.run import logs
+from tests._helpers import synthetic_train_args
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG = os.path.join(ROOT, "configs", "synthetic.py")
@@ -43,23 +44,18 @@ def data_dir(tmp_path_factory):
 
 
 def args(data_dir, workdir, steps=300):
+  # famo: a stateful weighting, whose state must be restored too.
   return [
-    "train",
-    "--config",
-    CONFIG,
-    f"--config.dataset.data_dir={data_dir}",
-    *(f"--config.dataset.options.{k}={v}" for k, v in DATA.items()),
-    "--config.model.mlp.hidden=(16,)",
-    "--config.weighting=famo",  # stateful weighting: its state must be restored too
-    "--config.batch_size=32",
-    f"--config.num_steps={steps}",
-    "--config.log_every=25",
-    "--config.eval_every=100",
-    "--config.checkpoint_every=100",
-    "--config.eval_batch_size=256",
-    "--config.baselines=",
-    "--config.plots=false",
-    "--no-progress",
+    *synthetic_train_args(
+      data_dir,
+      DATA,
+      weighting="famo",
+      num_steps=steps,
+      log_every=25,
+      eval_every=100,
+      checkpoint_every=100,
+      eval_batch_size=256,
+    ),
     "--workdir",
     str(workdir),
   ]

@@ -533,10 +533,10 @@ def test_excess_mtl_in_the_train_step():
     state = new_state(make_params(jnp.float64), optax.sgd(0.5), W.excess_mtl(step_size=1.0))
     step = jax.jit(jmtl.make_train_step(apply, TASKS))
     jacobians = []
+    jac_fn = jax.jit(jax.jacrev(lambda s, p, b: task_losses({**p, "shared": s}, b)))  # one compile, not op by op
     for seed in range(2):
       batch = make_batch(dtype=jnp.float64, seed=seed)
-      jac = jax.jacrev(lambda s, b=batch, p=state.params: task_losses({**p, "shared": s}, b))(state.params["shared"])
-      jacobians.append(flat(jac))
+      jacobians.append(flat(jac_fn(state.params["shared"], state.params, batch)))
       state, metrics = step(state, batch)
     np.testing.assert_allclose(flat(state.weighting_state.sq_grad_sum), sum(j**2 for j in jacobians), rtol=1e-10)
     np.testing.assert_allclose(metrics.per_task["weight"], excess_reference(jacobians, 1.0)[-1], rtol=1e-10)

@@ -240,9 +240,17 @@ class _Iterator(grain.DatasetIterator):
     return {"pipeline": dict(self._fingerprint), "grain": self._parent.get_state()}
 
   def set_state(self, state: dict) -> None:
+    """Restores a position saved by :meth:`get_state`, also one saved by another process or under another count.
+
+    The position is a count of global batches, and which rows of them this
+    process reads follows from this process (``process`` in the fingerprint
+    is left out of the comparison), so a run saved by 2 processes resumes on 1
+    and vice versa.
+    """
     saved = state.get("pipeline") if isinstance(state, Mapping) else None
-    if saved != self._fingerprint:
-      diff = {k: (saved.get(k), v) for k, v in self._fingerprint.items() if saved.get(k) != v} if saved else state
+    mine = {k: v for k, v in self._fingerprint.items() if k != "process"}
+    if not isinstance(saved, Mapping) or {k: v for k, v in saved.items() if k != "process"} != mine:
+      diff = {k: (saved.get(k), v) for k, v in mine.items() if saved.get(k) != v} if saved else state
       raise ValueError(f"the saved iterator state belongs to another pipeline: (saved, this) differ in {diff}")
     self._parent.set_state(state["grain"])
 

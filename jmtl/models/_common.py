@@ -7,6 +7,7 @@ them (the expert stacks are in :mod:`jmtl.models._experts_common`).
 from __future__ import annotations
 
 import functools
+import math
 from collections.abc import Callable
 from collections.abc import Mapping
 from collections.abc import Sequence
@@ -135,7 +136,7 @@ def flatten_batch(x: Array) -> Array:
   x = jnp.asarray(x)
   if x.ndim == 0:
     raise ValueError(f"inputs must have a leading batch axis, got a scalar of shape {x.shape}")
-  return x.reshape(x.shape[0], -1)
+  return x.reshape(x.shape[0], math.prod(x.shape[1:]))  # not -1: an empty batch has no size to infer it from
 
 
 def as_nhwc(inputs: Array, num_stages: int, where: str) -> Array:

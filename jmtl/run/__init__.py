@@ -23,6 +23,7 @@ from jmtl.run.experiment import report_workdir
 from jmtl.run.experiment import train
 from jmtl.run.experiment import train_baselines
 from jmtl.run.loop import Interrupted
+from jmtl.run.loop import TooManySkipped
 from jmtl.run.loop import create_train_state
 from jmtl.run.loop import train_and_evaluate
 from jmtl.run.sweeps import sweep
@@ -30,6 +31,7 @@ from jmtl.run.sweeps import sweep
 __all__ = [
   "ConfigError",
   "Interrupted",
+  "TooManySkipped",
   "apply_overrides",
   "create_train_state",
   "evaluate_workdir",

@@ -42,6 +42,9 @@ _NOT_IN_BASELINE = (
   "checkpoint_every",
   "keep_checkpoints",
   "plots",
+  "checks",
+  "max_skipped_fraction",
+  "skip_window",
 )
 
 

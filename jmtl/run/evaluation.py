@@ -61,10 +61,67 @@ def selection_score(values: Mapping[str, float], tasks: Sequence[jmtl.Task], met
   """
   total = 0.0
   for t in tasks:
-    v = float(values[f"{t.name}/{metric}"])
+    v = values[f"{t.name}/{metric}"]
+    if v is None:  # marked by mark_non_finite
+      return -1e300
+    v = float(v)
     total += v if higher_is_better(t, metric) else -v
   score = total / len(tasks)
   return score if math.isfinite(score) else -1e300  # a diverged model is never selected over a finite one
+
+
+def mark_non_finite(values: Mapping[str, Any], tasks: Sequence[jmtl.Task]) -> tuple[dict[str, Any], list[str]]:
+  """``values`` with every metric of a task whose loss is not finite set to ``None``, and the names of those tasks.
+
+  A model whose loss on a task is NaN or inf still gives an accuracy (the
+  argmax of NaN scores is some class): it is not a measurement, so it is
+  not reported as one. Results files hold ``null`` for such metrics and list
+  the tasks under ``"non_finite"``; the tables print "non-finite".
+
+  Examples:
+    >>> t = jmtl.Task("a", jmtl.losses.softmax_cross_entropy, {"acc": jmtl.metrics.accuracy()})
+    >>> mark_non_finite({"a/loss": float("nan"), "a/acc": 0.25}, [t])
+    ({'a/loss': None, 'a/acc': None}, ['a'])
+  """
+  out, marked = dict(values), []
+  for t in tasks:
+    loss = values.get(f"{t.name}/loss")
+    if loss is not None and math.isfinite(float(loss)):
+      continue
+    marked.append(t.name)
+    for key in (f"{t.name}/loss", *(f"{t.name}/{m}" for m in t.metrics)):
+      if key in out:
+        out[key] = None
+  return out, marked
+
+
+def check_results(results: Any, path: str) -> dict[str, Any]:
+  """``results`` (a ``results.json`` or ``eval.json`` read from ``path``) if it holds what the tables read.
+
+  Raises:
+    ConfigError: naming the file and what it lacks, and what to do.
+
+  Examples:
+    >>> check_results({}, "/tmp/run/results.json")  # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    jmtl.run.config.ConfigError: /tmp/run/results.json is not a jmtl results file (no 'tasks', 'metric', 'test'); ...
+  """
+  missing = ["tasks", "metric", "test"] if not isinstance(results, Mapping) else []
+  missing += [k for k in ("tasks", "metric", "test") if not missing and k not in results]
+  if not missing:
+    tasks, metric, test = results["tasks"], results["metric"], results["test"]
+    if not isinstance(tasks, list) or not all(isinstance(t, str) for t in tasks):
+      missing.append("tasks (a list of names)")
+    elif not isinstance(metric, Mapping) or any(t not in metric for t in tasks):
+      missing.append("metric (one per task)")
+    elif not isinstance(test, Mapping):
+      missing.append("test (a mapping of metrics)")
+  if missing:
+    raise ConfigError(
+      f"{path} is not a jmtl results file (no {', '.join(repr(m) if ' ' not in m else m for m in missing)}); "
+      "delete it and run the same jmtl train command again, which evaluates the run's last checkpoint anew"
+    )
+  return dict(results)
 
 
 def describe(tasks: Sequence[jmtl.Task]) -> dict[str, Any]:
@@ -101,12 +158,18 @@ def compare(results: Mapping[str, Any], baselines: Mapping[str, float]) -> dict[
   """
   names = results["tasks"]
   key = {n: f"{n}/{results['metric'][n]}" for n in names}
-  mt = {key[n]: results["test"][key[n]] for n in names}
-  st = {key[n]: baselines[n] for n in names}
-  hib = {key[n]: results["higher_is_better"][n] for n in names}
+  # A metric marked non-finite (None) on either side has no Δm% term and no transfer flag.
+  known = [n for n in names if _finite(results["test"].get(key[n])) and _finite(baselines.get(n))]
+  mt = {key[n]: results["test"][key[n]] for n in known}
+  st = {key[n]: baselines[n] for n in known}
+  hib = {key[n]: results["higher_is_better"][n] for n in known}
   neg = jmtl.metrics.negative_transfer(mt, st, hib)
   return {
     "baselines": {n: baselines[n] for n in names},
-    "delta_m": jmtl.metrics.delta_m(mt, st, hib),
-    "negative_transfer": {n: bool(neg[key[n]]) for n in names},
+    "delta_m": jmtl.metrics.delta_m(mt, st, hib) if len(known) == len(names) else None,
+    "negative_transfer": {n: bool(neg[key[n]]) if n in known else None for n in names},
   }
+
+
+def _finite(value: Any) -> bool:
+  return isinstance(value, int | float) and math.isfinite(value)

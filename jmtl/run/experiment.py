@@ -11,6 +11,7 @@ from typing import Any
 import jax
 import ml_collections
 
+import jmtl.parallel
 from jmtl.run import baselines as baselines_lib
 from jmtl.run import evaluation
 from jmtl.run import inputs
@@ -24,7 +25,7 @@ from jmtl.run.config import ConfigError
 
 
 def _say(text: str, quiet: bool) -> None:
-  if not quiet:
+  if not quiet and jmtl.parallel.is_primary():  # under jax.distributed, process 0 prints
     print(text, flush=True)
 
 
@@ -38,10 +39,11 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, progress: bool = T
     -3.22
   """
   registry.check(config)
-  results = loop.train_and_evaluate(config, workdir, progress=progress, desc=config.weighting)
-  results = add_baselines(config, workdir, results, progress=progress, train_missing=True)
-  if config.plots:
-    plots.write_all(os.path.abspath(workdir), results["tasks"], results["metric"])
+  with workdir_lib.locked(workdir):  # also over what follows training (results.json, plots)
+    results = loop.train_and_evaluate(config, workdir, progress=progress, desc=config.weighting)
+    results = add_baselines(config, workdir, results, progress=progress, train_missing=True)
+    if config.plots and jmtl.parallel.is_primary():
+      plots.write_all(os.path.abspath(workdir), results["tasks"], results["metric"])
   _say(report.run_table(results), quiet)
   return results
 
@@ -91,7 +93,9 @@ def train_baselines(config: ml_collections.ConfigDict, workdir: str, *, progress
 def evaluate_workdir(workdir: str, *, quiet: bool = False) -> dict[str, Any]:
   """``jmtl eval``: validation and test metrics of a run's latest checkpoint (the kept model), with Δm% if stored.
 
-  Writes them to ``<workdir>/eval.json`` (``results.json`` stays the run's own).
+  The checkpoint is the newest that verifies (:meth:`Checkpoints.restore_kept`;
+  a skipped one is named on stderr). Writes them to ``<workdir>/eval.json``
+  (``results.json`` stays the run's own).
 
   Examples:
     >>> evaluate_workdir("/nonexistent")
@@ -106,10 +110,12 @@ def evaluate_workdir(workdir: str, *, quiet: bool = False) -> dict[str, Any]:
   run = loop.Run(config)
   example = inputs.TrainBatches(run.data, run.names, config).example()
   state = jax.eval_shape(lambda: loop.create_train_state(run, example))
-  step = ckpt.latest_step()
   which = "best_params" if config.select == "best" else "params"
-  params, meta = ckpt.restore_params(loop.variables(state), which)
-  ckpt.close()
+  try:
+    step, params, meta = ckpt.restore_kept(loop.variables(state), which)
+  finally:
+    ckpt.close()
+  params = loop.place(params, run.mesh)  # restored on one device; replicated over the run's mesh
   results = {
     **evaluation.describe(run.tasks),
     "units": inputs.units(run.data, run.names),
@@ -120,9 +126,11 @@ def evaluate_workdir(workdir: str, *, quiet: bool = False) -> dict[str, Any]:
     "selected_step": int(meta["host"]["best_step"]) if config.select == "best" else step,
     "num_skipped": None,
     "step_ms": None,
-    "validation": run.evaluate(params, "validation"),
-    "test": run.evaluate(params, "test"),
   }
+  marked = {}
+  for split in ("validation", "test"):  # a task whose loss is not finite: its metrics null, the task listed
+    results[split], marked[split] = evaluation.mark_non_finite(run.evaluate(params, split), run.tasks)
+  results["non_finite"] = {split: names for split, names in marked.items() if names}
   base_dir = baselines_lib.directory(config, path)
   stored = baselines_lib.read(base_dir, config) if base_dir else {}
   if all(t in stored for t in run.names):
@@ -141,12 +149,18 @@ def report_workdir(workdir: str, *, quiet: bool = False) -> str:
   path = workdir_lib.check_usable(workdir, create=False)
   sweep_file = os.path.join(path, "sweep.json")
   if os.path.exists(sweep_file):
-    text = report.sweep_table(workdir_lib.read_json(sweep_file, f"workdir {path}")["rows"])
+    data = workdir_lib.read_json(sweep_file, f"workdir {path}")
+    if not isinstance(data, dict) or not isinstance(data.get("rows"), list):
+      raise ConfigError(
+        f"{sweep_file} is not a jmtl sweep file (no 'rows'); the runs under {os.path.join(path, 'runs')} are "
+        "intact (jmtl report --workdir <run>)"
+      )
+    text = report.sweep_table(data["rows"])
   else:
     results_file = os.path.join(path, workdir_lib.RESULTS)
     if not os.path.exists(results_file):
       raise ConfigError(f"workdir {path} has no {workdir_lib.RESULTS} (the run has not finished; try jmtl eval)")
-    results = workdir_lib.read_json(results_file, f"workdir {path}")
+    results = evaluation.check_results(workdir_lib.read_json(results_file, f"workdir {path}"), results_file)
     plots.write_all(path, results["tasks"], results["metric"])
     text = report.run_table(results)
   _say(text, quiet)

@@ -7,6 +7,7 @@ loaded splits are cached per dataset config, so a sweep reads them once.
 from __future__ import annotations
 
 import json
+import weakref
 from collections.abc import Iterator
 from collections.abc import Mapping
 from typing import Any
@@ -143,6 +144,122 @@ def head_dims(data: Data, names: list[str]) -> dict[str, int]:
   return {n: int(data.specs[n].get("num_classes") or data.specs[n].get("dim") or 1) for n in names}
 
 
+class DataError(ConfigError):
+  """Bad values in a dataset (a label out of range, NaN or inf, a mask outside [0, 1]), found before training."""
+
+
+_CHECKED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # source -> the fields checked already
+_ROWS = 4096  # rows per chunk: the temporaries of a check stay small for large in-memory sets
+
+
+def check_data(data: Data, names: list[str]) -> None:
+  """Checks every in-memory split (:class:`jmtl.data.ArraySource`) once, on the host, before any training.
+
+  A classification label of a labelled example (mask > 0) must be a class
+  index in ``[0, num_classes)``, a multilabel label lie in ``[0, 1]``, a
+  regression label be finite; inputs must be finite; masks must lie in
+  ``[0, 1]``; a split must not be empty. The first violation raises a
+  :class:`DataError` naming the task (or the inputs), the split, the first
+  offending example and value, and how many there are -- a wrong encoding
+  (labels 1..10 for 10 classes) fails here instead of skipping every
+  training step. Splits not held in memory are not read here (the checked
+  step, ``--config.checks=true``, checks each batch as it trains).
+
+  Examples:
+    >>> src = data_lib.ArraySource({"inputs": np.zeros((3, 2)), "labels": {"a": np.array([1, 2, 3])}},
+    ...                            tasks={"a": {"kind": "classification", "num_classes": 3}})
+    >>> check_data(Data({"train": src}, dict(src.tasks), None, None), ["a"])  # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    jmtl.run.inputs.DataError: task 'a': train example 2 has label 3, outside 0..2 for its 3 classes ...
+  """
+  for split, src in data.sources.items():
+    if not isinstance(src, data_lib.ArraySource):
+      continue
+    done = _CHECKED.setdefault(src, set())
+    if not len(src):
+      raise DataError(f"split {split!r} of the dataset has no examples")
+    if "inputs" not in done:
+      _check_inputs(src.inputs, split)
+      done.add("inputs")
+    for name in names:
+      if name in done or name not in src.labels:
+        continue
+      mask = src.masks.get(name)
+      if mask is not None:
+        _check_mask(name, mask, split)
+      _check_labels(name, data.specs.get(name, {}), src.labels[name], mask, split)
+      done.add(name)
+
+
+def _examples(count: int, split: str) -> str:
+  return f"{count} {split} example{'s' if count != 1 else ''}"
+
+
+def _chunks(n: int):
+  for start in range(0, n, _ROWS):
+    yield start, slice(start, min(start + _ROWS, n))
+
+
+def _scan(values: np.ndarray, bad_of, labelled: np.ndarray | None = None) -> tuple[int, int, Any]:
+  """``(count, first index, first value)`` of the examples where ``bad_of(chunk)`` holds somewhere (count 0: none)."""
+  count, first, value = 0, -1, None
+  for start, rows in _chunks(values.shape[0]):
+    bad = bad_of(values[rows]).reshape(rows.stop - start, -1)
+    per_row = bad.any(axis=1) if labelled is None else bad.any(axis=1) & labelled[rows]
+    if first < 0 and per_row.any():
+      i = int(np.argmax(per_row))
+      first, value = start + i, values[start + i].reshape(-1)[int(np.argmax(bad[i]))]
+    count += int(per_row.sum())
+  return count, first, value
+
+
+def _check_inputs(x: np.ndarray, split: str) -> None:
+  if not np.issubdtype(x.dtype, np.inexact):
+    return
+  count, first, value = _scan(x, lambda c: ~np.isfinite(c))
+  if count:
+    raise DataError(
+      f"inputs: {split} example {first} holds {value} ({_examples(count, split)} hold NaN or inf); "
+      "the inputs must be finite"
+    )
+
+
+def _check_mask(name: str, mask: np.ndarray, split: str) -> None:
+  count, first, value = _scan(mask, lambda c: ~((c >= 0) & (c <= 1)))
+  if count:
+    raise DataError(
+      f"task {name!r}: {split} example {first} has mask {value}, outside [0, 1] ({_examples(count, split)}); "
+      "a mask is 1 for a labelled example and 0 for a missing label"
+    )
+
+
+def _check_labels(name: str, spec: Mapping, y: np.ndarray, mask: np.ndarray | None, split: str) -> None:
+  labelled = None if mask is None else mask > 0
+  kind = spec.get("kind")
+  if kind == "classification" and spec.get("num_classes") and np.issubdtype(y.dtype, np.number):
+    c = int(spec["num_classes"])
+    count, first, value = _scan(y, lambda v: ~((v >= 0) & (v < c)), labelled)
+    if count:
+      raise DataError(
+        f"task {name!r}: {split} example {first} has label {value}, outside 0..{c - 1} for its {c} classes "
+        f"({_examples(count, split)} out of range); a class label is an index 0..num_classes-1"
+      )
+  elif kind == "multilabel" and np.issubdtype(y.dtype, np.number):
+    count, first, value = _scan(y, lambda v: ~((v >= 0) & (v <= 1)), labelled)
+    if count:
+      raise DataError(
+        f"task {name!r}: {split} example {first} has label {value}, outside [0, 1] "
+        f"({_examples(count, split)}); multilabel targets are 0 or 1 (or a probability)"
+      )
+  elif np.issubdtype(y.dtype, np.inexact):
+    count, first, value = _scan(y, lambda v: ~np.isfinite(v), labelled)
+    if count:
+      raise DataError(
+        f"task {name!r}: {split} example {first} has label {value} ({_examples(count, split)} with NaN or inf "
+        "labels); a missing label is marked with mask 0, not a non-finite value"
+      )
+
+
 def _select(batch: dict, names: list[str]) -> dict:
   return {
     "inputs": batch["inputs"],
@@ -209,6 +326,12 @@ class TrainBatches:
 def eval_batches(data: Data, split: str, names: list[str], batch_size: int) -> Iterator[dict]:
   """The batches of a split in order; the last one is padded with masked-out rows, so one compile serves all.
 
+  The batches are whole in every process (not split over ``jax.distributed``
+  processes as training batches are): each process reads them and puts the
+  rows of its own devices (:func:`jmtl.parallel.put_batch` with
+  ``global_batch=True``), so the padding and the sums do not depend on the
+  process count.
+
   Examples:
     >>> src = data_lib.ArraySource({"inputs": np.zeros((5, 2)), "labels": {"a": np.arange(5)}})
     >>> d = Data({"test": src}, dict(src.tasks), None, None)
@@ -223,6 +346,7 @@ def eval_batches(data: Data, split: str, names: list[str], batch_size: int) -> I
     num_epochs=1,
     drop_remainder=False,
     transform=data.transform,
+    shard=False,
   )
   for raw in pipe:
     batch = _select(raw, names)

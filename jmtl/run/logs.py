@@ -6,14 +6,27 @@ step metrics: ``loss/<task>``, ``weight/<task>``, ``grad_norm``,
 ``grad_cosine`` when the method computes a Gramian, ``skipped`` as a count,
 ``examples_per_s``) and ``{"step": s, "kind": "validation", "<task>/<metric>":
 ...}`` every ``eval_every`` steps.
+
+Every start of a run rewrites ``metrics.jsonl`` before it appends to it: on a
+resume from step ``s`` it keeps the records of steps ``<= s`` (a line that is
+not a JSON record -- torn by a kill, or damaged -- is reported on stderr with
+its line number and left out, never the records after it); on a start from step
+0 it empties the file (saying so when it held records: a workdir whose
+checkpoints were all removed is trained again from 0, and its log with it).
+TensorBoard event files are never appended to: each start writes a new file
+(the name ends in the start's nanosecond time), beginning with a purge marker
+at step ``s + 1`` (1 for a start from 0), so TensorBoard hides the earlier
+files' events from that step on; the older files stay on disk.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
 import sys
+import time
 from collections.abc import Mapping
 from typing import Any
 
@@ -21,8 +34,11 @@ import numpy as np
 import tqdm
 
 
-def read_jsonl(path: str) -> list[dict]:
-  """The records of a JSONL file (an empty list if it does not exist); a torn last line is ignored.
+def read_jsonl(path: str, *, quiet: bool = False) -> list[dict]:
+  """The records of a JSONL file (an empty list if it does not exist).
+
+  A line that is not a JSON object with an integer ``step`` (torn by a kill,
+  or damaged) is skipped, and reported in one line on stderr unless ``quiet``.
 
   Examples:
     >>> read_jsonl("/nonexistent.jsonl")
@@ -30,13 +46,21 @@ def read_jsonl(path: str) -> list[dict]:
   """
   if not os.path.exists(path):
     return []
-  out = []
-  with open(path) as f:
-    for line in f:
+  out, bad = [], []
+  with open(path, "rb") as f:
+    for number, line in enumerate(f, 1):
       try:
-        out.append(json.loads(line))
-      except json.JSONDecodeError:
-        break  # a line cut by a kill mid-write; everything after it is gone too
+        record = json.loads(line)
+      except ValueError:  # JSONDecodeError, or bytes that are not UTF-8
+        record = None
+      if isinstance(record, dict) and isinstance(record.get("step"), int):
+        out.append(record)
+      elif line.strip():
+        bad.append(number)
+  if bad and not quiet:
+    shown = ", ".join(map(str, bad[:5])) + (f" and {len(bad) - 5} more" if len(bad) > 5 else "")
+    noun = "line" if len(bad) == 1 else "lines"
+    print(f"jmtl: {path}: {noun} {shown} not a JSON record; skipped", file=sys.stderr, flush=True)
   return out
 
 
@@ -48,7 +72,7 @@ def _plain(value: Any) -> Any:
   return None if isinstance(v, float) and not math.isfinite(v) else v
 
 
-def _summary_writer(logdir: str, purge_step: int | None):
+def _summary_writer(logdir: str, purge_step: int):
   # tensorboardX imports torch when it is installed, only to accept torch
   # tensors (2 s, and torch in the process); jmtl passes numbers, so hide it.
   hide = "torch" not in sys.modules
@@ -59,7 +83,16 @@ def _summary_writer(logdir: str, purge_step: int | None):
   finally:
     if hide:
       del sys.modules["torch"]
-  return SummaryWriter(logdir, flush_secs=30, purge_step=purge_step)
+  # A file of its own per start: tensorboardX names files by the second and opens them with "wb", so a
+  # restart within the same second would otherwise overwrite the previous start's file.
+  return SummaryWriter(logdir, flush_secs=30, purge_step=purge_step, filename_suffix=f".{time.time_ns()}")
+
+
+def _writes_files() -> bool:
+  """Whether this process writes the run's logs: the only one, or process 0 of a ``jax.distributed`` run."""
+  import jmtl.parallel
+
+  return jmtl.parallel.is_primary()
 
 
 class MetricsLog:
@@ -67,7 +100,9 @@ class MetricsLog:
 
   On resume from step ``s`` (``resume_step``), the records after ``s`` are
   dropped -- from ``metrics.jsonl`` here, from TensorBoard by its purge
-  marker -- and the resumed run writes them again, identically.
+  marker -- and the resumed run writes them again, identically. A start from
+  step 0 (``resume_step=None``) empties ``metrics.jsonl``, with a one-line
+  notice on stderr when it held records.
 
   Examples:
     >>> import tempfile
@@ -82,20 +117,44 @@ class MetricsLog:
 
   def __init__(self, workdir: str, resume_step: int | None = None, tensorboard: bool = True):
     self.path = os.path.join(workdir, "metrics.jsonl")
-    if resume_step is not None:
+    self.tb, self.writes = None, _writes_files()
+    if not self.writes:  # another process of a multi-process run: process 0 writes the log
+      return
+    if resume_step is None:
+      self._restart(workdir)
+    else:
       self._truncate(resume_step)
-    purge = None if resume_step is None else resume_step + 1
+    purge = 1 if resume_step is None else resume_step + 1
     self.tb = _summary_writer(os.path.join(workdir, "tensorboard"), purge) if tensorboard else None
 
+  def _restart(self, workdir: str) -> None:
+    if os.path.exists(self.path) and os.path.getsize(self.path):
+      print(
+        f"jmtl: workdir {workdir} has a metrics.jsonl but no checkpoint: training from step 0, "
+        "the log rewritten from the start",
+        file=sys.stderr,
+        flush=True,
+      )
+    self._rewrite([])
+
   def _truncate(self, step: int) -> None:
-    records = [r for r in read_jsonl(self.path) if r.get("step", 0) <= step]
-    tmp = self.path + ".tmp"
-    with open(tmp, "w") as f:
-      f.writelines(json.dumps(r) + "\n" for r in records)
-    os.replace(tmp, self.path)
+    self._rewrite([r for r in read_jsonl(self.path) if r["step"] <= step])
+
+  def _rewrite(self, records: list[dict]) -> None:
+    tmp = f"{self.path}.tmp{os.getpid()}"
+    try:
+      with open(tmp, "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in records)
+      os.replace(tmp, self.path)
+    except BaseException:  # a full disk, say: the log stays as it was, with no stray temporary file
+      with contextlib.suppress(OSError):
+        os.remove(tmp)
+      raise
 
   def write(self, step: int, kind: str, values: Mapping[str, Any]) -> dict:
     record = {"step": int(step), "kind": kind, **{k: _plain(v) for k, v in values.items()}}
+    if not self.writes:
+      return record
     with open(self.path, "a") as f:
       f.write(json.dumps(record) + "\n")
     if self.tb is not None:
@@ -121,7 +180,7 @@ class MetricsLog:
 
 
 class Progress:
-  """A tqdm bar: step, per-task losses, examples/s; tqdm adds the rate and the ETA.
+  """A tqdm bar: step, per-task losses, examples/s, skipped steps (once there are any); tqdm adds the rate and the ETA.
 
   Examples:
     >>> bar = Progress(100, 0, "equal", enabled=False)
@@ -131,7 +190,13 @@ class Progress:
 
   def __init__(self, total: int, initial: int, desc: str, enabled: bool = True):
     self.bar = tqdm.tqdm(
-      total=total, initial=initial, desc=desc, unit="step", dynamic_ncols=True, disable=not enabled, mininterval=0.5
+      total=total,
+      initial=initial,
+      desc=desc,
+      unit="step",
+      dynamic_ncols=True,
+      disable=not (enabled and _writes_files()),
+      mininterval=0.5,
     )
 
   def update(self, step: int, record: Mapping[str, Any] | None = None) -> None:
@@ -140,6 +205,8 @@ class Progress:
       post = {k[5:]: f"{v:.3g}" for k, v in record.items() if k.startswith("loss/") and v is not None}
       if record.get("examples_per_s"):
         post["ex/s"] = f"{record['examples_per_s']:.0f}"
+      if record.get("num_skipped"):  # non-finite steps skipped since step 0, as they happen
+        post["skipped"] = str(record["num_skipped"])
       self.bar.set_postfix(post, refresh=False)
 
   def close(self) -> None:

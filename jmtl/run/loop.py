@@ -10,10 +10,9 @@ and metrics of an uninterrupted one.
 
 from __future__ import annotations
 
-import contextlib
+import math
 import os
-import signal
-import threading
+import sys
 import time
 from typing import Any
 
@@ -21,25 +20,31 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+import tqdm
 
 import jmtl
 from jmtl.run import evaluation
 from jmtl.run import inputs
 from jmtl.run import registry
+from jmtl.run import signals
 from jmtl.run import workdir as workdir_lib
 from jmtl.run.checkpoints import Checkpoints
 from jmtl.run.config import ConfigError
 from jmtl.run.config import task_subset
 from jmtl.run.logs import MetricsLog
 from jmtl.run.logs import Progress
+from jmtl.run.signals import Interrupted
 
 
-class Interrupted(Exception):
-  """Raised after SIGINT/SIGTERM, once the checkpoint of the current step is written."""
+class TooManySkipped(RuntimeError):
+  """Raised when more than ``max_skipped_fraction`` of the last ``skip_window`` steps were skipped.
 
-  def __init__(self, signum: int, step: int):
-    super().__init__(f"interrupted by {signal.Signals(signum).name} at step {step}; checkpoint saved")
-    self.signum, self.step = signum, step
+  The checkpoint of the step is written first. ``step`` is that step.
+  """
+
+  def __init__(self, message: str, step: int):
+    super().__init__(message)
+    self.step = step
 
 
 def create_train_state(run: Run, example: dict) -> jmtl.TrainState:
@@ -65,18 +70,34 @@ def _rest(state: jmtl.TrainState) -> jmtl.TrainState:
 def data_mesh(config) -> jax.sharding.Mesh | None:
   """The data-parallel mesh of ``config.devices`` devices (0: all), or ``None`` for one device.
 
+  Under ``jax.distributed`` the devices are those of every process, the same
+  number from each (:func:`jmtl.parallel.make_mesh`): ``devices`` is 0 or a
+  multiple of the process count.
+
+  Raises:
+    ConfigError: when the devices do not exist or do not split evenly over the processes.
+
   Examples:
     >>> data_mesh(ml_collections.ConfigDict({"devices": 1})) is None
     True
   """
   n = config.get("devices", 1)
   n = jax.device_count() if n == 0 else n
-  return None if n == 1 else jmtl.parallel.make_mesh(n)
+  if n == 1 and jax.process_count() == 1:
+    return None
+  try:
+    return jmtl.parallel.make_mesh(n)
+  except ValueError as e:
+    raise ConfigError(f"config field 'devices' = {config.get('devices', 1)} (0: all): {e}") from e
 
 
 def place(tree, mesh):
-  """``tree`` replicated over ``mesh`` (unchanged without one)."""
-  return tree if mesh is None else jax.device_put(tree, jmtl.parallel.replicated(mesh))
+  """``tree`` replicated over ``mesh`` (without one, committed to the default device); under ``jax.distributed``, from
+  each process's copy.
+
+  Committed either way, as the step's outputs are: an uncommitted first carry would compile the step once more.
+  """
+  return jax.device_put(tree, jax.devices()[0]) if mesh is None else jmtl.parallel.put_replicated(tree, mesh)
 
 
 def make_loop_step(config, model, tasks, mesh=None):
@@ -127,33 +148,55 @@ def make_loop_step(config, model, tasks, mesh=None):
 
   if mesh is None:
     return jmtl.parallel.jit(logged_step), zero_sums
-  return jmtl.parallel.mesh_jit(logged_step, mesh), zero_sums
+  on_mesh = jmtl.parallel.mesh_jit(logged_step, mesh)
+  # A batch is this process's rows of the global batch (all of them on one process): put_batch makes it global.
+  return (lambda carry, batch: on_mesh(carry, jmtl.parallel.put_batch(batch, mesh))), zero_sums
 
 
 # One compiled program each (op by op, every leaf would compile its own copy or zeros kernel).
 _copy = jax.jit(lambda tree: jax.tree.map(jnp.copy, tree))
-_zeros = jax.jit(lambda tree: jax.tree.map(jnp.zeros_like, tree), donate_argnums=0)
 
 
-@contextlib.contextmanager
+def _zeros_like(tree):
+  return jax.tree.map(jnp.zeros_like, tree)
+
+
+def _zeros(tree):
+  """Zeros in place of ``tree`` (donated), on its leaves' devices: a jitted constant would land on one device only,
+  which a multi-process run can neither checkpoint nor feed to the step."""
+  shardings = jax.tree.map(lambda x: x.sharding, tree)
+  return jax.jit(_zeros_like, donate_argnums=0, out_shardings=shardings)(tree)  # compiled once per shardings
+
+
 def _stop_on_signals():
-  """Turns SIGINT/SIGTERM into a flag the loop checks once per step (a second SIGINT stops at once)."""
-  caught: dict[str, int] = {}
-  if threading.current_thread() is not threading.main_thread():
-    yield caught
-    return
+  """SIGINT/SIGTERM as a flag the loop checks once per step (:func:`jmtl.run.signals.deferred`).
 
-  def handler(signum, frame):
-    if caught and signum == signal.SIGINT:
-      raise KeyboardInterrupt
-    caught["signum"] = signum
+  Inside the ``jmtl`` command this shares the command's flag, so a signal
+  that came during start-up is seen by the loop too.
+  """
+  return signals.deferred()
 
-  old = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
-  try:
-    yield caught
-  finally:
-    for s, h in old.items():
-      signal.signal(s, h)
+
+def _checked_loop_step(train_step, num_classes: dict[str, int]):
+  """``train_step`` with :mod:`jmtl.checks` around it: each batch checked before its step, the metric sums after.
+
+  The step's program is unchanged. The sums are reset every ``log_every``
+  steps and checked after every step, so the first step with a non-finite
+  loss or weight is the one named. Two host syncs per step: slower.
+  """
+
+  def local(x):  # a replicated value's copy on this process's first device (all of it, on one process)
+    return x.addressable_data(0) if isinstance(x, jax.Array) else x
+
+  def step(carry, batch):
+    state, sums = carry
+    number = int(local(state.step)) + 1
+    jmtl.checks.check_batch(batch, step=number, num_classes=num_classes)
+    state, sums = train_step((state, sums), batch)
+    jmtl.checks.check_metrics(jax.tree.map(local, sums), step=number)
+    return state, sums
+
+  return step
 
 
 class Run:
@@ -163,6 +206,7 @@ class Run:
     self.config = config
     self.data = inputs.load_data(config)
     self.names = task_subset(config, self.data.specs)
+    inputs.check_data(self.data, self.names)  # labels in range, values finite, masks in [0, 1]: before training
     self.tasks = inputs.make_tasks(self.data, self.names)
     evaluation.check_selection(self.tasks, config.select_metric)
     self.model = registry.make_model(config, inputs.head_dims(self.data, self.names))
@@ -172,6 +216,10 @@ class Run:
     self.mesh = data_mesh(config)
     self.eval_step = _eval_step(jmtl.make_eval_step(self.model, self.tasks), self.mesh)
     self.train_step, self.zero_sums = make_loop_step(config, self.model, self.tasks, self.mesh)
+    if config.get("checks", False):
+      dims = inputs.head_dims(self.data, self.names)
+      classes = {n: dims[n] for n in self.names if self.data.specs[n].get("kind") == "classification"}
+      self.train_step = _checked_loop_step(self.train_step, classes)
 
   def _check_shared(self) -> None:
     x = self.data.sources["train"][0]["inputs"]
@@ -209,16 +257,24 @@ def _eval_step(eval_step, mesh):
       jmtl.parallel.batch_sharding(mesh),
       jmtl.parallel.replicated(mesh),
     ),
+    out_shardings=jmtl.parallel.replicated(mesh),  # every process reads the global sums
   )
-  return lambda params, batch, model_state=None: sharded(params, batch, model_state)
+  # Every process reads each evaluation batch whole (inputs.eval_batches) and puts its devices' rows.
+  put = lambda batch: jmtl.parallel.put_batch(batch, mesh, global_batch=True)
+  return lambda params, batch, model_state=None: sharded(params, put(batch), model_state)
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, progress: bool = True, desc: str = "train"):
   """Trains (or resumes) the run of ``config`` in ``workdir``; returns and writes its ``results.json``.
 
+  The workdir is locked for the duration (:func:`jmtl.run.workdir.locked`). A
+  resume restores the newest checkpoint that verifies
+  (:meth:`Checkpoints.resume`).
+
   Raises:
     Interrupted: after SIGINT/SIGTERM, with the checkpoint written.
-    ConfigError: on a wrong config or workdir, before the workdir is written.
+    ConfigError: on a wrong config or workdir, before the workdir is written; when another process holds the
+      workdir; when the workdir has checkpoints and none verifies.
 
   Examples:
     >>> from jmtl.run import config as config_lib
@@ -226,11 +282,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, progr
     >>> results["test"]["task_0/acc"]  # doctest: +SKIP
     0.87
   """
+  with workdir_lib.locked(workdir):
+    return _train_and_evaluate(config, workdir, progress=progress, desc=desc)
+
+
+def _train_and_evaluate(config, workdir: str, *, progress: bool, desc: str):
   workdir = workdir_lib.open_run(workdir, config, write=False)
   results_path = os.path.join(workdir, workdir_lib.RESULTS)
   if os.path.exists(results_path):  # finished: a re-run only prints the table again
-    return workdir_lib.read_json(results_path, f"workdir {workdir}")
+    return evaluation.check_results(workdir_lib.read_json(results_path, f"workdir {workdir}"), results_path)
   run = Run(config)  # every config error surfaces here, before the workdir is written
+  signals.check("while loading the data and building the model")  # a safe point of the jmtl command
   workdir_lib.open_run(workdir, config)
   batches = inputs.TrainBatches(run.data, run.names, config, validation="validation" in run.weighting.requires)
   example = batches.example()
@@ -239,13 +301,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, progr
   ckpt = Checkpoints(os.path.join(workdir, "checkpoints"), config.keep_checkpoints)
   host = {"best_score": None, "best_step": 0, "seconds": 0.0, "timed_steps": 0}
   best = _copy(variables(state))
-  if ckpt.latest_step() is not None:
-    now, best, (rest, sums), meta = ckpt.restore(variables(state), (_rest(state), sums))
+  restored = ckpt.resume(variables(state), (_rest(state), sums))  # the newest checkpoint that verifies, if any
+  if restored is not None:
+    now, best, (rest, sums), meta = restored
     params, model_state = now if isinstance(now, tuple) else (now, {})
     state = rest.replace(params=params, model_state=model_state)
     batches.set_state(meta["data"])
     host = meta["host"]
-  log = MetricsLog(workdir, resume_step=int(state.step) if ckpt.latest_step() is not None else None)
+  log = MetricsLog(workdir, resume_step=int(state.step) if restored is not None else None)
   try:
     state, best = _Training(run, batches, ckpt, log, host).loop(state, sums, best, progress=progress, desc=desc)
   finally:
@@ -259,30 +322,37 @@ class _Training:
 
   def __init__(self, run: Run, batches, ckpt: Checkpoints, log: MetricsLog, host: dict):
     self.run, self.batches, self.ckpt, self.log, self.host = run, batches, ckpt, log, host
+    self.skips = _SkipWatch(run.config)
 
   def loop(self, state, sums, best, *, progress: bool, desc: str):
     config = self.run.config
     step = int(state.step)
     last_log = step - step % config.log_every
-    bar = Progress(config.num_steps, step, desc, progress)
-    tick, first = time.perf_counter(), True
     with _stop_on_signals() as caught:
+      if caught:  # during start-up (restoring, compiling the state): stop before the first step
+        raise Interrupted(caught["signum"], when="during start-up")
+      bar = Progress(config.num_steps, step, desc, progress)
+      tick, first = time.perf_counter(), True
       while step < config.num_steps:
         state, sums = self.run.train_step((state, sums), next(self.batches))
         step += 1
         end = step == config.num_steps
-        record = None
+        record, stop = None, None
         if step % config.log_every == 0 or end:
           record, sums = self.log_train(state, sums, step=step, count=step - last_log, tick=tick, first=first)
+          stop = self.skips.update(step, step - last_log, record)
           last_log, first = step, False
         if step % config.eval_every == 0 or end:
           best = self.validate(state, best, step=step)
-        if step % config.checkpoint_every == 0 or end or caught:
+        if step % config.checkpoint_every == 0 or end or caught or stop:
           self.ckpt.save(step, variables(state), best, (_rest(state), sums), _meta(self.batches, self.host))
         bar.update(step, record)
         if caught:
           bar.close()
           raise Interrupted(caught["signum"], step)
+        if stop:
+          bar.close()
+          raise TooManySkipped(f"{stop}; checkpoint saved", step)
         if record is not None:  # eval_every and checkpoint_every are multiples of log_every
           tick = time.perf_counter()  # so the timed intervals hold steps only
     bar.close()
@@ -296,7 +366,7 @@ class _Training:
       host["seconds"] += elapsed
       host["timed_steps"] += count
     record = {k: v / count for k, v in values.items() if k != "skipped"}
-    record["skipped"] = values["skipped"]
+    record["skipped"] = int(values["skipped"])  # steps of the interval skipped (``num_skipped``: since step 0)
     record["num_skipped"] = int(state.num_skipped)
     record["examples_per_s"] = count * self.run.config.batch_size / max(elapsed, 1e-9)
     self.log.write(step, "train", record)
@@ -304,7 +374,7 @@ class _Training:
 
   def validate(self, state, best, *, step: int):
     run, host = self.run, self.host
-    values = run.evaluate(variables(state), "validation")
+    values, _ = evaluation.mark_non_finite(run.evaluate(variables(state), "validation"), run.tasks)
     self.log.write(step, "validation", values)
     score = evaluation.selection_score(values, run.tasks, run.config.select_metric)
     if run.config.select == "final":
@@ -313,6 +383,65 @@ class _Training:
       host["best_score"], host["best_step"] = score, step
       best = _copy(variables(state))  # the state's buffers are donated to the next step
     return best
+
+
+class _SkipWatch:
+  """Skipped steps as they happen: a line on stderr at the first and whenever the count doubles; the stop rule.
+
+  Read every ``log_every`` steps (the host syncs then only). The run stops
+  when more than ``max_skipped_fraction`` x ``skip_window`` steps were
+  skipped within the last ``skip_window`` steps (at least ``log_every``),
+  counted since the run (re)started. ``max_skipped_fraction=1`` never stops.
+
+  Examples:
+    >>> watch = _SkipWatch(ml_collections.ConfigDict({"log_every": 10, "skip_window": 100,
+    ...                                              "max_skipped_fraction": 0.1}), quiet=True)
+    >>> watch.update(10, 10, {"skipped": 0, "num_skipped": 0}) is None
+    True
+    >>> watch.update(20, 10, {"skipped": 10, "num_skipped": 10, "loss/a": float("nan")}) is None
+    True
+    >>> print(watch.update(30, 10, {"skipped": 1, "num_skipped": 11, "loss/a": float("inf")}))
+    11 of the last 100 steps were skipped at step 30 (non-finite loss: a; the limit is
+    max_skipped_fraction=0.1 of skip_window=100 steps)
+  """
+
+  def __init__(self, config, *, quiet: bool = False):
+    self.fraction = float(config.get("max_skipped_fraction", 0.1))
+    self.window = max(int(config.get("skip_window", 100)), int(config.log_every))
+    self.recent: list[tuple[int, int]] = []  # (last step of a logged interval, steps skipped in it)
+    self.warned: int | None = None  # the total count at the last warning
+    self.quiet = quiet
+
+  def update(self, step: int, count: int, record: dict) -> str | None:
+    """Takes the train record of the interval of ``count`` steps ending at ``step``; returns why to stop, or None."""
+    skipped, total = int(record["skipped"]), int(record["num_skipped"])
+    self.recent = [(s, n) for s, n in self.recent if s > step - self.window]
+    if skipped:
+      self.recent.append((step, skipped))
+    cause = _cause(record)
+    if skipped and (self.warned is None or total >= 2 * self.warned):
+      self.warned = total
+      self._say(
+        f"jmtl: warning: step {step}: {skipped} of the last {count} steps skipped ({cause}); "
+        f"{total} skipped since step 0"
+      )
+    in_window = sum(n for _, n in self.recent)
+    if in_window > self.fraction * self.window:
+      return (
+        f"{in_window} of the last {self.window} steps were skipped at step {step} ({cause}; the limit is "
+        f"max_skipped_fraction={self.fraction:g} of skip_window={self.window} steps)"
+      )
+    return None
+
+  def _say(self, line: str) -> None:
+    if not self.quiet and jmtl.parallel.is_primary():
+      tqdm.tqdm.write(line, file=sys.stderr)  # above the progress bar, not through it
+
+
+def _cause(record: dict) -> str:
+  """Which tasks' mean loss over the interval is not finite, else "a weight or the gradient was not finite"."""
+  bad = [k[5:] for k, v in record.items() if k.startswith("loss/") and v is not None and not math.isfinite(v)]
+  return f"non-finite loss: {', '.join(bad)}" if bad else "a weight or the gradient was not finite"
 
 
 def _meta(batches, host) -> dict:
@@ -332,9 +461,11 @@ def _finish(run, workdir, state, best, host) -> dict[str, Any]:
     "selected_step": int(host["best_step"]),
     "num_skipped": int(state.num_skipped),
     "step_ms": 1e3 * host["seconds"] / host["timed_steps"] if host["timed_steps"] else None,
-    "validation": run.evaluate(params, "validation"),
-    "test": run.evaluate(params, "test"),
   }
+  marked = {}
+  for split in ("validation", "test"):  # a task whose loss is not finite: its metrics null, the task listed
+    results[split], marked[split] = evaluation.mark_non_finite(run.evaluate(params, split), run.tasks)
+  results["non_finite"] = {split: names for split, names in marked.items() if names}
   results["val_score"] = evaluation.selection_score(results["validation"], run.tasks, run.config.select_metric)
   workdir_lib.write_json(os.path.join(workdir, workdir_lib.RESULTS), results)
   return results

@@ -250,6 +250,7 @@ def check(config: ml_collections.ConfigDict) -> None:
         f"config field {field!r} ({config[field]}) must be a multiple of log_every ({config.log_every})"
       )
   _check_choice("select", config.select, ("best", "final"))
+  _check_watch_fields(config)
   resolve(config.model.name, model_constructors(), "model (config field 'model.name')")
   make_optimizer(config)
   _check_choice("optimizer.schedule", config.optimizer.schedule, SCHEDULES)
@@ -271,6 +272,21 @@ def check(config: ml_collections.ConfigDict) -> None:
     resolve(name, weighting_lib.methods(), "weighting method")
   if not isinstance(config.model.get(config.model.name, ml_collections.ConfigDict()), ml_collections.ConfigDict):
     raise ConfigError(f"config field 'model.{config.model.name}' must be a group of model arguments")
+
+
+def _check_watch_fields(config: ml_collections.ConfigDict) -> None:
+  """The optional fields that watch a run (``checks``, ``max_skipped_fraction``, ``skip_window``), when present."""
+  checks = config.get("checks", False)
+  if not isinstance(checks, bool):
+    raise ConfigError(f"config field 'checks' must be true or false, got {checks!r}")
+  fraction = config.get("max_skipped_fraction", 0.1)
+  if isinstance(fraction, bool) or not isinstance(fraction, int | float) or not 0 <= fraction <= 1:
+    raise ConfigError(
+      f"config field 'max_skipped_fraction' must be a number from 0 to 1 (1: never stop), got {fraction!r}"
+    )
+  window = config.get("skip_window", 100)
+  if isinstance(window, bool) or not isinstance(window, int) or window < 1:
+    raise ConfigError(f"config field 'skip_window' must be an int of at least 1, got {window!r}")
 
 
 def _check_choice(field: str, value: Any, choices: Sequence[str]) -> None:

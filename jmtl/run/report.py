@@ -6,11 +6,21 @@ from collections.abc import Mapping
 from collections.abc import Sequence
 from typing import Any
 
+NON_FINITE = "non-finite"
+
 
 def _fmt(value: Any, width: int, digits: int = 4) -> str:
   if value is None:
     return f"{'—':>{width}}"
   return f"{value:>{width}.{digits}f}"
+
+
+def _cell(results: Mapping[str, Any], task: str, width: int) -> str:
+  """A task's test value, or "non-finite" for a task whose test loss was not finite (its metrics are null)."""
+  value = results["test"].get(f"{task}/{results['metric'][task]}")
+  if value is None and task in (results.get("non_finite") or {}).get("test", ()):
+    return f"{NON_FINITE:>{width}}"
+  return _fmt(value, width)
 
 
 def _metric_label(results: Mapping[str, Any], task: str) -> str:
@@ -40,9 +50,8 @@ def run_table(results: Mapping[str, Any]) -> str:
   hw = max(len(head), 10) + 3
   lines = [f"{'task':<{tw}}{'metric':<{mw}}{'single-task':>11}{head:>{hw}}{'negative transfer':>20}"]
   for n in names:
-    value = results["test"][f"{n}/{results['metric'][n]}"]
     flag = {True: "yes", False: "no"}.get(neg.get(n), "—")
-    lines.append(f"{n:<{tw}}{_metric_label(results, n):<{mw}}{_fmt(base.get(n), 11)}{_fmt(value, hw)}{flag:>20}")
+    lines.append(f"{n:<{tw}}{_metric_label(results, n):<{mw}}{_fmt(base.get(n), 11)}{_cell(results, n, hw)}{flag:>20}")
   lines.append("")
   lines.append(f"{_delta(results)}   ({_footer(results)})")
   return "\n".join(lines)
@@ -50,7 +59,9 @@ def run_table(results: Mapping[str, Any]) -> str:
 
 def _delta(results: Mapping[str, Any]) -> str:
   dm = results.get("delta_m")
-  return "Δm% = n/a (no single-task baselines)" if dm is None else f"Δm% = {dm:+.2f}"
+  if dm is None:
+    return "Δm% = n/a (a metric is not finite)" if results.get("baselines") else "Δm% = n/a (no single-task baselines)"
+  return f"Δm% = {dm:+.2f}"
 
 
 def _footer(results: Mapping[str, Any]) -> str:
@@ -60,6 +71,12 @@ def _footer(results: Mapping[str, Any]) -> str:
   parts = [f"test split; model of step {results.get('selected_step')}, {how}", speed]
   if results.get("num_skipped") is not None:
     parts.append(f"{results['num_skipped']} non-finite steps skipped")
+  splits: dict[str, list[str]] = {}
+  for split, names in (results.get("non_finite") or {}).items():
+    for n in names:
+      splits.setdefault(n, []).append(split)
+  if splits:
+    parts.append("non-finite loss, metrics null: " + ", ".join(f"{n} ({' and '.join(s)})" for n, s in splits.items()))
   return "; ".join(parts)
 
 
@@ -79,13 +96,14 @@ def sweep_table(rows: Sequence[Mapping[str, Any]]) -> str:
   names = first["tasks"]
   lw = max(4, *(len(r["label"]) for r in rows)) + 3
   cols = [f"{n} {_metric_label(first, n)}" for n in names]
-  cw = [max(len(c), 8) + 2 for c in cols]
+  marked = {n for row in rows for n in (row["results"].get("non_finite") or {}).get("test", ())}
+  cw = [max(len(c), 8, len(NON_FINITE) if n in marked else 0) + 2 for c, n in zip(cols, names)]
   lines = [
     f"{'run':<{lw}}" + "".join(f"{c:>{w}}" for c, w in zip(cols, cw)) + f"{'Δm%':>10}{'ms/step':>10}{'val score':>12}"
   ]
   for row in rows:
     r = row["results"]
-    cells = "".join(_fmt(r["test"].get(f"{n}/{r['metric'][n]}"), w) for n, w in zip(names, cw))
+    cells = "".join(_cell(r, n, w) for n, w in zip(names, cw))
     dm = r.get("delta_m")
     dm_s = f"{dm:>+10.2f}" if dm is not None else f"{'—':>10}"
     ms = r.get("step_ms")

@@ -1,11 +1,14 @@
-"""The workdir of a run: checks before anything is written, the stored config, atomic JSON files.
+"""The workdir of a run: checks before anything is written, the stored config, atomic JSON files, the lock.
 
 Layout (``jmtl train``)::
 
+    jmtl.lock            while a run trains: its pid, host and start time (see :func:`locked`)
     config.json          the run's config; a re-run must match it (then it resumes)
     metrics.jsonl        train records every log_every steps, validation records every eval_every steps
     results.json         validation and test metrics of the selected model, Δm%, timing
-    checkpoints/<step>/  orbax: params, best_params, train state, meta (data iterator, host state)
+    checkpoints/<step>/  orbax: params, best_params, train state, meta (data iterator, host state);
+                         jmtl_digest.json: the SHA-256 of every file, checked on restore
+    rejected_checkpoints/<step>/  steps a resume found damaged and skipped (kept for inspection)
     tensorboard/         event files
     plots/               curves.png, weights.png, grad_cosine.png
     baselines/           (baselines="auto") baselines.json and one single-task run per task
@@ -13,8 +16,14 @@ Layout (``jmtl train``)::
 
 from __future__ import annotations
 
+import contextlib
+import datetime
+import fcntl
 import json
 import os
+import socket
+import sys
+from collections.abc import Iterator
 from typing import Any
 
 import ml_collections
@@ -24,6 +33,7 @@ from jmtl.run.config import ConfigError
 
 CONFIG = "config.json"
 RESULTS = "results.json"
+LOCK = "jmtl.lock"
 
 
 def write_json(path: str, data: Any) -> None:
@@ -34,12 +44,30 @@ def write_json(path: str, data: Any) -> None:
     >>> p = os.path.join(tempfile.mkdtemp(), "x.json")
     >>> write_json(p, {"a": 1}); read_json(p, "x")
     {'a': 1}
+
+  Under ``jax.distributed`` every process calls it and process 0 alone writes,
+  between two barriers: no process is still reading the workdir when the
+  file appears, and every process sees it once the call returns.
   """
+  import jmtl.parallel
+
+  jmtl.parallel.sync(f"before writing {os.path.basename(path)}")
+  if jmtl.parallel.is_primary():
+    _write_json(path, data)
+  jmtl.parallel.sync(f"after writing {os.path.basename(path)}")
+
+
+def _write_json(path: str, data: Any) -> None:
   tmp = f"{path}.tmp{os.getpid()}"
-  with open(tmp, "w") as f:
-    json.dump(data, f, indent=1, sort_keys=True)
-    f.write("\n")
-  os.replace(tmp, path)
+  try:
+    with open(tmp, "w") as f:
+      json.dump(data, f, indent=1, sort_keys=True)
+      f.write("\n")
+    os.replace(tmp, path)
+  except BaseException:  # a full disk, say: no half-written file is left (a stray one would block the next start)
+    with contextlib.suppress(OSError):
+      os.remove(tmp)
+    raise
 
 
 def read_json(path: str, what: str) -> Any:
@@ -109,7 +137,7 @@ def open_run(workdir: str, config: ml_collections.ConfigDict, *, write: bool = T
       more = f" and {len(diff) - 4} more" if len(diff) > 4 else ""
       raise ConfigError(f"workdir {path} holds a run with another config ({shown}{more}); use a new --workdir")
     return path
-  if os.listdir(path):
+  if set(os.listdir(path)) - {LOCK}:
     raise ConfigError(f"workdir {path} is not empty and holds no jmtl run (no {CONFIG}); use a new or empty directory")
   if write:
     write_json(stored, wanted)
@@ -136,3 +164,127 @@ def load_run_config(workdir: str) -> ml_collections.ConfigDict:
   if not os.path.exists(stored):
     raise ConfigError(f"workdir {path} holds no jmtl run (no {CONFIG})")
   return config_lib.from_dict(read_json(stored, f"workdir {path}"))
+
+
+_held: dict[str, int] = {}  # the workdirs this process has locked, and how many times (locked() nests)
+
+
+@contextlib.contextmanager
+def locked(workdir: str) -> Iterator[str]:
+  """Holds ``<workdir>/jmtl.lock`` (creating the workdir) for the duration; yields the absolute workdir.
+
+  The lock is an ``fcntl.flock`` on that file, which holds the owner's pid,
+  host and start time. The kernel drops a flock when its process ends in
+  any way (SIGKILL included), so a lock is never left held by a dead process,
+  and taking over a file left behind is free of races; the file is removed on
+  release. A file left behind (the process was killed) is reported in one
+  line and taken over. On NFS, Linux maps flock to byte-range locks that the
+  server arbitrates (NFSv4, or v3 with lockd), so the lock holds across hosts
+  there too; on a filesystem mounted without shared locks (``nolock``,
+  ``local_lock=flock``, some FUSE) it only excludes writers on the same host.
+
+  Raises:
+    ConfigError: when another process holds the lock (naming its pid and host).
+
+  Examples:
+    >>> import tempfile
+    >>> with locked(tempfile.mkdtemp()) as d:
+    ...   sorted(os.listdir(d))
+    ['jmtl.lock']
+  """
+  path = check_usable(workdir)
+  if path in _held:
+    _held[path] += 1
+    try:
+      yield path
+    finally:
+      _held[path] -= 1
+    return
+  lock = os.path.join(path, LOCK)
+  fd = _acquire_once(path, lock)
+  _held[path] = 1
+  try:
+    yield path
+  finally:
+    del _held[path]
+    if fd is not None:
+      with contextlib.suppress(OSError):
+        os.unlink(lock)  # while still held, so a waiting opener sees a new file (see _acquire)
+      os.close(fd)
+
+
+def _acquire_once(path: str, lock: str) -> int | None:
+  """:func:`_acquire` by the process that writes the workdir: under ``jax.distributed``, process 0 takes the lock
+  for all the run's processes (the others get ``None``), and every process fails when it could not."""
+  import jax
+  import numpy as np
+
+  import jmtl.parallel
+
+  if jax.process_count() == 1:
+    return _acquire(path, lock)
+  fd, error = None, None
+  if jmtl.parallel.is_primary():
+    try:
+      fd = _acquire(path, lock)
+    except ConfigError as e:
+      error = e
+  if not bool(jmtl.parallel.from_primary(np.array(error is None))):
+    raise error or ConfigError(f"workdir {path} is in use (process 0 of this run could not lock it; see its error)")
+  return fd
+
+
+def _acquire(path: str, lock: str) -> int:
+  while True:
+    try:
+      fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as e:
+      raise ConfigError(f"workdir {path}: cannot create its lock file {LOCK}: {e.strerror or e}") from e
+    try:
+      fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+      owner = _owner(_read(fd))
+      os.close(fd)
+      raise ConfigError(
+        f"workdir {path} is in use by {owner} (lock file {lock}); wait for that run to end, or stop it"
+      ) from None
+    except OSError as e:
+      os.close(fd)
+      raise ConfigError(f"workdir {path}: cannot lock {lock}: {e.strerror or e}") from e
+    try:  # the owner may have removed the file between our open and our flock: then lock the new one
+      same = os.path.samestat(os.fstat(fd), os.stat(lock))
+    except FileNotFoundError:
+      same = False
+    if same:
+      break
+    os.close(fd)
+  previous = _read(fd)
+  if previous:
+    print(f"jmtl: workdir {path}: took over the stale lock of {_owner(previous)}, which is gone", file=sys.stderr)
+  me = {
+    "pid": os.getpid(),
+    "host": socket.gethostname(),
+    "started": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+  }
+  try:
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, (json.dumps(me) + "\n").encode(), 0)
+  except BaseException:  # a full disk, say: release it again rather than hold it unnamed
+    with contextlib.suppress(OSError):
+      os.unlink(lock)
+    os.close(fd)
+    raise
+  return fd
+
+
+def _read(fd: int) -> str:
+  return os.pread(fd, 4096, 0).decode(errors="replace").strip()
+
+
+def _owner(text: str) -> str:
+  """``pid 12 on host h (since 2025-01-01T10:00:00+00:00)`` from a lock file's text."""
+  try:
+    data = json.loads(text)
+    return f"pid {data['pid']} on host {data['host']} (since {data['started']})"
+  except (ValueError, KeyError, TypeError):
+    return "another process (its lock file is being written)" if not text else f"an unknown owner ({text[:60]!r})"
