@@ -7,6 +7,7 @@ from jmtl import losses
 from jmtl import metrics
 from jmtl import models
 from jmtl import parallel
+from jmtl import relations
 from jmtl import sharing
 from jmtl import tasks
 from jmtl import weighting
@@ -37,6 +38,7 @@ __all__ = [
   "metrics",
   "models",
   "parallel",
+  "relations",
   "sharing",
   "tasks",
   "weighting",
