@@ -9,20 +9,25 @@ each task by the best of them; here each task is served by exactly one group,
 so the choice is a *partition* of the K tasks into at most G groups, and its
 score is the sum of its tasks' scores (:func:`partition_score`).
 
-* **Exact** for K ≤ ``exact_max_tasks`` (default 12): dynamic programming
+* **Exact** for K ≤ ``exact_max_tasks`` (default 14): dynamic programming
   over subsets, ``f_m(S) = max_{T ⊆ S, min S ∈ T} s(T) + f_{m−1}(S \\ T)``,
   which visits every partition of at most G blocks once through its block
-  containing the lowest task: ``O(G · 3^K)`` steps (K = 12, G = 3: about a
-  second in Python).
+  containing the lowest task: ``O(G · 3^K)`` steps in Python (measured: K = 12
+  0.06 s, K = 14 0.9 s, K = 16 7-9 s, growing 3× per task).
 * **Beam search** beyond: tasks are placed one at a time (the most connected
   first) into one of at most G groups, keeping the ``beam_width`` best
-  partial partitions by their score so far; the best complete one is then
-  improved by local search (moving one task to another group, or swapping two
-  tasks between groups, while the score rises). The result is a local
-  optimum for single moves and swaps, with no guarantee of the global one:
+  partial partitions by their score so far; the best 16 complete ones are
+  then improved by local search (moving one task to another group, or swapping
+  two tasks between groups, while the score rises) and the best wins. The
+  result is a local optimum for single moves and swaps, with no guarantee of
+  the global one:
   a partial score is not a bound on the complete score (a later task can
   raise or lower every group mean), so beam search can drop the prefix of
-  the optimum. ``O(K² · beam_width · G)`` score updates, then local search.
+  the optimum. ``O(K · beam_width · G)`` partition scores of ``O(K²)`` each,
+  then local search. Measured on random normal matrices (a hard case: no
+  structure to find), G = 3, K = 14: the optimum in 19 of 20 draws, the worst
+  at 0.999 of it; K = 40, G = 4: 3 s. On planted groups under noise it finds
+  them (``tests/test_grouping.py``).
 """
 
 from __future__ import annotations
@@ -31,6 +36,9 @@ from collections.abc import Sequence
 from typing import NamedTuple
 
 import numpy as np
+
+#: How many of the beam's complete partitions the local search starts from.
+LOCAL_STARTS = 16
 
 
 class Grouping(NamedTuple):
@@ -170,37 +178,50 @@ def _beam(z: np.ndarray, num_groups: int, beam_width: int) -> tuple[list[list[in
         beam.append((value, groups))
       if len(beam) == beam_width:
         break
-  value, groups = beam[0]
-  return _local_search(z, groups, num_groups, value)
+  # The best few complete partitions are improved; the best local optimum wins.
+  return max((_local_search(z, groups, num_groups) for _, groups in beam[:LOCAL_STARTS]), key=lambda r: r[1])
 
 
-def _local_search(z: np.ndarray, groups: list[list[int]], num_groups: int, value: float):
+def _local_search(z: np.ndarray, groups: list[list[int]], num_groups: int):
   """Moves of one task and swaps of two, the best first, while the score rises (by more than rounding)."""
   groups = [list(g) for g in groups]
+  scores = [group_score(z, g) for g in groups]
   while True:
-    best_value, best_groups = value, None
+    best_gain, best = 1e-12, None
     for a, ga in enumerate(groups):
       for task in ga:
-        targets = [*range(len(groups))] + ([len(groups)] if len(groups) < num_groups else [])
-        for b in targets:
-          if b == a or (b == len(groups) and len(ga) == 1):
+        without = [t for t in ga if t != task]
+        loss_a = group_score(z, without) - scores[a]
+        for b in range(len(groups) + 1):
+          if b == a or (b == len(groups) and (len(groups) == num_groups or not without)):
             continue
-          new = [[t for t in g if t != task] for g in groups] + ([[]] if b == len(groups) else [])
-          new[b].append(task)
-          new = [g for g in new if g]
-          v = partition_score(z, new)
-          if v > best_value + 1e-12:
-            best_value, best_groups = v, new
+          target = groups[b] if b < len(groups) else []
+          gain = loss_a + group_score(z, [*target, task]) - (scores[b] if b < len(groups) else 0.0)
+          if gain > best_gain:
+            best_gain, best = gain, ("move", a, task, b)
         for b in range(a + 1, len(groups)):
           for other in groups[b]:
-            new = [list(g) for g in groups]
-            new[a][new[a].index(task)], new[b][new[b].index(other)] = other, task
-            v = partition_score(z, new)
-            if v > best_value + 1e-12:
-              best_value, best_groups = v, new
-    if best_groups is None:
-      return groups, value
-    groups, value = best_groups, best_value
+            new_a = [other if t == task else t for t in ga]
+            new_b = [task if t == other else t for t in groups[b]]
+            gain = group_score(z, new_a) + group_score(z, new_b) - scores[a] - scores[b]
+            if gain > best_gain:
+              best_gain, best = gain, ("swap", a, task, b, other)
+    if best is None:
+      return groups, float(sum(scores))
+    if best[0] == "move":
+      _, a, task, b = best
+      if b == len(groups):
+        groups.append([])
+        scores.append(0.0)
+      groups[a].remove(task)
+      groups[b].append(task)
+    else:
+      _, a, task, b, other = best
+      groups[a][groups[a].index(task)] = other
+      groups[b][groups[b].index(other)] = task
+    scores = [group_score(z, g) for g in groups]
+    keep = [i for i, g in enumerate(groups) if g]
+    groups, scores = [groups[i] for i in keep], [scores[i] for i in keep]
 
 
 def group_tasks(
@@ -208,8 +229,8 @@ def group_tasks(
   num_groups: int,
   names: Sequence[str] | None = None,
   *,
-  exact_max_tasks: int = 12,
-  beam_width: int = 32,
+  exact_max_tasks: int = 14,
+  beam_width: int = 128,
 ) -> Grouping:
   """The partition of the tasks into at most ``num_groups`` groups with the highest total affinity (TAG's score).
 
