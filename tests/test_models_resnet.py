@@ -176,15 +176,20 @@ def test_group_norm_is_stateless_and_separable():
   model = resnet(DIMS, stage_features=(4, 8), norm="group", groups=2)
   x = _batch()["inputs"]
   assert not model.stateful and model.init_state(KEY, x) == {}
-  params = model.init(KEY, x)
+  params = fill_params(model, x, scale=0.3)
   assert "GroupNorm_0" in params["shared"]["stem_norm"]
-  preds, state = model.apply(params, x, {}, train=True)
-  assert state == {}
-  z, state = model.encode(params["shared"], x, {}, train=True)
-  assert state == {}
-  np.testing.assert_allclose(preds["b"], model.head("b", params["tasks"]["b"], z))
+
+  @jax.jit  # one program, not op by op
+  def outputs(params, x):
+    preds, state = model.apply(params, x, {}, train=True)
+    z, z_state = model.encode(params["shared"], x, {}, train=True)
+    return preds, state, model.head("b", params["tasks"]["b"], z), z_state, model.apply(params, x[3:4], {})[0]["a"][0]
+
+  preds, state, head_b, z_state, alone = outputs(params, x)
+  assert state == {} and z_state == {}
+  np.testing.assert_allclose(preds["b"], head_b)
   # Group norm does not mix examples: one example alone gives its row of the batch result.
-  np.testing.assert_allclose(model.apply(params, x[3:4], {})[0]["a"][0], preds["a"][3], rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(alone, preds["a"][3], rtol=1e-5, atol=1e-6)
   opt = optax.sgd(0.05)
   state = jmtl.TrainState.create(params=params, tx=opt, weighting=W.mgda(), num_tasks=2, rng=KEY)
   new, m = jax.jit(jmtl.make_train_step(model, TASKS, level="representation"))(state, _batch())
