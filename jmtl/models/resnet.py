@@ -143,7 +143,7 @@ def resnet(
       and inputs that are not images or too small for the strided stages.
 
   >>> import jax, jax.numpy as jnp
-  >>> model = resnet({"left": 10, "right": 10}, stage_features=(8, 16))
+  >>> model = resnet({"left": 10, "right": 10}, stage_features=(8,))
   >>> x = jnp.ones((2, 8, 8, 1))
   >>> params, state = model.init(jax.random.key(0), x), model.init_state(jax.random.key(0), x)
   >>> preds, new_state = model.apply(params, x, state, train=True)
