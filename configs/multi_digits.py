@@ -111,5 +111,12 @@ def get_config() -> ml_collections.ConfigDict:
   config.select = "best"  # "best": the parameters with the best validation select_metric; "final"
   config.select_metric = "acc"  # a metric every task has (mean over tasks), or "loss"
   config.baselines = "auto"  # "auto": train into <workdir>/baselines; a directory to share; "" for none
+  # Task relations (jmtl.relations; README "Task relations"): TAG's lookahead affinity every `every` steps (0: off)
+  # with an SGD step of lookahead_lr (0: optimizer.learning_rate) on the tasks `tasks` ("" = all), and the gradient
+  # cosine; `groups` caps the suggested grouping (0: K). A task is flagged behind its single-task baseline when its
+  # validation gap exceeds max(transfer_sigmas x noise, transfer_min_gap %) at transfer_patience validations in a row.
+  config.relations = ml_collections.ConfigDict(
+    dict(every=0, lookahead_lr=0.1, tasks="", groups=0, transfer_sigmas=2.0, transfer_min_gap=2.0, transfer_patience=3)
+  )
   config.plots = True
   return config

@@ -67,12 +67,13 @@ def test_train_writes_checkpoints_logs_events_plots_and_report_reprints_the_tabl
   assert [r["step"] for r in records if r["kind"] == "validation"] == [30, 60]
   assert {"loss/task_0", "weight/task_1", "grad_cosine", "examples_per_s"} <= set(records[0])
   assert glob.glob(str(workdir / "tensorboard" / "events.out.tfevents.*"))
-  assert sorted(os.listdir(workdir / "plots")) == ["curves.png", "grad_cosine.png", "weights.png"]
+  plots = ["curves.png", "grad_cosine.png", "transfer.png", "weights.png"]  # transfer: against the baselines
+  assert sorted(os.listdir(workdir / "plots")) == plots
   for png in (workdir / "plots").iterdir():
     os.remove(png)
   assert cli.main(["report", "--workdir", str(workdir)]) == 0
   assert _table(capsys.readouterr().out) == _table(printed)
-  assert sorted(os.listdir(workdir / "plots")) == ["curves.png", "grad_cosine.png", "weights.png"]
+  assert sorted(os.listdir(workdir / "plots")) == plots
 
 
 def test_auto_baselines_give_delta_m_and_negative_transfer(trained, capsys):

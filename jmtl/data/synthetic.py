@@ -27,10 +27,19 @@ conflict without the shared nuisance; the two targets correlate at −0.43, and
 the gradients of one shared linear predictor (tied heads) at zero have cosine
 −0.91.
 
+**Planted groups** (``group_sizes``). The tasks fall into groups of the
+given sizes; group ``g`` has its own shared block ``z_g`` and read-out ``R_g``,
+and task ``k`` of group ``g`` reads ``ρ z_g R_g + √(1−ρ²) z_k R_k``: tasks of
+one group are related with strength ρ, tasks of different groups read
+independent factors (unrelated) and compete for a shared trunk's capacity.
+The ``planted_k6`` config has 6 tasks in 2 groups of 3, ``planted_k8`` 8 tasks
+in groups of 3, 3 and 2 (ρ = 0.9): the sets on which task grouping
+(:mod:`jmtl.relations`) must recover the groups.
+
 The TFDS builder :class:`Synthetic` stores such sets (``prepare``/``load``,
 see :mod:`jmtl.data._tfds`) with configs ``classification_k3``,
-``regression_k3``, ``unrelated_k3``, ``classification_k8`` and
-``conflicting_k2``.
+``regression_k3``, ``unrelated_k3``, ``classification_k8``,
+``conflicting_k2``, ``planted_k6`` and ``planted_k8``.
 """
 
 from __future__ import annotations
@@ -66,6 +75,8 @@ class TaskFamily:
     shared_noise: regression only; std of one target-noise draw added to
       every task's target (before standardisation; the noiseless target's std
       is about ``√latent_dim``).
+    group_sizes: planted groups (see the module docstring): the sizes of
+      the task groups, summing to ``num_tasks``; ``()`` for none.
 
   Examples:
     >>> from jmtl.data import synthetic
@@ -84,6 +95,7 @@ class TaskFamily:
   seed: int = 0
   conflict: bool = False
   shared_noise: float = 0.0
+  group_sizes: tuple[int, ...] = ()
 
 
 def make_tasks(num_examples: int, family: TaskFamily | None = None, *, split_seed: int = 0) -> dict:
@@ -121,6 +133,8 @@ def make_tasks(num_examples: int, family: TaskFamily | None = None, *, split_see
     raise ValueError(f"need num_tasks >= 1 and num_examples >= 1, got {num_tasks}, {num_examples}")
   if kind != "regression" and (conflict or shared_noise):
     raise ValueError("conflict and shared_noise are defined for kind='regression' only")
+  if f.group_sizes:
+    return _planted(num_examples, f, split_seed)
   fam = np.random.default_rng(seed)
   total_latent = latent_dim * (num_tasks + 1)
   mix1 = fam.normal(size=(total_latent, input_dim)) / np.sqrt(total_latent)
@@ -157,6 +171,42 @@ def make_tasks(num_examples: int, family: TaskFamily | None = None, *, split_see
   return {"inputs": x.astype(np.float32), "labels": labels}
 
 
+def _planted(num_examples: int, f: TaskFamily, split_seed: int) -> dict:
+  """:func:`make_tasks` for a family with planted groups (``f.group_sizes``)."""
+  sizes = tuple(int(n) for n in f.group_sizes)
+  if any(n < 1 for n in sizes) or sum(sizes) != f.num_tasks:
+    raise ValueError(f"group_sizes {sizes} must be positive and sum to num_tasks = {f.num_tasks}")
+  if f.conflict or f.shared_noise:
+    raise ValueError("conflict and shared_noise are not defined with group_sizes")
+  k, g, d = f.num_tasks, len(sizes), f.latent_dim
+  width = f.num_classes if f.kind == "classification" else 1
+  fam = np.random.default_rng([f.seed, 7])
+  total_latent = d * (g + k)
+  mix1 = fam.normal(size=(total_latent, f.input_dim)) / np.sqrt(total_latent)
+  mix2 = fam.normal(size=(f.input_dim, f.input_dim)) / np.sqrt(f.input_dim)
+  group_readout = fam.normal(size=(g, d, width))
+  task_readout = fam.normal(size=(k, d, width))
+  group_of = np.repeat(np.arange(g), sizes)
+
+  rng = np.random.default_rng([f.seed, split_seed, 2])
+  z = rng.normal(size=(num_examples, g + k, d))
+  h1 = np.tanh(z.reshape(num_examples, -1) @ mix1)
+  x = h1 + 0.5 * np.tanh(h1 @ mix2) + f.noise * rng.normal(size=(num_examples, f.input_dim))
+  rho = f.relatedness
+  labels = {}
+  for t in range(k):
+    c = group_of[t]
+    score = rho * z[:, c] @ group_readout[c] + np.sqrt(1.0 - rho**2) * z[:, g + t] @ task_readout[t]
+    if f.kind == "regression":
+      y = score[:, 0] + np.sin(score[:, 0]) + f.label_noise * rng.normal(size=num_examples)
+      labels[f"task_{t}"] = ((y - y.mean()) / (y.std() + 1e-12)).astype(np.float32)
+    else:
+      y = np.argmax(score, axis=1)
+      flip = rng.random(num_examples) < f.label_noise
+      labels[f"task_{t}"] = np.where(flip, rng.integers(0, f.num_classes, size=num_examples), y).astype(np.int32)
+  return {"inputs": x.astype(np.float32), "labels": labels}
+
+
 _SPLIT_SIZES = ("num_train", "num_validation", "num_test")
 
 
@@ -179,6 +229,7 @@ def _builder_classes():
     label_noise: float = 0.0
     conflict: bool = False
     shared_noise: float = 0.0
+    group_sizes: tuple[int, ...] = ()
     seed: int = 0
     num_train: int = 20_000
     num_validation: int = 5_000
@@ -214,6 +265,20 @@ def _builder_classes():
         conflict=True,
         shared_noise=2.0,
         description="2 regression tasks reading the shared factors with opposite signs, plus a shared nuisance.",
+      ),
+      SyntheticConfig(
+        name="planted_k6",
+        num_tasks=6,
+        relatedness=0.9,
+        group_sizes=(3, 3),
+        description="6 4-class tasks in 2 planted groups of 3 (related within a group, ρ=0.9; unrelated across).",
+      ),
+      SyntheticConfig(
+        name="planted_k8",
+        num_tasks=8,
+        relatedness=0.9,
+        group_sizes=(3, 3, 2),
+        description="8 4-class tasks in 3 planted groups of 3, 3 and 2 (ρ=0.9 within a group; unrelated across).",
       ),
     ]
 

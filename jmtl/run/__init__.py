@@ -22,19 +22,23 @@ from jmtl.run.experiment import evaluate_workdir
 from jmtl.run.experiment import report_workdir
 from jmtl.run.experiment import train
 from jmtl.run.experiment import train_baselines
+from jmtl.run.grouping import group
 from jmtl.run.loop import Interrupted
 from jmtl.run.loop import TooManySkipped
 from jmtl.run.loop import create_train_state
 from jmtl.run.loop import train_and_evaluate
+from jmtl.run.relations import analyze_workdir
 from jmtl.run.sweeps import sweep
 
 __all__ = [
   "ConfigError",
   "Interrupted",
   "TooManySkipped",
+  "analyze_workdir",
   "apply_overrides",
   "create_train_state",
   "evaluate_workdir",
+  "group",
   "load_config",
   "report_workdir",
   "sweep",

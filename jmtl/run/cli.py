@@ -7,9 +7,11 @@ Usage::
   jmtl baselines --config configs/multi_digits.py [--config.FIELD=VALUE ...] --workdir DIR
   jmtl sweep --config configs/multi_digits.py --over weighting=equal,uncertainty,static --workdir DIR
   jmtl report --workdir DIR
+  jmtl analyze --workdir DIR [--groups G]
+  jmtl group --config configs/planted.py [--config.FIELD=VALUE ...] --groups G --workdir DIR
 
-Multi-process (``jax.distributed``): ``train``, ``eval``, ``baselines`` and
-``sweep`` take ``--coordinator HOST:PORT --num_processes N --process_id I``
+Multi-process (``jax.distributed``): ``train``, ``eval``, ``baselines``,
+``sweep`` and ``group`` take ``--coordinator HOST:PORT --num_processes N --process_id I``
 (or ``JMTL_COORDINATOR``, ``JMTL_NUM_PROCESSES``, ``JMTL_PROCESS_ID``), or
 ``--distributed`` (``JMTL_DISTRIBUTED=1``) to let JAX detect them (SLURM, Open
 MPI, Cloud TPU, Kubernetes); every process runs the same command.
@@ -44,7 +46,7 @@ from collections.abc import Mapping
 from jmtl.run import signals
 from jmtl.run.config import ConfigError
 
-COMMANDS = ("train", "eval", "baselines", "sweep", "report")
+COMMANDS = ("train", "eval", "baselines", "sweep", "report", "analyze", "group")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -58,7 +60,10 @@ _HELP = {
   "baselines": "train one single-task model per task, for Δm%%",
   "sweep": "one run per value of the --over fields, one table",
   "report": "print a run's or a sweep's table and write its plots again",
+  "analyze": "a run's task relations (affinity, gradient cosine, conflicts), grouping and negative transfer",
+  "group": "train all tasks, group them by affinity, train one model per group, compare",
 }
+_CONFIGURED = ("train", "baselines", "sweep", "group")  # the commands that take --config (and overrides)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -66,12 +71,16 @@ def _parser() -> argparse.ArgumentParser:
   sub = p.add_subparsers(dest="command", metavar="{" + ",".join(COMMANDS) + "}")
   for name in COMMANDS:
     s = sub.add_parser(name, help=_HELP[name])
-    if name in ("train", "baselines", "sweep"):
+    if name in _CONFIGURED:
       s.add_argument("--config", required=True, help="a config file, e.g. configs/multi_digits.py")
     s.add_argument("--workdir", required=True, help="the run's directory (created if needed)")
     if name == "sweep":
       s.add_argument("--over", action="append", required=True, help="FIELD=VALUE1,VALUE2,... (repeatable)")
-    if name != "report":
+    if name == "group":
+      s.add_argument("--groups", type=int, required=True, metavar="G", help="at most G groups of tasks")
+    if name == "analyze":
+      s.add_argument("--groups", type=int, metavar="G", help="at most G suggested groups (default: config's, or K)")
+    if name not in ("report", "analyze"):
       s.add_argument("--no-progress", action="store_true", help="no progress bar")
       _distributed_arguments(s)
   return p
@@ -155,7 +164,7 @@ def parse(argv: list[str]) -> tuple[argparse.Namespace, dict[str, str]]:
   overrides, i = {}, 0
   while i < len(rest):
     item = rest[i]
-    if not item.startswith("--config.") or args.command not in ("train", "baselines", "sweep"):
+    if not item.startswith("--config.") or args.command not in _CONFIGURED:
       raise ConfigError(f"unrecognized argument {item!r}")
     field, sep, value = item[len("--config.") :].partition("=")
     if not sep:  # --config.FIELD VALUE
@@ -182,6 +191,11 @@ def run(argv: list[str]) -> None:
   if args.command == "report":
     experiment.report_workdir(args.workdir)
     return
+  if args.command == "analyze":
+    from jmtl.run import relations
+
+    relations.analyze_workdir(args.workdir, groups=args.groups)
+    return
   from jmtl.run import config as config_lib
 
   config = config_lib.apply_overrides(config_lib.load_config(args.config), overrides)
@@ -190,6 +204,10 @@ def run(argv: list[str]) -> None:
     experiment.train(config, args.workdir, progress=progress)
   elif args.command == "baselines":
     experiment.train_baselines(config, args.workdir, progress=progress)
+  elif args.command == "group":
+    from jmtl.run import grouping
+
+    grouping.group(config, args.workdir, args.groups, progress=progress)
   else:
     sweeps.sweep(config, args.workdir, args.over, progress=progress)
 

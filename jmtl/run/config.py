@@ -45,6 +45,7 @@ _NOT_IN_BASELINE = (
   "checks",
   "max_skipped_fraction",
   "skip_window",
+  "relations",
 )
 
 
@@ -213,7 +214,8 @@ def differences(a: Mapping[str, Any], b: Mapping[str, Any], prefix: str = "") ->
 
 
 def baseline_config(config: ml_collections.ConfigDict, task: str) -> ml_collections.ConfigDict:
-  """The single-task run for ``task`` with the same budget: equal weighting, no soft-sharing penalty, no baselines.
+  """The single-task run for ``task`` with the same budget: equal weighting, no soft-sharing penalty, no baselines
+  (and no relations tracker).
 
   Examples:
     >>> c = ml_collections.ConfigDict({"tasks": "", "weighting": "famo", "static_weights": (), "baselines": "auto",
@@ -226,6 +228,8 @@ def baseline_config(config: ml_collections.ConfigDict, task: str) -> ml_collecti
   c.tasks, c.weighting, c.static_weights, c.baselines = task, "equal", (), ""
   if "sharing" in c and "soft" in c.sharing:
     c.sharing.soft = 0.0
+  if "relations" in c:  # one task: nothing to relate
+    c.relations.every, c.relations.tasks = 0, ""
   return c
 
 

@@ -1,4 +1,4 @@
-"""PNG plots of a run, from its ``metrics.jsonl``: per-task curves, task weights, task-gradient cosines.
+"""PNG plots of a run, from its ``metrics.jsonl``: per-task curves, task weights, task-gradient cosines; task relations.
 
 Figures are drawn on :class:`matplotlib.figure.Figure` directly (the Agg
 canvas), never through pyplot, so no global backend or window state is
@@ -7,6 +7,7 @@ touched and plotting works on a headless machine and inside a sweep.
 
 from __future__ import annotations
 
+import json
 import math
 import os
 from collections.abc import Sequence
@@ -87,6 +88,129 @@ def _grad_cosine(records: Sequence[dict], tasks: Sequence[str], path: str) -> bo
   return True
 
 
+def _matrix(values) -> np.ndarray:
+  return np.array([[np.nan if v is None else v for v in row] for row in values], float)
+
+
+def _heatmap(fig, ax, m: np.ndarray, names: Sequence[str], title: str, *, vmin, vmax, cmap, fmt: str) -> None:
+  k = len(names)
+  im = ax.imshow(m, vmin=vmin, vmax=vmax, cmap=cmap)
+  ax.set_xticks(range(k), names, rotation=90 if k > 4 else 0)
+  ax.set_yticks(range(k), names)
+  if k <= 10:
+    span = max(abs(vmin), abs(vmax))
+    for i in range(k):
+      for j in range(k):
+        if np.isfinite(m[i, j]):
+          color = "white" if abs(m[i, j]) > 0.6 * span else "black"
+          ax.text(j, i, fmt.format(m[i, j]), ha="center", va="center", fontsize=7, color=color)
+  ax.set_title(title, fontsize=9)
+  fig.colorbar(im, ax=ax, shrink=0.8)
+
+
+def _relations(rel: dict, path: str) -> None:
+  """Affinity, gradient cosine and conflict rate heatmaps, the tasks ordered by the suggested groups (boxed)."""
+  names = list(rel["tasks"])
+  grouping = rel.get("grouping")
+  order = [names.index(n) for g in grouping["groups"] for n in g] if grouping else list(range(len(names)))
+  shown = [names[i] for i in order]
+  panels = [("affinity", "affinity Z(i→j): row source i, column target j", "RdBu_r", "{:+.3f}")]
+  if rel.get("grad_cosine") is not None:
+    panels.append(("grad_cosine", "task-gradient cosine (mean)", "RdBu_r", "{:+.2f}"))
+  if rel.get("conflict_rate") is not None:
+    panels.append(("conflict_rate", "conflict rate (cosine < 0)", "Reds", "{:.2f}"))
+  k = len(names)
+  side = 0.42 * k + 2.2
+  fig = Figure(figsize=(side * len(panels) + 1, side), layout="constrained")
+  for p, (key, label, cmap, fmt) in enumerate(panels):
+    ax = fig.add_subplot(1, len(panels), p + 1)
+    title = label
+    m = _matrix(rel[key])[np.ix_(order, order)]
+    if key == "affinity":
+      span = float(np.nanmax(np.abs(m[~np.eye(k, dtype=bool)]))) if k > 1 else 1.0
+      span = span if np.isfinite(span) and span > 0 else 1.0
+      vmin, vmax = -span, span
+      title = f"{title}\nmean of {rel.get('affinity_steps')} measurements"
+    else:
+      vmin, vmax = (-1, 1) if key == "grad_cosine" else (0, 1)
+    _heatmap(fig, ax, m, shown, title, vmin=vmin, vmax=vmax, cmap=cmap, fmt=fmt)
+    if grouping:
+      start = 0
+      for g in grouping["groups"]:
+        n = len(g)
+        ax.add_patch(_box(start, n))
+        start += n
+  if grouping:
+    groups = "  ".join("{" + ", ".join(g) + "}" for g in grouping["groups"])
+    how = "exact" if grouping["exact"] else "beam search"
+    fig.suptitle(f"suggested groups (at most {grouping['max_groups']}, {how}): {groups}", fontsize=9)
+  fig.savefig(path, dpi=90)
+
+
+def _box(start: int, size: int):
+  from matplotlib.patches import Rectangle
+
+  return Rectangle((start - 0.5, start - 0.5), size, size, fill=False, lw=2, ec="black")
+
+
+def _transfer(transfer: dict, conflict: dict[str, float], path: str) -> None:
+  """Per task: the validation metric of the multi-task run and of its single-task baseline, the flag's first step."""
+  tasks = transfer["tasks"]
+  names = list(tasks)
+  cols = min(len(names), 4)
+  rows = math.ceil(len(names) / cols)
+  fig = Figure(figsize=(4.2 * cols, 3.2 * rows), layout="constrained")
+  for i, t in enumerate(names):
+    v = tasks[t]
+    ax = fig.add_subplot(rows, cols, i + 1)
+    steps = np.asarray(v["steps"])
+    ax.plot(steps, np.asarray(v["mtl"], float), "o-", ms=3, label="multi-task")
+    ax.plot(steps, np.asarray(v["baseline"], float), "s--", ms=3, label="single-task")
+    if v["first_step"] is not None:
+      ax.axvline(v["first_step"], color="tab:red", lw=1, ls=":", label=f"behind from {v['first_step']}")
+    title = t + (" — behind at the end" if v["behind"] else "")
+    if t in conflict:
+      title += f"\nconflict rate {conflict[t]:.2f}"
+    ax.set_title(title, fontsize=9)
+    ax.set_xlabel("step")
+    ax.set_ylabel("validation metric")
+    ax.legend(fontsize=7)
+  fig.savefig(path, dpi=90)
+
+
+def relations_plots(workdir: str, analysis: dict) -> list[str]:
+  """Writes ``plots/relations.png`` (affinity, cosine, conflict heatmaps with the suggested groups) and
+  ``plots/transfer.png`` (per-task curves against the single-task baselines) from an analysis
+  (:func:`jmtl.run.relations.analyze`); returns their paths.
+
+  Examples:
+    >>> import os, tempfile
+    >>> d = tempfile.mkdtemp()
+    >>> rel = {"tasks": ["a", "b"], "affinity": [[0.1, 0.2], [None, 0.1]], "affinity_steps": 3}
+    >>> [os.path.basename(p) for p in relations_plots(d, {"relations": rel, "transfer": None})]
+    ['relations.png']
+  """
+  out_dir = os.path.join(workdir, "plots")
+  os.makedirs(out_dir, exist_ok=True)
+  paths = []
+  rel = analysis.get("relations")
+  if rel is not None:
+    paths.append(os.path.join(out_dir, "relations.png"))
+    _relations(rel, paths[-1])
+  transfer = analysis.get("transfer")
+  if transfer is not None and transfer.get("tasks"):
+    conflict = {}
+    if rel is not None and rel.get("conflict_rate") is not None:
+      m = _matrix(rel["conflict_rate"])
+      for i, t in enumerate(rel["tasks"]):
+        others = [m[i, j] for j in range(len(m)) if j != i and np.isfinite(m[i, j])]
+        if others:
+          conflict[t] = float(np.mean(others))
+    paths.append(os.path.join(out_dir, "transfer.png"))
+    _transfer(transfer, conflict, paths[-1])
+  return paths
+
+
 def write_all(workdir: str, tasks: Sequence[str], metric: dict[str, str]) -> list[str]:
   """Writes the plots of a run into ``<workdir>/plots`` and returns their paths.
 
@@ -107,4 +231,9 @@ def write_all(workdir: str, tasks: Sequence[str], metric: dict[str, str]) -> lis
   cos = os.path.join(out_dir, "grad_cosine.png")
   if _grad_cosine(records, tasks, cos):
     paths.append(cos)
+  results = os.path.join(workdir, "results.json")
+  if os.path.exists(results):  # a finished run's relations and transfer (jmtl.run.relations.finish)
+    with open(results) as f:
+      stored = json.load(f)
+    paths += relations_plots(workdir, {"relations": stored.get("relations"), "transfer": stored.get("transfer")})
   return paths

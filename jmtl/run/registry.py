@@ -22,6 +22,7 @@ import optax
 
 from jmtl import grads
 from jmtl import models
+from jmtl import relations as relations_lib
 from jmtl import sharing
 from jmtl import weighting as weighting_lib
 from jmtl.run.config import ConfigError
@@ -197,6 +198,77 @@ def make_penalty(config: ml_collections.ConfigDict) -> list[sharing.Penalty]:
   return out
 
 
+#: The ``relations`` group's fields and their defaults (a config without the group tracks nothing).
+RELATIONS_DEFAULTS = {
+  "every": 0,
+  "lookahead_lr": 0.1,
+  "tasks": "",
+  "groups": 0,
+  "transfer_sigmas": 2.0,
+  "transfer_min_gap": 2.0,
+  "transfer_patience": 3,
+}
+
+
+def relations_fields(config: ml_collections.ConfigDict) -> dict[str, Any]:
+  """The ``relations`` fields of ``config``, with the defaults of :data:`RELATIONS_DEFAULTS` where absent.
+
+  Examples:
+    >>> relations_fields(ml_collections.ConfigDict({"relations": {"every": 5}}))["every"]
+    5
+  """
+  group = config.get("relations")
+  given = group.to_dict() if isinstance(group, ml_collections.ConfigDict) else {}
+  return {**RELATIONS_DEFAULTS, **given}
+
+
+def make_relations(config: ml_collections.ConfigDict, names: Sequence[str]) -> relations_lib.Relations | None:
+  """The relations tracker of ``config.relations`` (``None`` when ``every`` is 0 or there is one task).
+
+  ``lookahead_lr`` 0 means the optimizer's learning rate (TAG's choice);
+  ``tasks`` is a comma-separated subset to track ("" for all).
+
+  Examples:
+    >>> c = ml_collections.ConfigDict({"relations": {"every": 10, "lookahead_lr": 0.1, "tasks": ""}})
+    >>> make_relations(c, ["a", "b"])
+    tracker(every=10, lookahead_lr=0.1)
+    >>> make_relations(ml_collections.ConfigDict({"relations": {"every": 10, "tasks": "z"}}), ["a", "b"])
+    Traceback (most recent call last):
+    jmtl.run.config.ConfigError: config field 'relations.tasks': unknown tasks ['z']; the run has ['a', 'b']
+  """
+  r = relations_fields(config)
+  every = r["every"]
+  if isinstance(every, bool) or not isinstance(every, int) or every < 0:
+    raise ConfigError(f"config field 'relations.every' must be an int of at least 0 (0: off), got {every!r}")
+  wanted = [t.strip() for t in str(r["tasks"]).split(",") if t.strip()]
+  unknown = [t for t in wanted if t not in names]
+  if unknown:
+    raise ConfigError(f"config field 'relations.tasks': unknown tasks {unknown}; the run has {list(names)}")
+  if every == 0 or len(names) < 2:
+    return None
+  lr = r["lookahead_lr"] or config.optimizer.learning_rate
+  try:
+    return relations_lib.tracker(every, float(lr), wanted or None)
+  except (TypeError, ValueError) as e:
+    raise ConfigError(f"config field 'relations': {e}") from e
+
+
+def _check_relations(config: ml_collections.ConfigDict) -> None:
+  """The ``relations`` group's fields, when present: types and ranges."""
+  r = relations_fields(config)
+  unknown = sorted(set(r) - set(RELATIONS_DEFAULTS))
+  if unknown:
+    raise ConfigError(f"unknown config fields {[f'relations.{u}' for u in unknown]} (see configs/multi_digits.py)")
+  for field in ("every", "groups", "transfer_patience"):
+    v = r[field]
+    if isinstance(v, bool) or not isinstance(v, int) or v < (1 if field == "transfer_patience" else 0):
+      raise ConfigError(f"config field 'relations.{field}' must be an int of at least 0 (patience: 1), got {v!r}")
+  for field in ("lookahead_lr", "transfer_sigmas", "transfer_min_gap"):
+    v = r[field]
+    if isinstance(v, bool) or not isinstance(v, int | float) or not (v >= 0 and v < float("inf")):
+      raise ConfigError(f"config field 'relations.{field}' must be a number of at least 0, got {v!r}")
+
+
 _REQUIRED = {
   "seed": int,
   "tasks": str,
@@ -251,6 +323,7 @@ def check(config: ml_collections.ConfigDict) -> None:
       )
   _check_choice("select", config.select, ("best", "final"))
   _check_watch_fields(config)
+  _check_relations(config)
   resolve(config.model.name, model_constructors(), "model (config field 'model.name')")
   make_optimizer(config)
   _check_choice("optimizer.schedule", config.optimizer.schedule, SCHEDULES)

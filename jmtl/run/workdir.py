@@ -131,7 +131,7 @@ def open_run(workdir: str, config: ml_collections.ConfigDict, *, write: bool = T
   wanted = config_lib.to_dict(config)
   if os.path.exists(stored):
     have = read_json(stored, f"workdir {path}")
-    diff = config_lib.differences(have, wanted)
+    diff = [d for d in config_lib.differences(have, wanted) if not _added_later(have, wanted, d)]
     if diff:
       shown = ", ".join(f"{d}: {_get(have, d)!r} -> {_get(wanted, d)!r}" for d in diff[:4])
       more = f" and {len(diff) - 4} more" if len(diff) > 4 else ""
@@ -142,6 +142,24 @@ def open_run(workdir: str, config: ml_collections.ConfigDict, *, write: bool = T
   if write:
     write_json(stored, wanted)
   return path
+
+
+#: Config groups added after runs were stored without them, and when a wanted group changes nothing such a run did:
+#: a stored run without the group is the same run (``relations`` with ``every`` 0 tracks nothing).
+ADDED_GROUPS = {"relations": lambda group: not (isinstance(group, dict) and group.get("every"))}
+
+
+def _added_later(have: dict, wanted: dict, dotted: str) -> bool:
+  """Whether the difference ``dotted`` is only a group of :data:`ADDED_GROUPS` that the stored config predates.
+
+  Examples:
+    >>> _added_later({"lr": 1}, {"lr": 1, "relations": {"every": 0}}, "relations.every")
+    True
+    >>> _added_later({"lr": 1}, {"lr": 1, "relations": {"every": 10}}, "relations.every")
+    False
+  """
+  group = dotted.split(".", maxsplit=1)[0]
+  return group in ADDED_GROUPS and group not in have and ADDED_GROUPS[group](wanted.get(group))
 
 
 def _get(data: dict, dotted: str) -> Any:
