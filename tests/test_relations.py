@@ -143,6 +143,17 @@ def test_a_task_without_labels_is_left_out_of_that_step():
   assert np.all(np.isfinite(states[-1].relations_state.affinity))
 
 
+def test_a_donated_state_steps():  # the state's arrays are distinct buffers, so the step may donate it
+  model, tasks, params, batch = _setup()
+  state = jmtl.TrainState.create(
+    params=params, tx=optax.sgd(0.1), num_tasks=3, rng=jax.random.key(0), relations=relations.tracker(every=2)
+  )
+  step = parallel.jit(jmtl.make_train_step(model, tasks))  # donates the state
+  for _ in range(3):
+    state, _ = step(state, batch)
+  np.testing.assert_array_equal(state.relations_state.affinity_count, np.full((3, 3), 2))
+
+
 def test_pmap_gives_the_single_device_affinity():
   model, tasks, params, batch = _setup(b=16)
   tracker = relations.tracker(every=1, lookahead_lr=LR)

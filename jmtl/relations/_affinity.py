@@ -121,8 +121,9 @@ def init(relations: Relations | None, num_tasks: int) -> RelationsState | dict:
   if relations is None:
     return {}
   s = num_tasks if relations.tasks is None else len(relations.tasks)
-  f, i = jnp.zeros((s, s), jnp.float32), jnp.zeros((s, s), jnp.int32)
-  return RelationsState(f, i, f, i, i)
+  # One array per field: a donated state must not hold one buffer twice.
+  f, i = (lambda: jnp.zeros((s, s), jnp.float32)), (lambda: jnp.zeros((s, s), jnp.int32))
+  return RelationsState(f(), i(), f(), i(), i())
 
 
 class Lookahead(NamedTuple):
