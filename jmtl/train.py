@@ -26,8 +26,10 @@ from flax import struct
 from jmtl import grads as grads_lib
 from jmtl import groups
 from jmtl import metrics as metrics_lib
+from jmtl import relations as relations_lib
 from jmtl import sharing
 from jmtl import tasks as tasks_lib
+from jmtl import weighting as weighting_lib
 from jmtl.models import as_model
 from jmtl.weighting import WeightingTransform
 from jmtl.weighting import equal
@@ -58,6 +60,12 @@ class TrainState(struct.PyTreeNode):
       model.
     tx: the optax optimizer (static).
     weighting: the :class:`~jmtl.weighting.WeightingTransform` (static).
+    relations_state: the running sums of the task relations the step
+      measures (:class:`jmtl.relations.RelationsState`), ``{}`` without a
+      tracker.
+    relations: what the step measures (:func:`jmtl.relations.tracker`:
+      TAG's lookahead affinity every ``every`` steps and the gradient
+      cosine), or ``None`` (static).
   """
 
   step: Array
@@ -69,6 +77,8 @@ class TrainState(struct.PyTreeNode):
   model_state: Any
   tx: optax.GradientTransformation = struct.field(pytree_node=False)
   weighting: WeightingTransform = struct.field(pytree_node=False)
+  relations_state: Any = struct.field(default_factory=dict)
+  relations: relations_lib.Relations | None = struct.field(pytree_node=False, default=None)
 
   @classmethod
   def create(
@@ -80,8 +90,12 @@ class TrainState(struct.PyTreeNode):
     num_tasks: int,
     rng: Array,
     model_state: Any = None,
+    relations: relations_lib.Relations | None = None,
   ) -> TrainState:
     """The state before the first step (``weighting`` defaults to :func:`~jmtl.weighting.equal`).
+
+    ``relations`` (:func:`jmtl.relations.tracker`) makes every train step
+    measure how the tasks relate (``docs/design.md``, "Task relations").
 
     Examples:
       >>> import jax, jax.numpy as jnp, optax
@@ -102,6 +116,8 @@ class TrainState(struct.PyTreeNode):
       model_state={} if model_state is None else model_state,
       tx=tx,
       weighting=weighting,
+      relations_state=relations_lib.init(relations, num_tasks),
+      relations=relations,
     )
 
   @classmethod
@@ -113,6 +129,7 @@ class TrainState(struct.PyTreeNode):
     tx: optax.GradientTransformation,
     weighting: WeightingTransform | None = None,
     rng: Array,
+    relations: relations_lib.Relations | None = None,
   ) -> TrainState:
     """The state before the first step of a :class:`~jmtl.models.MultiTaskModel`: its parameters and state too.
 
@@ -145,6 +162,7 @@ class TrainState(struct.PyTreeNode):
         num_tasks=len(model.task_names),
         rng=step_key,
         model_state=model.init_state(init_key, x),
+        relations=relations,
       )
 
     return jax.jit(create)(rng, jax.tree.map(lambda a: a[:1], inputs))
@@ -250,7 +268,10 @@ def make_train_step(
     :class:`StepMetrics`) holds ``loss/<task>``, ``weight/<task>``, ``loss``
     (the weighted objective), ``penalty``, ``grad_norm``, ``skipped`` and
     ``num_skipped``, and, when a Gramian was computed, ``grad_norm/<task>``
-    and ``grad_cosine`` (K, K).
+    and ``grad_cosine`` (K, K). A state created with ``relations=``
+    (:func:`jmtl.relations.tracker`) also accumulates TAG's lookahead
+    affinity (every ``every`` steps, under ``lax.cond``) and the gradient
+    cosine in ``state.relations_state``.
 
   Examples:
     >>> import jax, jax.numpy as jnp, optax
@@ -301,7 +322,7 @@ def make_train_step(
       grads = jax.tree.map(jnp.add, grads, pgrads)
     else:
       pen = jnp.zeros((), losses.dtype)
-    grad_norm = optax.tree.norm(grads)
+    grad_norm = _norm(grads)
     ok = jnp.isfinite(grad_norm) & jnp.all(jnp.isfinite(losses)) & jnp.all(jnp.isfinite(weights)) & jnp.isfinite(pen)
 
     def apply(_):
@@ -314,6 +335,11 @@ def make_train_step(
     # A branch, not a select: the update is computed only when it is applied.
     params, opt_state, wstate, model_state = jax.lax.cond(ok, apply, keep, None)
     skipped = jnp.logical_not(ok)
+    relations_state = state.relations_state
+    if state.relations is not None:  # TAG's affinity every n steps (lax.cond), the gradient cosine
+      relations_state = relations_lib.update(
+        state.relations, relations_state, ctx, step=state.step, extra=out.extra, ok=ok
+      )
     new_state = state.replace(
       step=state.step + 1,
       params=params,
@@ -322,6 +348,7 @@ def make_train_step(
       rng=rng,
       num_skipped=state.num_skipped + skipped.astype(jnp.int32),
       model_state=model_state,
+      relations_state=relations_state,
     )
     extra = dict(out.extra)
     per_task = {"loss": losses, "weight": weights}
@@ -339,6 +366,13 @@ def make_train_step(
     return new_state, metrics
 
   return step
+
+
+def _norm(tree) -> jax.Array:
+  """``optax.tree.norm``, finite for every finite tree: the squares of gradients beyond 1e±19 leave float32, so a
+  tree beyond ``2**±24`` is scaled by a power of two first (:func:`jmtl.weighting.power_of_two_scale`)."""
+  k = weighting_lib.power_of_two_scale(tree)
+  return optax.tree.norm(weighting_lib.times_power_of_two(tree, -k)) * weighting_lib.power_of_two(k)
 
 
 def make_eval_step(model, tasks: Sequence[tasks_lib.Task], *, axis_name: str | None = None):
@@ -400,12 +434,20 @@ def _grouped_stats(model, tasks, params, batch, model_state):
 
 
 def compute_metrics(tasks: Sequence[tasks_lib.Task], stats) -> dict[str, float]:
-  """Metric values ``{"<task>/<metric>": float}`` from summed statistics."""
+  """Metric values ``{"<task>/<metric>": float}`` from summed statistics.
+
+  A task without a single labelled example (its loss count is 0: a split,
+  or a mixture, that never labels it) gets ``None`` for its loss and every
+  metric, not the NaN of 0/0.
+  """
   stats = jax.device_get(stats)  # one transfer per statistic, then slices on the host
   out = {}
   for t in tasks:
     s, c = stats[t.name]["loss"]
-    out[f"{t.name}/loss"] = float(s) / max(float(c), 1.0)
+    if float(c) == 0:  # no labelled example in the split: no measurement, not a NaN
+      out.update({f"{t.name}/{k}": None for k in ("loss", *t.metrics)})
+      continue
+    out[f"{t.name}/loss"] = float(s) / float(c)
     out.update({f"{t.name}/{k}": v for k, v in metrics_lib.compute_metrics(t.metrics, stats[t.name]).items()})
   return out
 

@@ -24,6 +24,8 @@ from jmtl.weighting import Direction
 from jmtl.weighting import WeightingTransform
 from jmtl.weighting import combine_jacobian
 from jmtl.weighting import is_task_vector
+from jmtl.weighting import only_present
+from jmtl.weighting import power_of_two
 
 Array = jax.Array
 
@@ -90,10 +92,11 @@ class Forward(NamedTuple):
   """The model's forward pass to the per-task losses, with its VJP."""
 
   losses: Array  # (K,) masked means over the global batch
-  denom: Array  # (K,) the global label counts (at least 1)
+  denom: Array  # (K,) the global label counts (1 where a task has none)
   vjp: Any  # cotangent of the (K,) loss *sums* -> (grads like params,)
   model_state: Any
   dtype: Any  # of the loss sums
+  present: Array | None = None  # (K,) bool: the tasks with a label in the global batch
 
 
 @dataclasses.dataclass(frozen=True)
@@ -127,10 +130,17 @@ class Context:
     """``x`` summed over the data-parallel axis (unchanged without one)."""
     return x if self.axis_name is None else jax.lax.psum(x, self.axis_name)
 
-  def mean_losses(self, sums: Array, counts: Array) -> tuple[Array, Array]:
-    """``(losses, denom)``: masked means over the *global* batch, from local sums and counts."""
-    denom = jnp.maximum(self.psum(counts), 1)
-    return self.psum(sums / denom), denom
+  def mean_losses(self, sums: Array, counts: Array) -> tuple[Array, Array, Array]:
+    """``(losses, denom, present)``: masked means over the *global* batch, from local sums and counts.
+
+    ``denom`` is the global label count (a mask may be fractional), 1 where a
+    task has none; ``present`` says which tasks have one (a task without
+    labels has loss 0 and no gradient, and the weighting leaves it out).
+    """
+    total = self.psum(counts)
+    present = total > 0
+    denom = jnp.where(present, total, 1)
+    return self.psum(sums / denom), denom, present
 
   def apply(self, params):
     """``(predictions, model_state)`` of the model in training mode."""
@@ -173,8 +183,8 @@ class Context:
   def forward(self) -> Forward:
     """The model's forward pass to the losses, with the VJP of the (local) loss sums."""
     sums, vjp, (counts, model_state) = jax.vjp(self.loss_terms_of, self.params, has_aux=True)
-    losses, denom = self.mean_losses(sums, counts)
-    return Forward(losses, denom, vjp, model_state, sums.dtype)
+    losses, denom, present = self.mean_losses(sums, counts)
+    return Forward(losses, denom, vjp, model_state, sums.dtype, present)
 
   def forward_halves(self) -> tuple[Forward, Array]:
     """``(forward, denom)``: the loss sums of each half of the global batch, ``(2, K)``, and the whole batch's counts.
@@ -210,19 +220,23 @@ class Context:
       return jnp.stack(sums), (jnp.stack(counts), model_state)
 
     sums, vjp, (counts, model_state) = jax.vjp(terms, self.params, has_aux=True)
-    losses, denom = self.mean_losses(sums.sum(0), counts.sum(0))
-    return Forward(losses, jnp.maximum(self.psum(counts), 1), vjp, model_state, sums.dtype), denom
+    losses, denom, present = self.mean_losses(sums.sum(0), counts.sum(0))
+    halves = self.psum(counts)
+    return Forward(losses, jnp.where(halves > 0, halves, 1), vjp, model_state, sums.dtype, present), denom
 
-  def weigh(self, losses: Array, **computed) -> tuple[Any, Any]:
+  def weigh(self, losses: Array, present: Array, **computed) -> tuple[Any, Any]:
     """``(weights, new weighting state)``: the weighting's update on the losses and every input.
 
-    ``computed`` holds the Gramian and/or Jacobian a route computed; the
-    weights are constants of the update (``stop_gradient``).
+    ``present`` (``(K,)`` bool, the tasks with a label in the global batch)
+    is an input of the update, and the weights of the other tasks are set to
+    0 (``docs/design.md``, "Tasks without labels"). ``computed`` holds the
+    Gramian and/or Jacobian a route computed; the weights are constants of
+    the update (``stop_gradient``).
     """
     if "validation" in self.transform.requires:
       computed["meta_gradient"] = self.meta_gradient
-    w, state = self.transform.update(losses, self.weighting_state, **self.inputs, **computed)
-    return jax.lax.stop_gradient(w), state
+    w, state = self.transform.update(losses, self.weighting_state, present=present, **self.inputs, **computed)
+    return jax.lax.stop_gradient(only_present(w, present)), state
 
   def meta_gradient(self, weights: Array, lr, val_weights: Array | None = None) -> Array:
     """``∂/∂w Σₖ vₖ Lₖ^val(θ − lr ∇θ Σⱼ wⱼ Lⱼ(θ))``: how the validation losses after one virtual SGD step move with
@@ -292,8 +306,8 @@ class Context:
     return combine_jacobian(weights, jac), jnp.ones((self.k,), jax.tree.leaves(jac)[0].dtype)
 
 
-def gradient_metrics(gramian: Array) -> dict[str, Array]:
-  """``{"grad_norm": (K,) per-task gradient norms, "grad_cosine": (K, K)}`` from the Gramian ``J Jᵀ``.
+def gradient_metrics(gramian: Array, exponent: Array | int = 0) -> dict[str, Array]:
+  """``{"grad_norm": (K,) per-task gradient norms, "grad_cosine": (K, K)}`` from ``J Jᵀ = gramian · 2**exponent``.
 
   Examples:
     >>> import jax.numpy as jnp
@@ -305,8 +319,9 @@ def gradient_metrics(gramian: Array) -> dict[str, Array]:
   norms = jnp.sqrt(jnp.clip(jnp.diagonal(gramian), 0))
   # A zero gradient has no direction: report cosine 0 against it, not NaN.
   safe = jnp.where(norms > 0, norms, 1)
+  norms, scaled = norms * power_of_two(jnp.asarray(exponent, jnp.int32) // 2, norms.dtype), norms
   cos = gramian / (safe[:, None] * safe[None, :])
-  cos = jnp.where((norms[:, None] > 0) & (norms[None, :] > 0), cos, 0)
+  cos = jnp.where((scaled[:, None] > 0) & (scaled[None, :] > 0), cos, 0)
   return {"grad_norm": norms, "grad_cosine": cos}
 
 

@@ -15,33 +15,38 @@ from jmtl.grads._context import StepGrads
 from jmtl.grads._context import gradient_metrics
 from jmtl.grads._context import map_rows
 from jmtl.weighting import combine_jacobian
-from jmtl.weighting import gramian_of
+from jmtl.weighting import power_of_two_scale
+from jmtl.weighting import scaled_gramian
+from jmtl.weighting import times_power_of_two
 
 
 def general(ctx: Context) -> StepGrads:
   """Every task's gradient of all parameters, then the weighting on the shared part's Gramian (or Jacobian)."""
   select = ctx.transform.select
   computed = {}
+  k = None
   if "cross_gramian" in ctx.transform.requires:
     fwd, jac, halves = _halves(ctx)
     part = lambda j: j["shared"] if select is None else select(j["shared"])
-    computed["cross_gramian"] = cross_gramian(part(halves[0]), part(halves[1]))
+    a, b = part(halves[0]), part(halves[1])
+    k = power_of_two_scale((a, b))  # both products in float32's range, by the same factor 2**2k
+    computed["cross_gramian"] = cross_gramian(times_power_of_two(a, -k), times_power_of_two(b, -k))
   else:
     fwd = ctx.forward()
     rows = jnp.diag(1.0 / fwd.denom).astype(fwd.dtype)
     (jac,) = map_rows(fwd.vjp, rows, ctx.options.chunk_size)
     jac = ctx.psum(jac)
   shared_jac = jac["shared"] if select is None else select(jac["shared"])
-  gramian = gramian_of(shared_jac)
-  computed["gramian"] = gramian
+  gramian, exponent = scaled_gramian(shared_jac, k)
+  computed["gramian"], computed["gramian_exponent"] = gramian, exponent
   if ctx.transform.needs == "jacobian":
     computed["jacobian"] = shared_jac
-  weights, wstate = ctx.weigh(fwd.losses, **computed)
+  weights, wstate = ctx.weigh(fwd.losses, fwd.present, **computed)
   # The direction is over all shared parameters, whatever subset the Gramian was over.
   g_shared, weights = ctx.combine(weights, jac["shared"])
   g_tasks = combine_jacobian(ctx.head_weights(weights), jac["tasks"])
   grads = {"shared": g_shared, "tasks": g_tasks}
-  return StepGrads(fwd.losses, weights, wstate, grads, gradient_metrics(gramian), fwd.model_state)
+  return StepGrads(fwd.losses, weights, wstate, grads, gradient_metrics(gramian, exponent), fwd.model_state)
 
 
 def _halves(ctx: Context):

@@ -40,7 +40,8 @@ class Heads:
 
   Attributes:
     losses: ``(K,)`` masked means over the global batch.
-    denom: ``(K,)`` global label counts.
+    denom: ``(K,)`` global label counts (1 where a task has none).
+    present: ``(K,)`` bool, the tasks with a label in the global batch.
     groups: the task groups, each a batched pass.
   """
 
@@ -52,7 +53,7 @@ class Heads:
     sums = groups_lib.in_task_order([p.sums for p in self.passes], groups)
     counts = groups_lib.in_task_order([p.counts for p in self.passes], groups)
     self._dtype = sums.dtype
-    self.losses, self.denom = ctx.mean_losses(sums, counts)
+    self.losses, self.denom, self.present = ctx.mean_losses(sums, counts)
     self._unit = None
 
   def _in_order(self, values):

@@ -18,6 +18,8 @@ from jmtl.grads._context import Context
 from jmtl.grads._context import StepGrads
 from jmtl.grads._context import gradient_metrics
 from jmtl.grads._heads import Heads
+from jmtl.weighting import power_of_two_scale
+from jmtl.weighting import times_power_of_two
 
 
 def linear_heads(ctx: Context, paths) -> StepGrads:
@@ -38,10 +40,14 @@ def linear_heads(ctx: Context, paths) -> StepGrads:
   kernel = jnp.concatenate(kernels, axis=1).astype(delta.dtype)  # (D, ΣC)
   owner = np.concatenate(owners)
   member = jnp.asarray(owner[:, None] == np.arange(ctx.k)[None, :], delta.dtype)  # (ΣC, K)
-  gramian = member.T @ ((delta.T @ delta) * (kernel.T @ kernel)) @ member
+  # δ and W scaled by powers of two (1 unless beyond 2**±RANGE), so that G / 2**e stays in float32's range.
+  sd, sw = power_of_two_scale(delta, ctx.axis_name), power_of_two_scale(kernel)
+  d, w = times_power_of_two(delta, -sd), times_power_of_two(kernel, -sw)
+  gramian = member.T @ ((d.T @ d) * (w.T @ w)) @ member
   gramian = ctx.psum(gramian)  # rows concatenate over devices: exact
-  weights, wstate = ctx.weigh(heads.losses, gramian=gramian)
+  exponent = 2 * (sd + sw)
+  weights, wstate = ctx.weigh(heads.losses, heads.present, gramian=gramian, gramian_exponent=exponent)
   cot = (delta * (member @ weights.astype(delta.dtype))[None, :]) @ kernel.T
   g_shared = ctx.psum(enc_vjp(cot.reshape(z.shape).astype(z.dtype))[0])
   grads = {"shared": g_shared, "tasks": heads.task_grads(weights)}
-  return StepGrads(heads.losses, weights, wstate, grads, gradient_metrics(gramian), model_state)
+  return StepGrads(heads.losses, weights, wstate, grads, gradient_metrics(gramian, exponent), model_state)

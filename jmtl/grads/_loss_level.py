@@ -18,7 +18,7 @@ from jmtl.grads._context import StepGrads
 def loss_level(ctx: Context) -> StepGrads:
   """Losses, weights and ``∇θ Σₖ wₖ Lₖ`` from one forward and one backward."""
   fwd = ctx.forward()
-  weights, wstate = ctx.weigh(fwd.losses)
+  weights, wstate = ctx.weigh(fwd.losses, fwd.present)
   if ctx.transform.heads == "own":
     if not isinstance(ctx.params, dict) or "tasks" not in ctx.params:
       raise ValueError(f"{ctx.transform!r} moves task parameters on their own: params need a 'tasks' part")

@@ -31,6 +31,8 @@ from jmtl.grads._context import map_rows
 from jmtl.grads._heads import Heads
 from jmtl.weighting import gramian_of
 from jmtl.weighting import is_task_vector
+from jmtl.weighting import power_of_two_scale
+from jmtl.weighting import times_power_of_two
 
 
 class Trunk(NamedTuple):
@@ -80,13 +82,15 @@ def separable(ctx: Context) -> StepGrads:
   param_level = ctx.options.level == "parameter"
   jac = None
   if param_level:
-    gramian, jac = parameter_gramian(ctx, trunk, heads)
+    gramian, exponent, jac = parameter_gramian(ctx, trunk, heads)
   else:
-    gramian = ctx.psum(gramian_of(heads.dz()))
-  computed = {"gramian": gramian}
+    dz = heads.dz()
+    k = power_of_two_scale(dz, ctx.axis_name)  # the same on every device, so the local Gramians add
+    gramian, exponent = ctx.psum(gramian_of(times_power_of_two(dz, -k))), 2 * k
+  computed = {"gramian": gramian, "gramian_exponent": exponent}
   if ctx.transform.needs == "jacobian":
     computed["jacobian"] = jac
-  weights, wstate = ctx.weigh(heads.losses, **computed)
+  weights, wstate = ctx.weigh(heads.losses, heads.present, **computed)
   if is_task_vector(weights):
     if param_level:
       cot = heads.weighted_dz(weights)  # the stacked dz can be freed once the Gramian is done
@@ -96,22 +100,29 @@ def separable(ctx: Context) -> StepGrads:
   else:
     g_shared, weights = ctx.combine(weights, jac)  # jac is already the global Jacobian
   grads = {"shared": g_shared, "tasks": heads.task_grads(weights)}
-  return StepGrads(heads.losses, weights, wstate, grads, gradient_metrics(gramian), trunk.model_state)
+  return StepGrads(heads.losses, weights, wstate, grads, gradient_metrics(gramian, exponent), trunk.model_state)
 
 
 def parameter_gramian(ctx: Context, trunk: Trunk, heads: Heads):
-  """``(G, J)``: the Gramian of the (selected) shared-parameter gradients, and the Jacobian rows if formed.
+  """``(G / 2**e, e, J)``: the Gramian of the (selected) shared-parameter gradients, its exponent (see
+  :func:`jmtl.weighting.scaled_gramian`), and the Jacobian rows if formed.
 
   Dense layers contribute through the layer identity; every other selected
   leaf through its Jacobian rows. ``J`` is ``None`` when no rows were formed,
-  and global (summed over devices) when the route needs it.
+  and global (summed over devices) when the route needs it. The trunk
+  cotangents are scaled by ``2**-s`` (``e = 2s``; ``s = 0`` unless ``dz`` is
+  beyond ``2**±RANGE``), so the Gramian stays in float32's range whenever
+  the gradients do; ``J`` is returned unscaled.
   """
   k, chunk_size, select = ctx.k, ctx.options.chunk_size, ctx.transform.select
   selected = _taps.selected_paths(ctx.params["shared"], select)
   dz = heads.dz()
+  s = power_of_two_scale(dz, ctx.axis_name)
   gramian = jnp.zeros((k, k), heads.losses.dtype)
   # Per-task trunk cotangents: dz itself, or (linear heads) what dzₖ = δₖ Wₖᵀ is made of.
   task_xs, cot_of = (dz, lambda x: x) if chunk_size is None else _taps.task_cotangents(ctx, trunk.z, heads, dz)
+  unscaled_cot_of = cot_of
+  cot_of = lambda x: times_power_of_two(unscaled_cot_of(x), -s)
   chunked = bool(trunk.layers) and chunk_size is not None and chunk_size < k
   if chunked:
     # One layer at a time, its δ recomputed chunk by chunk: at most one
@@ -119,7 +130,7 @@ def parameter_gramian(ctx: Context, trunk: Trunk, heads: Heads):
     chunk, xs = _taps.even_chunks(task_xs, k, chunk_size)
   elif trunk.layers:
     # Tasks next to the feature axis: every Gramian product is then a matmul.
-    deltas = jax.vmap(lambda c: trunk.vjp(c)[1], out_axes=-2)(dz)
+    deltas = jax.vmap(lambda c: trunk.vjp(times_power_of_two(c, -s))[1], out_axes=-2)(dz)
   covered = set()
   for i, (layer, a) in enumerate(zip(trunk.layers, trunk.acts)):
     kpath, bpath = (*layer.path, "kernel"), (*layer.path, "bias")
@@ -146,6 +157,7 @@ def parameter_gramian(ctx: Context, trunk: Trunk, heads: Heads):
     gramian = gramian + gramian_of(sel_jac)
     if select is not None:
       jac = select(jac)
+    jac = times_power_of_two(jac, s)
   if not needs_jacobian(ctx):
     gramian = ctx.psum(gramian)  # exact on one device; the documented approximation across devices
-  return gramian, jac
+  return gramian, 2 * s, jac

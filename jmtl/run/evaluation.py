@@ -51,48 +51,82 @@ def check_selection(tasks: Sequence[jmtl.Task], metric: str) -> None:
       raise ConfigError(f"config field 'select_metric' = {metric!r} is not a metric of task {t.name!r} (it has {have})")
 
 
-def selection_score(values: Mapping[str, float], tasks: Sequence[jmtl.Task], metric: str) -> float:
+def selection_score(
+  values: Mapping[str, float], tasks: Sequence[jmtl.Task], metric: str, skip: Sequence[str] = ()
+) -> float:
   """The mean over tasks of ``metric``, signed so that higher is better.
+
+  The tasks in ``skip`` (those without examples in the split: see
+  :func:`mark_non_finite`) are left out of the mean.
 
   Examples:
     >>> tasks = [jmtl.Task("a", jmtl.losses.mse, {"mae": jmtl.metrics.mae()})]
     >>> selection_score({"a/mae": 0.5, "a/loss": 0.3}, tasks, "mae")
     -0.5
   """
-  total = 0.0
+  total, count = 0.0, 0
   for t in tasks:
     v = values[f"{t.name}/{metric}"]
+    if t.name in skip:
+      continue
     if v is None:  # marked by mark_non_finite
       return -1e300
     v = float(v)
     total += v if higher_is_better(t, metric) else -v
-  score = total / len(tasks)
+    count += 1
+  score = total / count if count else -1e300
   return score if math.isfinite(score) else -1e300  # a diverged model is never selected over a finite one
 
 
-def mark_non_finite(values: Mapping[str, Any], tasks: Sequence[jmtl.Task]) -> tuple[dict[str, Any], list[str]]:
-  """``values`` with every metric of a task whose loss is not finite set to ``None``, and the names of those tasks.
+def mark_non_finite(
+  values: Mapping[str, Any], tasks: Sequence[jmtl.Task]
+) -> tuple[dict[str, Any], list[str], list[str]]:
+  """``values`` with every metric of a task whose loss is not finite set to ``None``, the names of those tasks, and
+  the names of the tasks without examples.
 
   A model whose loss on a task is NaN or inf still gives an accuracy (the
   argmax of NaN scores is some class): it is not a measurement, so it is
   not reported as one. Results files hold ``null`` for such metrics and list
-  the tasks under ``"non_finite"``; the tables print "non-finite".
+  the tasks under ``"non_finite"``; the tables print "non-finite". A task
+  without a labelled example in the split (``None`` from
+  :func:`jmtl.compute_metrics`) is not marked non-finite but listed third;
+  results files list them under ``"no_examples"`` and the tables print
+  "no examples".
 
   Examples:
     >>> t = jmtl.Task("a", jmtl.losses.softmax_cross_entropy, {"acc": jmtl.metrics.accuracy()})
     >>> mark_non_finite({"a/loss": float("nan"), "a/acc": 0.25}, [t])
-    ({'a/loss': None, 'a/acc': None}, ['a'])
+    ({'a/loss': None, 'a/acc': None}, ['a'], [])
+    >>> mark_non_finite({"a/loss": None, "a/acc": None}, [t])
+    ({'a/loss': None, 'a/acc': None}, [], ['a'])
   """
-  out, marked = dict(values), []
+  out, marked, empty = dict(values), [], []
   for t in tasks:
-    loss = values.get(f"{t.name}/loss")
-    if loss is not None and math.isfinite(float(loss)):
+    loss = values.get(f"{t.name}/loss", 0.0)
+    if loss is None:
+      empty.append(t.name)
+      continue
+    if math.isfinite(float(loss)):
       continue
     marked.append(t.name)
     for key in (f"{t.name}/loss", *(f"{t.name}/{m}" for m in t.metrics)):
       if key in out:
         out[key] = None
-  return out, marked
+  return out, marked, empty
+
+
+def evaluate_splits(results: dict[str, Any], run: Any, params: Any) -> None:
+  """Fills ``results`` with the validation and test metrics of ``params`` (``run.evaluate``), marked.
+
+  Adds ``"non_finite"`` and ``"no_examples"``: per split, the tasks whose
+  loss was not finite (their metrics null) and those without a labelled
+  example (null too).
+  """
+  marked, empty = {}, {}
+  for split in ("validation", "test"):
+    results[split], marked[split], empty[split] = mark_non_finite(run.evaluate(params, split), run.tasks)
+  results["non_finite"] = {split: names for split, names in marked.items() if names}
+  results["no_examples"] = {split: names for split, names in empty.items() if names}
 
 
 def check_results(results: Any, path: str) -> dict[str, Any]:

@@ -18,6 +18,7 @@ from jmtl.run import inputs
 from jmtl.run import loop
 from jmtl.run import plots
 from jmtl.run import registry
+from jmtl.run import relations as run_relations
 from jmtl.run import report
 from jmtl.run import workdir as workdir_lib
 from jmtl.run.checkpoints import Checkpoints
@@ -42,6 +43,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, progress: bool = T
   with workdir_lib.locked(workdir):  # also over what follows training (results.json, plots)
     results = loop.train_and_evaluate(config, workdir, progress=progress, desc=config.weighting)
     results = add_baselines(config, workdir, results, progress=progress, train_missing=True)
+    results = run_relations.finish(config, workdir, results)  # relations and negative transfer during training
     if config.plots and jmtl.parallel.is_primary():
       plots.write_all(os.path.abspath(workdir), results["tasks"], results["metric"])
   _say(report.run_table(results), quiet)
@@ -127,10 +129,7 @@ def evaluate_workdir(workdir: str, *, quiet: bool = False) -> dict[str, Any]:
     "num_skipped": None,
     "step_ms": None,
   }
-  marked = {}
-  for split in ("validation", "test"):  # a task whose loss is not finite: its metrics null, the task listed
-    results[split], marked[split] = evaluation.mark_non_finite(run.evaluate(params, split), run.tasks)
-  results["non_finite"] = {split: names for split, names in marked.items() if names}
+  evaluation.evaluate_splits(results, run, params)
   base_dir = baselines_lib.directory(config, path)
   stored = baselines_lib.read(base_dir, config) if base_dir else {}
   if all(t in stored for t in run.names):

@@ -26,6 +26,7 @@ import jmtl
 from jmtl.run import evaluation
 from jmtl.run import inputs
 from jmtl.run import registry
+from jmtl.run import relations as run_relations
 from jmtl.run import signals
 from jmtl.run import workdir as workdir_lib
 from jmtl.run.checkpoints import Checkpoints
@@ -53,7 +54,12 @@ def create_train_state(run: Run, example: dict) -> jmtl.TrainState:
   See :meth:`jmtl.TrainState.from_model`.
   """
   return jmtl.TrainState.from_model(
-    run.model, example["inputs"], tx=run.optimizer, weighting=run.weighting, rng=jax.random.key(run.config.seed)
+    run.model,
+    example["inputs"],
+    tx=run.optimizer,
+    weighting=run.weighting,
+    rng=jax.random.key(run.config.seed),
+    relations=run.relations,
   )
 
 
@@ -212,6 +218,7 @@ class Run:
     self.model = registry.make_model(config, inputs.head_dims(self.data, self.names))
     self.optimizer = registry.make_optimizer(config)
     self.weighting = registry.make_weighting(config, len(self.tasks))
+    self.relations = registry.make_relations(config, self.names)  # None unless config.relations.every
     self._check_shared()
     self.mesh = data_mesh(config)
     self.eval_step = _eval_step(jmtl.make_eval_step(self.model, self.tasks), self.mesh)
@@ -323,6 +330,7 @@ class _Training:
   def __init__(self, run: Run, batches, ckpt: Checkpoints, log: MetricsLog, host: dict):
     self.run, self.batches, self.ckpt, self.log, self.host = run, batches, ckpt, log, host
     self.skips = _SkipWatch(run.config)
+    self.transfer = run_relations.TransferWatch(run.config, os.path.dirname(log.path), run.tasks)
 
   def loop(self, state, sums, best, *, progress: bool, desc: str):
     config = self.run.config
@@ -369,14 +377,18 @@ class _Training:
     record["skipped"] = int(values["skipped"])  # steps of the interval skipped (``num_skipped``: since step 0)
     record["num_skipped"] = int(state.num_skipped)
     record["examples_per_s"] = count * self.run.config.batch_size / max(elapsed, 1e-9)
+    record.update(run_relations.train_record(state))  # running means since step 0: affinity, cosine, conflicts
     self.log.write(step, "train", record)
     return record, _zeros(sums)
 
   def validate(self, state, best, *, step: int):
     run, host = self.run, self.host
-    values, _ = evaluation.mark_non_finite(run.evaluate(variables(state), "validation"), run.tasks)
+    values, _, empty = evaluation.mark_non_finite(run.evaluate(variables(state), "validation"), run.tasks)
     self.log.write(step, "validation", values)
-    score = evaluation.selection_score(values, run.tasks, run.config.select_metric)
+    transfer = self.transfer.update(step, values)  # against the baselines' curves, when they have this step
+    if transfer is not None:
+      self.log.write(step, "transfer", transfer)
+    score = evaluation.selection_score(values, run.tasks, run.config.select_metric, empty)
     if run.config.select == "final":
       host["best_step"] = step
     elif host["best_score"] is None or score > host["best_score"]:
@@ -462,10 +474,9 @@ def _finish(run, workdir, state, best, host) -> dict[str, Any]:
     "num_skipped": int(state.num_skipped),
     "step_ms": 1e3 * host["seconds"] / host["timed_steps"] if host["timed_steps"] else None,
   }
-  marked = {}
-  for split in ("validation", "test"):  # a task whose loss is not finite: its metrics null, the task listed
-    results[split], marked[split] = evaluation.mark_non_finite(run.evaluate(params, split), run.tasks)
-  results["non_finite"] = {split: names for split, names in marked.items() if names}
-  results["val_score"] = evaluation.selection_score(results["validation"], run.tasks, run.config.select_metric)
+  evaluation.evaluate_splits(results, run, params)
+  results["val_score"] = evaluation.selection_score(
+    results["validation"], run.tasks, run.config.select_metric, results["no_examples"].get("validation", ())
+  )
   workdir_lib.write_json(os.path.join(workdir, workdir_lib.RESULTS), results)
   return results

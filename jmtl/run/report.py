@@ -7,6 +7,7 @@ from collections.abc import Sequence
 from typing import Any
 
 NON_FINITE = "non-finite"
+NO_EXAMPLES = "no examples"
 
 
 def _fmt(value: Any, width: int, digits: int = 4) -> str:
@@ -16,10 +17,13 @@ def _fmt(value: Any, width: int, digits: int = 4) -> str:
 
 
 def _cell(results: Mapping[str, Any], task: str, width: int) -> str:
-  """A task's test value, or "non-finite" for a task whose test loss was not finite (its metrics are null)."""
+  """A task's test value; "non-finite" for a task whose test loss was not finite, "no examples" for one without a
+  labelled test example (the metrics of both are null)."""
   value = results["test"].get(f"{task}/{results['metric'][task]}")
   if value is None and task in (results.get("non_finite") or {}).get("test", ()):
     return f"{NON_FINITE:>{width}}"
+  if value is None and task in (results.get("no_examples") or {}).get("test", ()):
+    return f"{NO_EXAMPLES:>{width}}"
   return _fmt(value, width)
 
 
@@ -48,19 +52,55 @@ def run_table(results: Mapping[str, Any]) -> str:
   mw = max(6, *(len(_metric_label(results, n)) for n in names)) + 3
   head = f"MTL ({results['weighting']})"
   hw = max(len(head), 10) + 3
-  lines = [f"{'task':<{tw}}{'metric':<{mw}}{'single-task':>11}{head:>{hw}}{'negative transfer':>20}"]
+  since, conflict = _relations_columns(results)
+  more = (f"{'behind since':>14}" if since else "") + (f"{'conflict':>10}" if conflict else "")
+  lines = [f"{'task':<{tw}}{'metric':<{mw}}{'single-task':>11}{head:>{hw}}{'negative transfer':>20}{more}"]
   for n in names:
     flag = {True: "yes", False: "no"}.get(neg.get(n), "—")
-    lines.append(f"{n:<{tw}}{_metric_label(results, n):<{mw}}{_fmt(base.get(n), 11)}{_cell(results, n, hw)}{flag:>20}")
+    cells = (f"{since.get(n, '—'):>14}" if since else "") + (f"{conflict.get(n, '—'):>10}" if conflict else "")
+    lines.append(
+      f"{n:<{tw}}{_metric_label(results, n):<{mw}}{_fmt(base.get(n), 11)}{_cell(results, n, hw)}{flag:>20}{cells}"
+    )
   lines.append("")
   lines.append(f"{_delta(results)}   ({_footer(results)})")
+  notes = []
+  if since:
+    notes.append(
+      "behind since: the validation step from which the task has trailed its single-task baseline beyond noise, to "
+      'the end (README, "Task relations")'
+    )
+  if conflict:
+    notes.append("conflict: the fraction of measured steps with a negative gradient cosine, mean over the other tasks")
+  lines += notes
   return "\n".join(lines)
+
+
+def _relations_columns(results: Mapping[str, Any]) -> tuple[dict[str, str], dict[str, str]]:
+  """Per task, the step its negative-transfer flag appeared ("no" when it is not behind at the end) and its mean
+  conflict rate with the other tracked tasks (:mod:`jmtl.run.relations`); both empty for a run without them."""
+  since = {}
+  for n, v in ((results.get("transfer") or {}).get("tasks") or {}).items():
+    since[n] = str(v["first_step"]) if v.get("behind") and v.get("first_step") is not None else "no"
+  conflict = {}
+  rel = results.get("relations") or {}
+  rates = rel.get("conflict_rate")
+  if rates:
+    names = rel["tasks"]
+    for i, n in enumerate(names):
+      others = [rates[i][j] for j in range(len(names)) if j != i and rates[i][j] is not None]
+      if others:
+        conflict[n] = f"{sum(others) / len(others):.2f}"
+  return since, conflict
 
 
 def _delta(results: Mapping[str, Any]) -> str:
   dm = results.get("delta_m")
   if dm is None:
-    return "Δm% = n/a (a metric is not finite)" if results.get("baselines") else "Δm% = n/a (no single-task baselines)"
+    if not results.get("baselines"):
+      return "Δm% = n/a (no single-task baselines)"
+    if (results.get("no_examples") or {}).get("test"):
+      return "Δm% = n/a (a task has no labelled test example)"
+    return "Δm% = n/a (a metric is not finite)"
   return f"Δm% = {dm:+.2f}"
 
 
@@ -77,6 +117,12 @@ def _footer(results: Mapping[str, Any]) -> str:
       splits.setdefault(n, []).append(split)
   if splits:
     parts.append("non-finite loss, metrics null: " + ", ".join(f"{n} ({' and '.join(s)})" for n, s in splits.items()))
+  empty: dict[str, list[str]] = {}
+  for split, names in (results.get("no_examples") or {}).items():
+    for n in names:
+      empty.setdefault(n, []).append(split)
+  if empty:
+    parts.append("no labelled examples: " + ", ".join(f"{n} ({' and '.join(s)})" for n, s in empty.items()))
   return "; ".join(parts)
 
 
@@ -96,8 +142,10 @@ def sweep_table(rows: Sequence[Mapping[str, Any]]) -> str:
   names = first["tasks"]
   lw = max(4, *(len(r["label"]) for r in rows)) + 3
   cols = [f"{n} {_metric_label(first, n)}" for n in names]
-  marked = {n for row in rows for n in (row["results"].get("non_finite") or {}).get("test", ())}
-  cw = [max(len(c), 8, len(NON_FINITE) if n in marked else 0) + 2 for c, n in zip(cols, names)]
+  marked = {
+    n for row in rows for key in ("non_finite", "no_examples") for n in (row["results"].get(key) or {}).get("test", ())
+  }
+  cw = [max(len(c), 8, len(NO_EXAMPLES) if n in marked else 0) + 2 for c, n in zip(cols, names)]
   lines = [
     f"{'run':<{lw}}" + "".join(f"{c:>{w}}" for c, w in zip(cols, cw)) + f"{'Δm%':>10}{'ms/step':>10}{'val score':>12}"
   ]

@@ -29,11 +29,18 @@ from jmtl.weighting._base import gramian_of
 from jmtl.weighting._base import init_state
 from jmtl.weighting._base import inject_hyperparams
 from jmtl.weighting._base import is_task_vector
+from jmtl.weighting._base import keep_absent
 from jmtl.weighting._base import last_layer
 from jmtl.weighting._base import methods
 from jmtl.weighting._base import named_chain
 from jmtl.weighting._base import needs_of
+from jmtl.weighting._base import only_present
+from jmtl.weighting._base import power_of_two
+from jmtl.weighting._base import power_of_two_scale
+from jmtl.weighting._base import present_of
+from jmtl.weighting._base import scaled_gramian
 from jmtl.weighting._base import stateless
+from jmtl.weighting._base import times_power_of_two
 from jmtl.weighting._elementwise import graddrop
 from jmtl.weighting._excess import ExcessMTLState
 from jmtl.weighting._excess import excess_mtl
@@ -128,6 +135,7 @@ __all__ = [
   "init_state",
   "inject_hyperparams",
   "is_task_vector",
+  "keep_absent",
   "krum",
   "last_layer",
   "methods",
@@ -137,14 +145,20 @@ __all__ = [
   "named_chain",
   "nash_mtl",
   "needs_of",
+  "only_present",
   "pcd",
   "pcgrad",
+  "power_of_two",
+  "power_of_two_scale",
+  "present_of",
   "rgw",
   "rlw",
+  "scaled_gramian",
   "sdmgrad",
   "stateless",
   "static",
   "stch",
+  "times_power_of_two",
   "trimmed_mean",
   "uncertainty",
   "upgrad",

@@ -22,8 +22,11 @@ import numpy as np
 
 from jmtl.weighting._base import WeightingTransform
 from jmtl.weighting._base import checked_gramian
+from jmtl.weighting._base import decoupled
 from jmtl.weighting._base import is_concrete
 from jmtl.weighting._base import method
+from jmtl.weighting._base import power_of_two
+from jmtl.weighting._base import present_of
 from jmtl.weighting._base import stateless
 from jmtl.weighting._solvers import _ridge_coef
 from jmtl.weighting._solvers import _spd_solve
@@ -38,7 +41,7 @@ _LINE_SEARCH_STEPS = 40
 _ARMIJO = 1e-4
 
 
-def alpha_fair_weights(gramian: Array, alpha, *, max_iter: int = 100) -> Array:
+def alpha_fair_weights(gramian: Array, alpha, *, max_iter: int = 100, present: Array | None = None) -> Array:
   """``w > 0`` with ``G w = w^{-1/α}`` (element-wise): FairGrad's weights.
 
   Ban & Ji, "Fair Resource Allocation in Multi-Task Learning", ICML 2024,
@@ -98,12 +101,14 @@ def alpha_fair_weights(gramian: Array, alpha, *, max_iter: int = 100) -> Array:
     >>> [round(float(x), 5) for x in w]  # orthogonal: wₖ = Gₖₖ^(−α/(α+1))
     [1.0, 0.39685]
   """
-  return alpha_fair_solve(gramian, alpha, max_iter=max_iter)[0]
+  return alpha_fair_solve(gramian, alpha, max_iter=max_iter, present=present)[0]
 
 
 @functools.partial(jax.jit, static_argnames=("max_iter",))
-def alpha_fair_solve(gramian: Array, alpha, *, max_iter: int = 100) -> tuple[Array, Array]:
-  """:func:`alpha_fair_weights` and the number of Newton steps it took."""
+def alpha_fair_solve(
+  gramian: Array, alpha, *, max_iter: int = 100, present: Array | None = None
+) -> tuple[Array, Array]:
+  """:func:`alpha_fair_weights` and the number of Newton steps it took (``present``: the tasks to solve among)."""
   gn, sigma = normalise_gramian(gramian)
   k = gn.shape[0]
   dtype = gn.dtype
@@ -121,6 +126,8 @@ def alpha_fair_solve(gramian: Array, alpha, *, max_iter: int = 100) -> tuple[Arr
   norms = jnp.maximum(jnp.sqrt(jnp.maximum(jnp.diagonal(gn), 0)), delta)
   cos = jnp.clip(gn / jnp.outer(norms, norms), -1, 1)
   cos = cos.at[jnp.diag_indices(k)].set(1 + delta)
+  if present is not None:
+    cos = decoupled(cos, present)  # the equations separate: the present tasks' system is solved exactly
   log_diag = 2 * jnp.log(norms) + jnp.log1p(delta)  # log Gₖₖ (normalised, regularised)
   # A = W⁰ G W⁰: Aₖⱼ = cosₖⱼ sₖ sⱼ with sₖ = nₖ w⁰ₖ.
   s = jnp.exp(jnp.log(norms) - expo * log_diag)
@@ -181,7 +188,8 @@ def alpha_fair_solve(gramian: Array, alpha, *, max_iter: int = 100) -> tuple[Arr
   steps, gamma, _, _ = jax.lax.while_loop(cond, body, st)
   log_w = jnp.log(gamma) - expo * (log_diag + jnp.log(sigma))
   w = jnp.minimum(jnp.exp(jnp.minimum(log_w, jnp.log(finfo.max))), finfo.max)
-  return jnp.where(positive, w, jnp.ones_like(w)), steps
+  w = jnp.where(positive, w, jnp.ones_like(w))
+  return (w if present is None else jnp.where(present, w, 0)), steps
 
 
 @method(static=("max_iter",))
@@ -229,7 +237,12 @@ def fairgrad(alpha: float = 1.0, *, max_iter: int = 100) -> WeightingTransform:
   opposite gradients: no solution, ``wₖ → ∞``) gets the solvers' ridge, so
   the affected weights are large but finite (as in :func:`nash_mtl`).
 
-  Scale: for ``G → c·G`` the weights scale by ``c^{−α/(α+1)}``.
+  Scale: for ``G → c·G`` the weights scale by ``c^{−α/(α+1)}`` (applied to
+  the scaled Gramian's weights as ``2**(−e·α/(α+1))`` for ``gramian_exponent``
+  ``e``). So FairGrad's float32 range is where its weights are floats:
+  gradients within ``1e±15`` at ``α = 2`` (weights up to ``1e±20``), wider for
+  smaller ``α``; beyond, the weights are ``inf`` or ``0`` and the train step
+  skips (and reports) the step.
 
   Args:
     alpha: ``α ≥ 0`` (LibMTL's default, 1).
@@ -255,11 +268,15 @@ def fairgrad(alpha: float = 1.0, *, max_iter: int = 100) -> WeightingTransform:
     raise ValueError(f"fairgrad: max_iter must be a positive integer, got {max_iter}")
   max_iter = int(max_iter)
 
-  def weight_fn(losses, *, gramian=None, **_):
+  def weight_fn(losses, *, gramian=None, present=None, gramian_exponent=0, **_):
     g = checked_gramian("fairgrad", losses, gramian)
+    present = present_of(losses, present)
     if is_concrete(alpha) and alpha == 0:
-      return jnp.ones_like(losses)
-    return alpha_fair_weights(g, alpha, max_iter=max_iter)
+      return present.astype(losses.dtype)
+    w = alpha_fair_weights(g, alpha, max_iter=max_iter, present=present)
+    # G = gramian · 2**e scales the weights by 2**(−e α/(α+1)).
+    a = jnp.asarray(alpha, g.dtype)
+    return w * jnp.exp2(-jnp.asarray(gramian_exponent, g.dtype) * a / (a + 1))
 
   return stateless(weight_fn, needs="gramian")
 
@@ -320,7 +337,7 @@ def priority_multipliers(gramian: Array, tau: Array, *, max_iter: int | None = N
 class PCDState(NamedTuple):
   """State of :func:`pcd`."""
 
-  count: Array  # () int32: update calls with a finite Gramian so far (the bias correction's exponent)
+  count: Array  # (K,) int32: calls with a finite Gramian and the task present (the bias correction's exponent)
   sq_norm_ema: Array  # (K,) float: v, the moving average of the squared gradient norms ‖gₖ‖²
 
 
@@ -366,7 +383,16 @@ def pcd(
   ``16·K·eps`` relative), with infeasibility detected from the ridge's share
   of the dual optimum instead of a dependence tolerance.
 
-  State: the step count and the ``(K,)`` moving average (O(K) memory).
+  Range: the moving average holds squared gradient norms in true units, so
+  PCD's float32 range is the Gramian's (gradients within about ``1e±18``);
+  beyond, its weights are ``nan`` and the train step skips (and reports) the
+  step. ``ε`` is absolute, so the weights are scale-free only while ``v̂ ≫ ε``.
+
+  A task without labels in the batch is left out: the first task that has
+  labels is the primary, the others keep their order and their ``τ``, and
+  the moving average of an absent task does not move.
+
+  State: the ``(K,)`` step counts and moving average (O(K) memory).
 
   Float32 accuracy (``jax_enable_x64`` off; Gramians of condition 1, 10³,
   10⁶; measured by ``tests/test_weighting_more.py``): step length within
@@ -405,11 +431,12 @@ def pcd(
 
   def init_fn(num_tasks):
     dtype = jax.dtypes.canonicalize_dtype(float)
-    return PCDState(jnp.zeros((), jnp.int32), jnp.zeros((num_tasks,), dtype))
+    return PCDState(jnp.zeros((num_tasks,), jnp.int32), jnp.zeros((num_tasks,), dtype))
 
   def update_fn(losses, state, **inputs):
     raw = inputs.get("gramian")
     g = checked_gramian("pcd", losses, raw)
+    present = present_of(losses, inputs.get("present"))
     k = state.sq_norm_ema.shape[0]
     if losses.shape != (k,) or tau.shape not in ((), (k - 1,)):
       raise ValueError(
@@ -417,27 +444,36 @@ def pcd(
         f"(one τ, or one per secondary task)"
       )
     dtype = g.dtype
+    # The moving average holds squared norms in true units (G = gramian · 2**e): PCD's range is the Gramian's.
+    g = g * power_of_two(inputs.get("gramian_exponent", 0), dtype)
     finite = jnp.all(jnp.isfinite(g))
-    g = jnp.where(finite, g, 0)
+    g = jnp.where(finite & present[:, None] & present[None, :], g, 0)
     sq = jnp.maximum(jnp.diagonal(g), 0)
-    count = state.count + 1
-    ema = beta * state.sq_norm_ema.astype(dtype) + (1 - beta) * sq
-    debiased = ema / (1 - jnp.asarray(beta, dtype) ** count.astype(dtype))
+    # Only a present task's moving average moves (and counts the call).
+    moved = finite & present
+    count = jnp.where(moved, state.count + 1, state.count)
+    ema = jnp.where(moved, beta * state.sq_norm_ema.astype(dtype) + (1 - beta) * sq, state.sq_norm_ema.astype(dtype))
+    debiased = ema / (1 - jnp.asarray(beta, dtype) ** jnp.maximum(count, 1).astype(dtype))
     den = jnp.sqrt(debiased + eps)
-    s = jnp.where(den > 0, 1 / jnp.where(den > 0, den, 1), 0)
+    s = jnp.where(present & (den > 0), 1 / jnp.where(den > 0, den, 1), 0)
     gs = g * jnp.outer(s, s)
-    taus = jnp.broadcast_to(jnp.asarray(tau, dtype), (k - 1,))
-    w = priority_multipliers(gs, taus, max_iter=max_iter)
+    # The present tasks keep their order and the first of them is the primary: the problem is solved on the
+    # tasks reordered present-first (an absent secondary has a zero row, so its multiplier is 0).
+    order = jnp.argsort(jnp.where(present, 0, 1), stable=True)
+    taus = jnp.concatenate([jnp.zeros((1,), dtype), jnp.broadcast_to(jnp.asarray(tau, dtype), (k - 1,))])
+    w = (
+      jnp.zeros((k,), dtype)
+      .at[order]
+      .set(priority_multipliers(gs[order][:, order], taus[order][1:], max_iter=max_iter))
+    )
+    sq_primary = sq[order[0]]
     d2 = w @ gs @ w
     magnitude = (jnp.abs(w) @ jnp.sqrt(jnp.diagonal(gs).clip(0))) ** 2
     precision = 10 * jnp.finfo(jnp.promote_types(raw.dtype, jnp.float32)).eps
-    moves = (sq[0] > 0) & (d2 > precision * magnitude)
-    w = jnp.where(moves, w * s * jnp.sqrt(sq[0] / jnp.where(moves, d2, 1)), 0)
+    moves = (sq_primary > 0) & (d2 > precision * magnitude)
+    w = jnp.where(moves, w * s * jnp.sqrt(sq_primary / jnp.where(moves, d2, 1)), 0)
     w = jnp.where(finite, w, jnp.nan)
-    new_state = PCDState(
-      jnp.where(finite, count, state.count).astype(jnp.int32),
-      jnp.where(finite, ema, state.sq_norm_ema).astype(state.sq_norm_ema.dtype),
-    )
+    new_state = PCDState(count.astype(jnp.int32), ema.astype(state.sq_norm_ema.dtype))
     return w.astype(losses.dtype), new_state
 
   return WeightingTransform(init_fn, update_fn, "gramian")

@@ -32,11 +32,19 @@ WeightingState = Any
 #: Jacobian can also be given the Gramian, so the order is a total one.
 NEEDS = ("losses", "gramian", "jacobian")
 
-#: The inputs the train step passes to ``update`` (by keyword). ``gramian`` and
-#: ``jacobian`` only when the transform's ``needs`` asks for them; ``key`` (a
-#: fresh PRNG key) and ``step`` (the int32 step count) always; anything a user
-#: adds with ``make_train_step(..., weighting_inputs=...)`` too.
-INPUTS = ("gramian", "jacobian", "key", "step")
+#: The inputs the train step passes to ``update`` (by keyword). ``gramian`` (with
+#: ``gramian_exponent``: the Gramian is ``gramian · 2**gramian_exponent``, see
+#: :func:`scaled_gramian`) and ``jacobian`` only when the transform's ``needs``
+#: asks for them; ``key`` (a fresh PRNG key), ``step`` (the int32 step count)
+#: and ``present`` (``(K,)`` bool: the tasks with at least one label in the
+#: global batch) always; anything a user adds with
+#: ``make_train_step(..., weighting_inputs=...)`` too.
+INPUTS = ("gramian", "gramian_exponent", "jacobian", "key", "step", "present")
+
+#: Jacobians whose largest entry lies within ``2**±RANGE`` give their Gramian
+#: unscaled (``gramian_exponent = 0``): float32's squares stay far from its
+#: limits (``2**±126``, ``2**128``) for any realistic number of parameters.
+RANGE = 24
 
 #: What a transform may ask the engine for beyond ``needs``, in its ``requires``:
 #: ``"cross_gramian"``: ``update`` also gets ``cross_gramian``, ``J_a J_bᵀ`` of
@@ -72,7 +80,9 @@ class WeightingTransform(NamedTuple):
     update: ``update(losses, state, **inputs) -> (weights, state)``.
       ``losses`` has shape ``(K,)``; the inputs (:data:`INPUTS`) are
       ``gramian``, the ``(K, K)`` matrix ``J Jᵀ`` of the shared-parameter
-      gradients; ``jacobian``, ``J`` stacked on a leading task axis (an array
+      gradients, divided by ``2**gramian_exponent`` (0 unless the gradients
+      are beyond ``2**±RANGE``: :func:`scaled_gramian`); ``present``, which
+      tasks have labels in the batch (:func:`present_of`); ``jacobian``, ``J`` stacked on a leading task axis (an array
       ``(K, P)`` or a pytree of ``(K, ...)`` leaves); ``key``, a PRNG key;
       ``step``, the step count; and whatever else the caller adds. A
       transform reads what it needs and ignores the rest. A ``"jacobian"``
@@ -312,6 +322,108 @@ def checked_gramian(name: str, losses: Array, gramian: Array | None) -> Array:
   return (g + g.T) / 2
 
 
+def present_of(losses: Array, present: Array | None) -> Array:
+  """The ``present`` input as a ``(K,)`` bool array (every task, when the caller gave none).
+
+  A task without a label in the batch has loss 0 and a zero gradient; a
+  built-in method leaves it out of that step: its weight is 0, the others are
+  weighed among themselves as if it did not exist, and whatever the method
+  keeps per task in its state is left as it was (``docs/design.md``, "Tasks
+  without labels").
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> present_of(jnp.ones(3), None).tolist(), present_of(jnp.ones(2), jnp.array([1, 0])).tolist()
+    ([True, True, True], [True, False])
+  """
+  if present is None:
+    return jnp.ones(jnp.shape(losses)[:1], bool)
+  present = jnp.asarray(present)
+  if present.shape != jnp.shape(losses)[:1]:
+    raise ValueError(f"present must have shape {jnp.shape(losses)[:1]} (one flag per task), got {present.shape}")
+  return present.astype(bool)
+
+
+def only_present(weights, present: Array):
+  """``weights`` with every absent task's weight set to 0: a ``(K,)`` vector, element-wise weights or a Direction.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> only_present(jnp.array([0.5, 2.0]), jnp.array([True, False])).tolist()
+    [0.5, 0.0]
+  """
+  if isinstance(weights, Direction):
+    return Direction(weights.shared, only_present(weights.weights, present))
+  if is_task_vector(weights):
+    return jnp.where(present, weights, jnp.zeros_like(weights))
+  return scale_jacobian(present, weights)
+
+
+def masked_softmax(x: Array, present: Array) -> Array:
+  """``softmax`` over the present entries of ``x`` (0 at the others; all 0 when none is present).
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> masked_softmax(jnp.array([0.0, 5.0, 0.0]), jnp.array([True, False, True])).tolist()
+    [0.5, 0.0, 0.5]
+  """
+  z = jnp.where(present, x, -jnp.inf)
+  top = jnp.max(jnp.where(present, x, jnp.finfo(x.dtype).min))
+  e = jnp.where(present, jnp.exp(z - top), 0)
+  total = jnp.sum(e)
+  return e / jnp.where(total > 0, total, 1)
+
+
+def decoupled(gramian: Array, present: Array) -> Array:
+  """The Gramian with each absent task replaced by a unit gradient orthogonal to every other one.
+
+  ``G`` on the present block, ``1`` on an absent task's diagonal, 0 between
+  an absent task and any other: a solver whose problem separates over
+  orthogonal tasks (Nash-MTL's ``Gα = 1/α``, a lower-bound QP with bound 0)
+  then solves the present tasks' problem exactly, as if the absent ones did
+  not exist; their weights are set to 0 afterwards.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> decoupled(jnp.array([[4.0, 2.0], [2.0, 3.0]]), jnp.array([True, False])).tolist()
+    [[4.0, 0.0], [0.0, 1.0]]
+  """
+  return restricted(gramian, present) + jnp.diag(jnp.where(present, 0, 1).astype(gramian.dtype))
+
+
+def restricted(gramian: Array, present: Array) -> Array:
+  """The Gramian with the rows and columns of absent tasks set to 0 (the Gramian the engine gives, made sure).
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> restricted(jnp.array([[4.0, 2.0], [2.0, 3.0]]), jnp.array([True, False])).tolist()
+    [[4.0, 0.0], [0.0, 0.0]]
+  """
+  return jnp.where(present[:, None] & present[None, :], gramian, 0)
+
+
+def keep_absent(new, old, present: Array):
+  """``new`` with the entries of absent tasks taken from ``old``: per-task state that an absent task must not move.
+
+  Every leaf whose leading axis has length ``K`` is treated as one entry per
+  task; other leaves (counters, scalars) come from ``new``.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> keep_absent({"s": jnp.array([1.0, 2.0]), "n": 5}, {"s": jnp.array([0.0, 0.0]), "n": 4},
+    ...             jnp.array([True, False]))["s"].tolist()
+    [1.0, 0.0]
+  """
+  k = present.shape[0]
+
+  def pick(a, b):
+    if jnp.ndim(a) >= 1 and jnp.shape(a)[0] == k and jnp.shape(a) == jnp.shape(b):
+      return jnp.where(present.reshape((k,) + (1,) * (jnp.ndim(a) - 1)), a, b)
+    return a
+
+  return jax.tree.map(pick, new, old)
+
+
 def required_key(name: str, key: Array | None, why: str) -> Array:
   """``key``, or a ``ValueError`` saying that ``name`` needs one and why."""
   if key is None:
@@ -340,6 +452,64 @@ def gramian_of(jacobian) -> Array:
   k = leaves[0].shape[0]
   flat = [leaf.reshape(k, -1) for leaf in leaves]
   return sum(f @ f.T for f in flat)
+
+
+def power_of_two_scale(tree, axis_name: str | None = None) -> Array:
+  """``k`` (int32) such that ``2**-k`` brings the largest entry of ``tree`` to about 1, or 0 when it is already
+  within ``2**±RANGE`` (or is 0 or not finite); the same on every device of ``axis_name``.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> int(power_of_two_scale(jnp.array([3e30, -1.0]))), int(power_of_two_scale(jnp.array([5.0])))
+    (101, 0)
+  """
+  top = jnp.max(jnp.stack([jnp.max(jnp.abs(x)).astype(jnp.float32) for x in jax.tree.leaves(tree)]))
+  if axis_name is not None:
+    top = jax.lax.pmax(top, axis_name)
+  usable = (top > 0) & jnp.isfinite(top)
+  # Within ±126, 2**k is a normal float32, so scaling by it is exact.
+  k = jnp.clip(jnp.round(jnp.log2(jnp.where(usable, top, 1))), -126, 126).astype(jnp.int32)
+  return jnp.where(usable & (jnp.abs(k) > RANGE), k, 0)
+
+
+def power_of_two(k: Array, dtype=jnp.float32) -> Array:
+  """``2**k`` exactly (``jnp.exp2`` rounds), as a scalar of ``dtype`` (0 or inf beyond its range).
+
+  Examples:
+    >>> float(power_of_two(-3)), float(power_of_two(40)) == 2.0**40
+    (0.125, True)
+  """
+  return jnp.ldexp(jnp.ones((), jnp.float32), jnp.asarray(k, jnp.int32)).astype(dtype)
+
+
+def times_power_of_two(tree, k: Array):
+  """Every leaf of ``tree`` times ``2**k`` (``|k| ≤ 126``): exact, unless a result leaves the dtype's range."""
+  factor = power_of_two(k)
+  return jax.tree.map(lambda x: x * factor.astype(x.dtype), tree)
+
+
+def scaled_gramian(jacobian, k: Array | None = None) -> tuple[Array, Array]:
+  """``(G / 2**e, e)`` with ``G = J Jᵀ``: the Gramian of a stacked Jacobian in float32's range whenever ``J`` is.
+
+  ``J``'s entries are squared in ``G``, so a Jacobian of 1e±20 gives a
+  Gramian outside float32 (1e±38): ``inf``, or zeros and subnormals. The rows
+  are first multiplied by ``2**-k`` (exact), with ``k`` from
+  :func:`power_of_two_scale` unless given, and ``e = 2k``. ``k = 0`` for any
+  Jacobian within ``2**±RANGE``, so ordinary Gramians are exactly
+  :func:`gramian_of`'s. The engine passes ``e`` as the input
+  ``gramian_exponent``; every built-in method is either scale-free (MGDA,
+  UPGrad, CAGrad, ...: the weights do not change with ``G → cG``) or reads it
+  (Nash-MTL, FairGrad, MoDo, GradNorm).
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> g, e = scaled_gramian(jnp.array([[1e30, 0.0], [0.0, 2e30]]))
+    >>> [round(float(x), 3) for x in jnp.diagonal(g)], int(e)
+    ([0.156, 0.622], 202)
+  """
+  if k is None:
+    k = power_of_two_scale(jacobian)
+  return gramian_of(times_power_of_two(jacobian, -k)), 2 * k
 
 
 def combine_jacobian(weights, jacobian):
@@ -615,7 +785,7 @@ def _direction(transform, jacobian, state, losses, inputs):
   if losses is None:
     losses = jnp.ones((first.shape[0],), first.dtype)
   if transform.needs != "losses":
-    inputs["gramian"] = gramian_of(jacobian)
+    inputs["gramian"], inputs["gramian_exponent"] = scaled_gramian(jacobian)
   if transform.needs == "jacobian":
     inputs["jacobian"] = jacobian
   w, state = transform.update(losses, state, **inputs)

@@ -17,7 +17,10 @@ import jax.numpy as jnp
 
 from jmtl.weighting._base import WeightingTransform
 from jmtl.weighting._base import is_concrete
+from jmtl.weighting._base import keep_absent
+from jmtl.weighting._base import masked_softmax
 from jmtl.weighting._base import method
+from jmtl.weighting._base import present_of
 
 Array = jax.Array
 
@@ -25,7 +28,7 @@ Array = jax.Array
 class ExcessMTLState(NamedTuple):
   """State of :func:`excess_mtl`."""
 
-  count: Array  # () int32: update calls so far (saturating at 2: only the first call is special)
+  count: Array  # (K,) int32: calls with the task present, saturating at 2 (only its first call is special)
   weights: Array  # (K,) float: the task weights, Σ = K (1 before the second call)
   initial_excess: Array  # (K,) float: Ê(1), the first call's excess-risk estimates (the normaliser)
   sq_grad_sum: Any  # Σₜ gₜ², per task and parameter: leaves (K, ...) like the Jacobian
@@ -122,7 +125,9 @@ def excess_mtl(
       )
     dtype = jax.dtypes.canonicalize_dtype(float)
     ones = jnp.ones((num_tasks,), dtype)
-    return ExcessMTLState(jnp.zeros((), jnp.int32), ones, jnp.zeros_like(ones), _accumulator(shapes, num_tasks))
+    return ExcessMTLState(
+      jnp.zeros((num_tasks,), jnp.int32), ones, jnp.zeros_like(ones), _accumulator(shapes, num_tasks)
+    )
 
   def update_fn(losses, state, **inputs):
     jacobian = inputs.get("jacobian")
@@ -144,8 +149,10 @@ def excess_mtl(
       )
     dtype = state.weights.dtype
     finfo = jnp.finfo(dtype)
+    present = present_of(losses, inputs.get("present"))
     sq = jax.tree.map(lambda j, s: jnp.square(jax.lax.stop_gradient(j).astype(s.dtype)), jacobian, state.sq_grad_sum)
-    total = jax.tree.map(jnp.add, state.sq_grad_sum, sq)
+    # An absent task's accumulator, normaliser and weight stay as they were.
+    total = keep_absent(jax.tree.map(jnp.add, state.sq_grad_sum, sq), state.sq_grad_sum, present)
 
     def estimate(q, s):
       # A parameter whose gradient has always been 0 adds 0 (with eps = 0 it would be 0/0).
@@ -155,12 +162,16 @@ def excess_mtl(
     excess = sum(jax.tree.leaves(jax.tree.map(estimate, sq, total)))
 
     first = state.count == 0
-    initial = jnp.where(first, excess, state.initial_excess)
+    initial = jnp.where(present & first, excess, state.initial_excess)
     big = 0.5 * finfo.max
     ratio = jnp.minimum(excess / jnp.maximum(initial, finfo.tiny), big)
     logits = jnp.log(jnp.maximum(state.weights, finfo.tiny)) + jnp.minimum(step_size * ratio, big)
-    weights = jnp.where(first, state.weights, k * jax.nn.softmax(logits))
-    new_state = ExcessMTLState(jnp.minimum(state.count + 1, 2).astype(jnp.int32), weights, initial, total)
+    # The tasks that move share their weights' total (K on a full batch after the first call, as in the paper).
+    active = present & ~first
+    mass = jnp.sum(jnp.where(active, state.weights, 0))
+    weights = jnp.where(active, mass * masked_softmax(logits, active), state.weights)
+    count = jnp.where(present, jnp.minimum(state.count + 1, 2), state.count).astype(jnp.int32)
+    new_state = ExcessMTLState(count, weights, initial, total)
     return weights.astype(losses.dtype), new_state
 
   return WeightingTransform(init_fn, update_fn, "jacobian", select, requires=("gradient_shapes",))

@@ -13,8 +13,12 @@ import optax
 from jmtl.weighting._base import WeightingTransform
 from jmtl.weighting._base import checked_gramian
 from jmtl.weighting._base import is_concrete
+from jmtl.weighting._base import keep_absent
 from jmtl.weighting._base import last_layer
+from jmtl.weighting._base import masked_softmax
 from jmtl.weighting._base import method
+from jmtl.weighting._base import power_of_two
+from jmtl.weighting._base import present_of
 
 Array = jax.Array
 
@@ -29,8 +33,8 @@ class GradNormState(NamedTuple):
 
   weights: Array  # (K,) float: wᵢ > 0 with Σᵢ wᵢ = K, the weights of the next step
   opt_state: optax.OptState  # the optimizer's state for ``weights``
-  initial_losses: Array  # (K,) float: Lᵢ(0), the losses of the first call
-  has_initial: Array  # () bool: whether ``initial_losses`` is set
+  initial_losses: Array  # (K,) float: Lᵢ(0), the losses of the task's first call with labels
+  has_initial: Array  # (K,) bool: whether ``initial_losses`` is set
 
 
 @method()
@@ -100,29 +104,39 @@ def gradnorm(
     # depend on the batch, so a jitted step never retraces.
     dtype = jax.dtypes.canonicalize_dtype(float)
     weights = jnp.ones((num_tasks,), dtype)
-    return GradNormState(weights, optimizer.init(weights), jnp.zeros((num_tasks,), dtype), jnp.asarray(False))
+    return GradNormState(
+      weights, optimizer.init(weights), jnp.zeros((num_tasks,), dtype), jnp.zeros((num_tasks,), bool)
+    )
 
   def update_fn(losses, state, **inputs):
     k = state.weights.shape[0]
     gramian = checked_gramian("gradnorm", losses, inputs.get("gramian"))
     if losses.shape != (k,):
       raise ValueError(f"gradnorm: state is for {k} tasks, got losses of shape {losses.shape}")
+    present = present_of(losses, inputs.get("present"))
+    kp = jnp.sum(present).astype(state.weights.dtype)
     dtype = state.weights.dtype
     w = state.weights
     current = jax.lax.stop_gradient(losses).astype(dtype)
-    initial = jnp.where(state.has_initial, state.initial_losses, current)
-    norms = jnp.sqrt(jnp.maximum(jnp.diagonal(gramian).astype(dtype), 0))
+    initial = jnp.where(state.has_initial | ~present, state.initial_losses, current)
+    unit = power_of_two(jnp.asarray(inputs.get("gramian_exponent", 0), jnp.int32) // 2, dtype)
+    norms = jnp.sqrt(jnp.maximum(jnp.diagonal(gramian).astype(dtype), 0)) * unit  # G = gramian · 2**e
 
+    # Among the present tasks only: their mean gradient norm and training rates.
     tiny = jnp.finfo(dtype).tiny
     log_ratio = jnp.log(jnp.maximum(current, tiny)) - jnp.log(jnp.maximum(initial, tiny))
-    relative_rate = k * jax.nn.softmax(log_ratio)
+    relative_rate = kp * masked_softmax(log_ratio, present)
     weighted = w * norms
-    target = jnp.mean(weighted) * relative_rate**alpha
-    grad = norms * jnp.sign(weighted - target)
+    target = jnp.sum(jnp.where(present, weighted, 0)) / jnp.maximum(kp, 1) * relative_rate**alpha
+    grad = jnp.where(present, norms * jnp.sign(weighted - target), 0)
 
-    updates, opt_state = optimizer.update(grad, state.opt_state, w)
-    new_w = jnp.maximum(optax.apply_updates(w, updates), _MIN_WEIGHT)
-    new_w = k * new_w / jnp.sum(new_w)
-    return w.astype(losses.dtype), GradNormState(new_w, opt_state, initial, jnp.asarray(True))
+    updates, new_opt_state = optimizer.update(grad, state.opt_state, w)
+    moved = jnp.maximum(optax.apply_updates(w, updates), _MIN_WEIGHT)
+    # The present tasks' weights keep their total (Σ = K over all tasks); an absent task's weight and optimizer
+    # moments stay as they were.
+    mass = k - jnp.sum(jnp.where(present, 0, w))
+    moved = jnp.where(present, mass * moved / jnp.maximum(jnp.sum(jnp.where(present, moved, 0)), tiny), w)
+    new_w, opt_state = keep_absent((moved, new_opt_state), (w, state.opt_state), present)
+    return w.astype(losses.dtype), GradNormState(new_w, opt_state, initial, state.has_initial | present)
 
   return WeightingTransform(init_fn, update_fn, "gramian", select)

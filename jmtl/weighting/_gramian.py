@@ -24,6 +24,8 @@ from jmtl.weighting._base import WeightingTransform
 from jmtl.weighting._base import checked_gramian
 from jmtl.weighting._base import is_concrete
 from jmtl.weighting._base import method
+from jmtl.weighting._base import power_of_two
+from jmtl.weighting._base import present_of
 from jmtl.weighting._base import stateless
 from jmtl.weighting._solvers import cagrad_qp
 from jmtl.weighting._solvers import lower_bound_qp
@@ -88,8 +90,9 @@ def mgda(normalization: str = "none", *, max_iter: int | None = None) -> Weighti
   if normalization not in _MGDA_NORMALIZATIONS:
     raise ValueError(f"mgda: normalization must be one of {_MGDA_NORMALIZATIONS}, got {normalization!r}")
 
-  def weight_fn(losses, *, gramian=None, **_):
+  def weight_fn(losses, *, gramian=None, present=None, **_):
     g = checked_gramian("mgda", losses, gramian)
+    present = present_of(losses, present)
     if normalization != "none":
       g, _ = normalise_gramian(g)  # so that dividing by n below cannot overflow
       norms = jnp.sqrt(jnp.maximum(jnp.diagonal(g), 0))
@@ -100,7 +103,7 @@ def mgda(normalization: str = "none", *, max_iter: int | None = None) -> Weighti
       # rescaled Gramian by K/eps².
       n = jnp.maximum(n / jnp.max(n), jnp.finfo(g.dtype).eps)
       g = g / jnp.outer(n, n)
-    return simplex_qp(g, max_iter=max_iter)
+    return simplex_qp(g, max_iter=max_iter, present=present)
 
   return stateless(weight_fn, needs="gramian")
 
@@ -145,10 +148,12 @@ def upgrad(*, max_iter: int | None = None) -> WeightingTransform:
     [0.2924, 1.9006, 1.9006]
   """
 
-  def weight_fn(losses, *, gramian=None, **_):
+  def weight_fn(losses, *, gramian=None, present=None, **_):
     g = checked_gramian("upgrad", losses, gramian)
+    present = present_of(losses, present)
     k = g.shape[0]
-    return jnp.mean(lower_bound_qp(g, jnp.eye(k, dtype=g.dtype), max_iter=max_iter), axis=0)
+    u = lower_bound_qp(g, jnp.eye(k, dtype=g.dtype), max_iter=max_iter, present=present)
+    return jnp.sum(u, axis=0) / jnp.maximum(jnp.sum(present), 1)
 
   return stateless(weight_fn, needs="gramian")
 
@@ -190,10 +195,11 @@ def dualproj(*, max_iter: int | None = None) -> WeightingTransform:
     [0.5556, 1.1111, 1.1111]
   """
 
-  def weight_fn(losses, *, gramian=None, **_):
+  def weight_fn(losses, *, gramian=None, present=None, **_):
     g = checked_gramian("dualproj", losses, gramian)
-    k = g.shape[0]
-    return lower_bound_qp(g, jnp.full((k,), 1.0 / k, g.dtype), max_iter=max_iter)
+    present = present_of(losses, present)
+    mean = present.astype(g.dtype) / jnp.maximum(jnp.sum(present), 1)
+    return lower_bound_qp(g, mean, max_iter=max_iter, present=present)
 
   return stateless(weight_fn, needs="gramian")
 
@@ -245,11 +251,11 @@ def cagrad(c: float = 0.5, *, rescale: bool = True, max_iter: int = 64) -> Weigh
   if is_concrete(c) and not c >= 0:
     raise ValueError(f"cagrad: c must be non-negative, got {c}")
 
-  def weight_fn(losses, *, gramian=None, **_):
+  def weight_fn(losses, *, gramian=None, present=None, **_):
     g = checked_gramian("cagrad", losses, gramian)
-    k = g.shape[0]
-    w_star, coef = cagrad_qp(g, c, max_iter=max_iter)
-    w = 1.0 / k + coef * w_star
+    present = present_of(losses, present)
+    w_star, coef = cagrad_qp(g, c, max_iter=max_iter, present=present)
+    w = present.astype(g.dtype) / jnp.maximum(jnp.sum(present), 1) + coef * w_star
     return w / (1 + c * c) if rescale else w
 
   return stateless(weight_fn, needs="gramian")
@@ -290,6 +296,10 @@ def nash_mtl(
   too; ``normalize_gramian=True`` does the same: it solves on
   ``Gₙ = G/‖G‖_F`` (better conditioned at extreme gradient scales) and
   returns ``αₙ/‖G‖_F^½``, the same ``α`` and step length as without.
+
+  Range: ``α`` is solved on the scaled Gramian and divided by
+  ``2**(gramian_exponent/2)``, so it is right wherever ``α ∝ 1/‖g‖`` is a float
+  (gradients of 1e±30 give weights of 1e∓30).
 
   Degenerate ``G``: when some non-negative combination of the gradients is
   zero (a zero gradient, two exactly opposite ones) the equation has no
@@ -336,31 +346,41 @@ def nash_mtl(
     dtype = jax.dtypes.canonicalize_dtype(float)
     return NashMTLState(jnp.zeros((), jnp.int32), jnp.zeros((num_tasks,), dtype))
 
-  def solve(g, prev):
+  def solve(g, prev, present):
     if not normalize_gramian:
-      return nash_bargaining(g, init=prev, max_iter=max_iter)
+      return nash_bargaining(g, init=prev, max_iter=max_iter, present=present)
     # αₙ solves (G/f²) αₙ = 1/αₙ with f = ‖G‖_F^½; then α = αₙ/f solves G α = 1/α.
     f2 = jnp.sqrt(jnp.sum(g * g))
     f2 = jnp.where(f2 > 0, f2, 1)
     f = jnp.sqrt(f2)
-    return nash_bargaining(g / f2, init=prev * f, max_iter=max_iter) / f
+    return nash_bargaining(g / f2, init=prev * f, max_iter=max_iter, present=present) / f
 
-  def keep(g, prev):
+  def keep(g, prev, present):
     del g
-    return prev
+    return jnp.where(present, prev, 0)
 
   def update_fn(losses, state, **inputs):
     g = checked_gramian("nash_mtl", losses, inputs.get("gramian"))
     if state.weights.shape != losses.shape:
       raise ValueError(f"nash_mtl: state is for {state.weights.shape[0]} tasks, got losses of shape {losses.shape}")
-    prev = state.weights.astype(g.dtype)
+    present = present_of(losses, inputs.get("present"))
+    # G = gramian · 2**e, so α = α' · 2**(−e/2) with α' solving the scaled equation (e is even).
+    unit = power_of_two(jnp.asarray(inputs.get("gramian_exponent", 0), jnp.int32) // 2, g.dtype)
+    prev = state.weights.astype(g.dtype) * unit
     # Python-level: with every == 1 there is nothing to skip, so no cond. The
     # branches are defined once per transform, so an eager cond compiles once.
-    alpha = solve(g, prev) if every == 1 else jax.lax.cond(state.step % every == 0, solve, keep, g, prev)
-    new_state = NashMTLState(state.step + 1, alpha.astype(state.weights.dtype))
+    if every == 1:
+      alpha = solve(g, prev, present)
+    else:
+      alpha = jax.lax.cond(state.step % every == 0, solve, keep, g, prev, present)
+    # An absent task keeps its last α (the next solve's warm start).
+    new_state = NashMTLState(
+      state.step + 1, jnp.where(present, alpha / unit, state.weights.astype(g.dtype)).astype(state.weights.dtype)
+    )
     if max_norm is not None:
       norm = jnp.sqrt(jnp.maximum(alpha @ g @ alpha, 0))
+      # ‖Jᵀα‖² = αᵀGα = α'ᵀ gramian α': the same in scaled units.
       alpha = alpha * jnp.where(norm > max_norm, max_norm / jnp.where(norm > 0, norm, 1), 1)
-    return alpha.astype(losses.dtype), new_state
+    return (alpha / unit).astype(losses.dtype), new_state
 
   return WeightingTransform(init_fn, update_fn, "gramian")

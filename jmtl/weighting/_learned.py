@@ -19,7 +19,10 @@ import optax
 
 from jmtl.weighting._base import WeightingTransform
 from jmtl.weighting._base import is_concrete
+from jmtl.weighting._base import keep_absent
+from jmtl.weighting._base import masked_softmax
 from jmtl.weighting._base import method
+from jmtl.weighting._base import present_of
 
 Array = jax.Array
 
@@ -53,16 +56,19 @@ def _learned_scales(name, state_cls, optimizer, init_value, *, weight_fn, grad_f
     return state_cls(s, optimizer.init(s))
 
   def update_fn(losses, state, **inputs):
-    del inputs
     s, opt_state = state
     if losses.shape != s.shape:
       raise ValueError(f"{name}: state is for {s.shape[0]} tasks, got losses of shape {losses.shape}")
+    present = present_of(losses, inputs.get("present"))
     losses_f = jax.lax.stop_gradient(losses).astype(s.dtype)
     # Weights from s before this step, so that the θ-update of this step is
     # the θ-gradient of the joint objective at the current (θ, s).
     weights = weight_fn(s).astype(losses.dtype)
-    updates, opt_state = optimizer.update(grad_fn(s, losses_f), opt_state, s)
-    return weights, state_cls(optax.apply_updates(s, updates), opt_state)
+    grad = jnp.where(present, grad_fn(s, losses_f), 0)
+    updates, new_opt_state = optimizer.update(grad, opt_state, s)
+    # An absent task's s and its optimizer moments stay as they were.
+    new = keep_absent((optax.apply_updates(s, updates), new_opt_state), (s, opt_state), present)
+    return weights, state_cls(*new)
 
   return WeightingTransform(init_fn, update_fn, "losses")
 
@@ -177,8 +183,8 @@ class FAMOState(NamedTuple):
 
   logits: Array  # (K,) float: task logits ξ, the weights' prior is softmax(ξ)
   opt_state: optax.OptState  # the optimizer's state for ``logits``
-  prev_log_loss: Array  # (K,) float: log(L − min_losses + eps) at the last call
-  has_prev: Array  # () bool: whether ``prev_log_loss`` holds a real value
+  prev_log_loss: Array  # (K,) float: log(L − min_losses + eps) at the task's last call with labels
+  has_prev: Array  # (K,) bool: whether ``prev_log_loss`` holds a real value
 
 
 @method()
@@ -257,10 +263,9 @@ def famo(
   def init_fn(num_tasks):
     dtype = _float_dtype()
     logits = jnp.zeros((num_tasks,), dtype)
-    return FAMOState(logits, optimizer.init(logits), jnp.zeros((num_tasks,), dtype), jnp.asarray(False))
+    return FAMOState(logits, optimizer.init(logits), jnp.zeros((num_tasks,), dtype), jnp.zeros((num_tasks,), bool))
 
   def update_fn(losses, state, **inputs):
-    del inputs
     k = state.logits.shape[0]
     if losses.shape != (k,) or bounds.shape not in ((), (k,)):
       raise ValueError(
@@ -271,20 +276,21 @@ def famo(
     # Clamped at 0 so that a loss below its stated bound cannot make log D nan.
     log_d = jnp.log(jnp.maximum(shifted, 0) + eps)
 
-    delta = state.prev_log_loss - log_d
-    z = jax.nn.softmax(state.logits)
-    grad = z * (delta - jnp.dot(z, delta))  # (∂softmax/∂ξ)ᵀ δ
+    present = present_of(losses, inputs.get("present"))
+    # The logits learn from the tasks with a loss now and at their last call (every task but on the first call).
+    moving = present & state.has_prev
+    delta = jnp.where(moving, state.prev_log_loss - log_d, 0)
+    z = masked_softmax(state.logits, moving)
+    grad = z * (delta - jnp.dot(z, delta))  # (∂softmax/∂ξ)ᵀ δ over the moving tasks
     updates, opt_state = optimizer.update(grad, state.opt_state, state.logits)
-    # On the first call there is no previous loss: keep ξ and the optimizer
-    # state. A select, not lax.cond: both sides are O(K), and a select also
-    # runs eagerly without recompiling the branches on every call.
-    logits, opt_state = jax.tree.map(
-      lambda new, old: jnp.where(state.has_prev, new, old),
-      (optax.apply_updates(state.logits, updates), opt_state),
-      (state.logits, state.opt_state),
-    )
-    weights = jax.nn.softmax(logits - log_d).astype(losses.dtype)
-    return weights, FAMOState(logits, opt_state, log_d, jnp.asarray(True))
+    # The others keep ξ and its optimizer moments (on the first call, all: there is no previous loss). A select,
+    # not lax.cond: both sides are O(K), and a select also runs eagerly without recompiling the branches.
+    old = (state.logits, state.opt_state)
+    new = keep_absent((optax.apply_updates(state.logits, updates), opt_state), old, moving)
+    logits, opt_state = jax.tree.map(lambda a, b: jnp.where(jnp.any(moving), a, b), new, old)
+    weights = masked_softmax(logits - log_d, present).astype(losses.dtype)
+    prev = jnp.where(present, log_d, state.prev_log_loss)
+    return weights, FAMOState(logits, opt_state, prev, state.has_prev | present)
 
   return WeightingTransform(init_fn, update_fn, "losses")
 
@@ -377,7 +383,12 @@ def auto_lambda(
     v = None if picked is None else jnp.zeros((k,), state.weights.dtype).at[jnp.asarray(picked)].set(1)
     grad = jax.lax.stop_gradient(meta_gradient(state.weights, lookahead_lr, v)).astype(state.weights.dtype)
     updates, opt_state = optimizer.update(grad, state.opt_state, state.weights)
-    weights = optax.apply_updates(state.weights, updates)
+    # An absent task's λ and its optimizer moments stay as they were.
+    weights, opt_state = keep_absent(
+      (optax.apply_updates(state.weights, updates), opt_state),
+      (state.weights, state.opt_state),
+      present_of(losses, inputs.get("present")),
+    )
     return weights.astype(losses.dtype), AutoLambdaState(weights, opt_state)
 
   return WeightingTransform(init_fn, update_fn, "losses", requires=("validation",))

@@ -9,7 +9,9 @@ import jax.numpy as jnp
 
 from jmtl.weighting._base import WeightingTransform
 from jmtl.weighting._base import is_concrete
+from jmtl.weighting._base import masked_softmax
 from jmtl.weighting._base import method
+from jmtl.weighting._base import present_of
 from jmtl.weighting._base import required_key
 from jmtl.weighting._base import stateless
 
@@ -21,7 +23,8 @@ class DWAState(NamedTuple):
 
   count: Array  # () int32: update calls so far in the current period, in [0, period)
   periods: Array  # () int32: completed periods, saturating at 2 (all DWA needs to know)
-  running_sum: Array  # (K,) float: sum of the losses of the current period
+  running_sum: Array  # (K,) float: sum of the losses of the current period (calls with the task present)
+  running_count: Array  # (K,) float: calls of the current period with the task present
   last_mean: Array  # (K,) float: L̄(t−1), mean loss of the last completed period
   prev_mean: Array  # (K,) float: L̄(t−2), mean loss of the period before it
 
@@ -68,30 +71,35 @@ def dwa(temperature: float = 2.0, period: int = 1) -> WeightingTransform:
   def init_fn(num_tasks):
     zeros = jnp.zeros((num_tasks,), jax.dtypes.canonicalize_dtype(float))
     zero = jnp.zeros((), jnp.int32)
-    return DWAState(zero, zero, zeros, zeros, zeros)
+    return DWAState(zero, zero, zeros, zeros, zeros, zeros)
 
   def update_fn(losses, state, **inputs):
-    del inputs
     k = state.running_sum.shape[0]
     if losses.shape != (k,):
       raise ValueError(f"dwa: state is for {k} tasks, got losses of shape {losses.shape}")
+    present = present_of(losses, inputs.get("present"))
     dtype = state.running_sum.dtype
     finfo = jnp.finfo(dtype)
     # A zero mean loss would give r = x/0; the floor and the cap keep r finite
     # (softmax subtracts the max, so any finite r is safe).
     ratio = state.last_mean / jnp.maximum(state.prev_mean, finfo.tiny)
     ratio = jnp.minimum(ratio, finfo.max)
-    weights = jnp.where(state.periods >= 2, k * jax.nn.softmax(ratio / temperature), jnp.ones((k,), dtype))
+    kp = jnp.sum(present).astype(dtype)
+    weights = jnp.where(state.periods >= 2, kp * masked_softmax(ratio / temperature, present), jnp.ones((k,), dtype))
 
-    running_sum = state.running_sum + jax.lax.stop_gradient(losses).astype(dtype)
+    running_sum = state.running_sum + jnp.where(present, jax.lax.stop_gradient(losses).astype(dtype), 0)
+    running_count = state.running_count + present.astype(dtype)
     count = state.count + 1
     done = count >= period
+    # A task without labels in the whole period keeps its means.
+    seen = done & (running_count > 0)
     new_state = DWAState(
       count=jnp.where(done, 0, count).astype(jnp.int32),
       periods=jnp.where(done, jnp.minimum(state.periods + 1, 2), state.periods).astype(jnp.int32),
       running_sum=jnp.where(done, jnp.zeros_like(running_sum), running_sum),
-      last_mean=jnp.where(done, running_sum / period, state.last_mean),
-      prev_mean=jnp.where(done, state.last_mean, state.prev_mean),
+      running_count=jnp.where(done, jnp.zeros_like(running_count), running_count),
+      last_mean=jnp.where(seen, running_sum / jnp.where(seen, running_count, 1), state.last_mean),
+      prev_mean=jnp.where(seen, state.last_mean, state.prev_mean),
     )
     return weights.astype(losses.dtype), new_state
 
@@ -135,7 +143,9 @@ def rlw(distribution: str = "normal") -> WeightingTransform:
     True
   """
   _check_distribution("rlw", distribution)
-  return stateless(lambda losses, *, key=None, **_: _random_weights("rlw", distribution, losses, key))
+  return stateless(
+    lambda losses, *, key=None, present=None, **_: _random_weights("rlw", distribution, losses, key, present)
+  )
 
 
 def _check_distribution(name: str, distribution: str) -> None:
@@ -143,21 +153,22 @@ def _check_distribution(name: str, distribution: str) -> None:
     raise ValueError(f"{name}: distribution must be one of {_RLW_DISTRIBUTIONS}, got {distribution!r}")
 
 
-def _random_weights(name: str, distribution: str, losses: Array, key) -> Array:
-  """Random weights on the simplex, drawn from ``key`` (RLW and RGW)."""
+def _random_weights(name: str, distribution: str, losses: Array, key, present) -> Array:
+  """Random weights on the simplex of the present tasks, drawn from ``key`` (RLW and RGW)."""
   key = required_key(name, key, "draws random weights")
   k = losses.shape
   # Drawn in float32 at least, so a bfloat16 loss does not coarsen the draw.
   dtype = jnp.promote_types(losses.dtype, jnp.float32)
+  present = present_of(losses, present)
   if distribution == "normal":
-    w = jax.nn.softmax(jax.random.normal(key, k, dtype))
+    w = masked_softmax(jax.random.normal(key, k, dtype), present)
   elif distribution == "uniform":
-    w = jax.nn.softmax(jax.random.uniform(key, k, dtype))
+    w = masked_softmax(jax.random.uniform(key, k, dtype), present)
   else:
     # Dir(1, …, 1) is exactly i.i.d. Exp(1) draws divided by their sum; this
     # avoids the rejection-sampling loop of a general gamma draw.
-    e = jax.random.exponential(key, k, dtype)
-    w = e / jnp.sum(e)
+    e = jnp.where(present, jax.random.exponential(key, k, dtype), 0)
+    w = e / jnp.maximum(jnp.sum(e), jnp.finfo(dtype).tiny)
   return w.astype(losses.dtype)
 
 
@@ -194,7 +205,9 @@ def rgw(distribution: str = "normal") -> WeightingTransform:
     ('own', None)
   """
   _check_distribution("rgw", distribution)
-  t = stateless(lambda losses, *, key=None, **_: _random_weights("rgw", distribution, losses, key))
+  t = stateless(
+    lambda losses, *, key=None, present=None, **_: _random_weights("rgw", distribution, losses, key, present)
+  )
   return t._replace(heads="own")
 
 
@@ -230,11 +243,13 @@ def gls() -> WeightingTransform:
     [1.0, 0.25]
   """
 
-  def weight_fn(losses, **_):
+  def weight_fn(losses, present=None, **_):
+    present = present_of(losses, present)
+    kp = jnp.maximum(jnp.sum(present), 1)
     losses = jax.lax.stop_gradient(losses)
     dtype = jnp.promote_types(losses.dtype, jnp.float32)
-    log_l = jnp.log(jnp.maximum(losses.astype(dtype), jnp.finfo(dtype).tiny))
-    w = jnp.exp(jnp.mean(log_l) - log_l) / losses.shape[0]
+    log_l = jnp.where(present, jnp.log(jnp.maximum(losses.astype(dtype), jnp.finfo(dtype).tiny)), 0)
+    w = jnp.where(present, jnp.exp(jnp.sum(log_l) / kp - log_l) / kp, 0)  # the present tasks' geometric mean
     return jnp.minimum(w, jnp.finfo(losses.dtype).max).astype(losses.dtype)
 
   return stateless(weight_fn)
@@ -244,7 +259,8 @@ class STCHState(NamedTuple):
   """State of :func:`stch`."""
 
   count: Array  # () int32: update calls so far, saturating at warmup_steps + nadir_steps
-  loss_sum: Array  # (K,) float: sum of the losses of the nadir-recording calls (the nadir is loss_sum / nadir_steps)
+  loss_sum: Array  # (K,) float: sum of the losses of the nadir-recording calls with the task present
+  loss_count: Array  # (K,) float: those calls' number (the nadir is loss_sum / loss_count)
 
 
 @method(static=("warmup_steps", "nadir_steps"))
@@ -318,10 +334,10 @@ def stch(mu: float = 1.0, warmup_steps: int = 4, nadir_steps: int = 1, eps: floa
 
   def init_fn(num_tasks):
     dtype = jax.dtypes.canonicalize_dtype(float)
-    return STCHState(jnp.zeros((), jnp.int32), jnp.zeros((num_tasks,), dtype))
+    return STCHState(jnp.zeros((), jnp.int32), jnp.zeros((num_tasks,), dtype), jnp.zeros((num_tasks,), dtype))
 
   def update_fn(losses, state, **inputs):
-    del inputs
+    present = present_of(losses, inputs.get("present"))
     k = state.loss_sum.shape[0]
     if losses.shape != (k,):
       raise ValueError(f"stch: state is for {k} tasks, got losses of shape {losses.shape}")
@@ -335,17 +351,22 @@ def stch(mu: float = 1.0, warmup_steps: int = 4, nadir_steps: int = 1, eps: floa
     # Warm-up: ∂/∂Lₖ Σ log(Lₖ + eps).
     log_w_warm = -jnp.logaddexp(log_loss, log_eps)
     # STCH, with the nadir of the completed recording (unused while warming).
-    log_nadir = jnp.log(jnp.maximum(state.loss_sum / nadir_steps, finfo.tiny))
+    nadir = state.loss_sum / jnp.maximum(state.loss_count, 1)
+    log_nadir = jnp.log(jnp.maximum(nadir, finfo.tiny))
     x = jnp.logaddexp(log_loss - log_nadir, log_eps)
-    log_w_stch = jnp.log(k) + jax.nn.log_softmax(x / mu) - jnp.logaddexp(log_loss, log_eps + log_nadir)
+    # Over the present tasks only (K' of them); an absent task's weight is 0.
+    log_softmax = jax.nn.log_softmax(jnp.where(present, x / mu, -jnp.inf))
+    log_k = jnp.log(jnp.maximum(jnp.sum(present), 1).astype(dtype))
+    log_w_stch = log_k + log_softmax - jnp.logaddexp(log_loss, log_eps + log_nadir)
     log_w = jnp.where(warming, log_w_warm, log_w_stch)
     top = jnp.asarray(jnp.finfo(losses.dtype).max, dtype)
-    weights = jnp.minimum(jnp.exp(jnp.minimum(log_w, jnp.log(top))), top)
+    weights = jnp.where(present, jnp.minimum(jnp.exp(jnp.minimum(log_w, jnp.log(top))), top), 0)
 
-    recording = (state.count >= warmup_steps) & warming
+    recording = (state.count >= warmup_steps) & warming & present
     new_state = STCHState(
       jnp.minimum(state.count + 1, warm).astype(jnp.int32),
       jnp.where(recording, state.loss_sum + loss, state.loss_sum),
+      state.loss_count + recording.astype(dtype),
     )
     return weights.astype(losses.dtype), new_state
 

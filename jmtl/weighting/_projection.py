@@ -19,7 +19,9 @@ from jmtl.weighting._base import WeightingTransform
 from jmtl.weighting._base import checked_gramian
 from jmtl.weighting._base import is_concrete
 from jmtl.weighting._base import method
+from jmtl.weighting._base import present_of
 from jmtl.weighting._base import required_key
+from jmtl.weighting._base import restricted
 from jmtl.weighting._base import stateless
 
 Array = jax.Array
@@ -82,8 +84,9 @@ def pcgrad() -> WeightingTransform:
     [0.5, 1.5]
   """
 
-  def weight_fn(losses, *, gramian=None, key=None, **_):
-    g = checked_gramian("pcgrad", losses, gramian)
+  def weight_fn(losses, *, gramian=None, key=None, present=None, **_):
+    # An absent task's zero gradient neither projects nor is projected.
+    g = restricted(checked_gramian("pcgrad", losses, gramian), present_of(losses, present))
     k = g.shape[0]
     orders = _visit_orders("pcgrad", key, k)
     sq_norms = jnp.diagonal(g)
@@ -146,8 +149,9 @@ def imtl_g() -> WeightingTransform:
     [0.6667, 0.3333]
   """
 
-  def weight_fn(losses, *, gramian=None, **_):
-    g = checked_gramian("imtl_g", losses, gramian)
+  def weight_fn(losses, *, gramian=None, present=None, **_):
+    present = present_of(losses, present)
+    g = restricted(checked_gramian("imtl_g", losses, gramian), present)  # an absent task is inactive
     k = g.shape[0]
     norms, active = _directions(g)
     ref = jnp.argmax(norms)
@@ -161,9 +165,14 @@ def imtl_g() -> WeightingTransform:
     m = jnp.where(keep[:, None] & keep[None, :], m, 0)
     alpha = jnp.where(keep, jnp.linalg.pinv(m.T) @ jnp.where(keep, b, 0), 0)
     alpha = alpha.at[ref].set(1 - jnp.sum(alpha))
-    return jnp.where(jnp.any(active), alpha, jnp.full((k,), 1 / k, g.dtype))
+    return jnp.where(jnp.any(active), alpha, _uniform(present, g.dtype))
 
   return stateless(weight_fn, needs="gramian")
+
+
+def _uniform(present: Array, dtype) -> Array:
+  """``1/K'`` on each of the ``K'`` present tasks: the fallback when no gradient has a direction."""
+  return present.astype(dtype) / jnp.maximum(jnp.sum(present), 1)
 
 
 @method()
@@ -212,9 +221,9 @@ def config() -> WeightingTransform:
     [1.5, 0.75]
   """
 
-  def weight_fn(losses, *, gramian=None, **_):
-    g = checked_gramian("config", losses, gramian)
-    k = g.shape[0]
+  def weight_fn(losses, *, gramian=None, present=None, **_):
+    present = present_of(losses, present)
+    g = restricted(checked_gramian("config", losses, gramian), present)  # an absent task is inactive
     norms, active = _directions(g)
     cosines = _safe_div(_safe_div(g, norms[None, :]), norms[:, None])
     cosines = jnp.where(active[:, None] & active[None, :], cosines, 0)
@@ -222,7 +231,7 @@ def config() -> WeightingTransform:
     length = jnp.sqrt(jnp.maximum(a @ g @ a, 0))
     unit = _safe_div(a, length)
     w = jnp.sum(g @ unit) * unit
-    return jnp.where(jnp.any(active), w, jnp.full((k,), 1 / k, g.dtype))
+    return jnp.where(jnp.any(active), w, _uniform(present, g.dtype))
 
   return stateless(weight_fn, needs="gramian")
 
@@ -283,8 +292,10 @@ def aligned_mtl(scale: str = "min", rtol: float | None = None) -> WeightingTrans
   if rtol is not None and is_concrete(rtol) and not 0 <= rtol < 1:
     raise ValueError(f"aligned_mtl: rtol must be in [0, 1), got {rtol}")
 
-  def weight_fn(losses, *, gramian=None, **_):
-    g = checked_gramian("aligned_mtl", losses, gramian)
+  def weight_fn(losses, *, gramian=None, present=None, **_):
+    # An absent task's zero row adds a zero eigenvalue (dropped) and nothing to the kept eigenvectors.
+    present = present_of(losses, present)
+    g = restricted(checked_gramian("aligned_mtl", losses, gramian), present)
     k = g.shape[0]
     lam, v = jnp.linalg.eigh(g)  # ascending
     cutoff = jnp.maximum(lam[-1], 0) * (k * jnp.finfo(g.dtype).eps if rtol is None else rtol)
@@ -300,7 +311,7 @@ def aligned_mtl(scale: str = "min", rtol: float | None = None) -> WeightingTrans
       s2 = jnp.sum(jnp.where(kept, lam, 0)) / jnp.maximum(rank, 1)
     s = jnp.sqrt(jnp.where(rank > 0, s2, 0))
     w = s * (v * inv_sqrt) @ jnp.sum(v, axis=0)  # B 1 = s V Λ^{-1/2} Vᵀ 1
-    return jnp.where(rank > 0, w, jnp.ones((k,), g.dtype))
+    return jnp.where(rank > 0, w, present.astype(g.dtype))
 
   return stateless(weight_fn, needs="gramian")
 
@@ -366,7 +377,8 @@ def gradvac(beta: float = 1e-2) -> WeightingTransform:
     return GradVacState(jnp.zeros((num_tasks, num_tasks), jax.dtypes.canonicalize_dtype(float)))
 
   def update_fn(losses, state, **inputs):
-    g = checked_gramian("gradvac", losses, inputs.get("gramian"))
+    # An absent task's zero gradient is skipped both ways, and its targets are left as they were.
+    g = restricted(checked_gramian("gradvac", losses, inputs.get("gramian")), present_of(losses, inputs.get("present")))
     key = inputs.get("key")
     k = g.shape[0]
     if state.targets.shape != (k, k):

@@ -15,6 +15,7 @@ from jmtl.weighting._base import EmptyState
 from jmtl.weighting._base import WeightingTransform
 from jmtl.weighting._base import checked_gramian
 from jmtl.weighting._base import method
+from jmtl.weighting._base import present_of
 from jmtl.weighting._base import stateless
 
 
@@ -59,7 +60,7 @@ def krum(n_byzantine: int = 0, n_selected: int = 1) -> WeightingTransform:
   f = _count("krum", "n_byzantine", n_byzantine, 0)
   m = _count("krum", "n_selected", n_selected, 1)
 
-  def weight_fn(losses, *, gramian=None, **_):
+  def weight_fn(losses, *, gramian=None, present=None, **_):
     g = checked_gramian("krum", losses, gramian)
     k = g.shape[0]
     if k < f + 3 or m > k:
@@ -67,12 +68,19 @@ def krum(n_byzantine: int = 0, n_selected: int = 1) -> WeightingTransform:
         f"krum: n_byzantine={f} and n_selected={m} need at least {max(f + 3, m)} tasks, got losses of shape "
         f"{losses.shape}"
       )
+    present = present_of(losses, present)
+    kp = jnp.sum(present)
+    both = present[:, None] & present[None, :]
     d = jnp.diagonal(g)
     dist = jnp.maximum(d[:, None] + d[None, :] - 2 * g, 0)
-    dist = jnp.where(jnp.eye(k, dtype=bool), jnp.inf, dist)  # not one's own neighbour
-    scores = jnp.sum(jnp.sort(dist, axis=1)[:, : k - f - 2], axis=1)
-    chosen = jnp.argsort(scores, stable=True)[:m]
-    return jnp.zeros((k,), g.dtype).at[chosen].set(1 / m)
+    # Not one's own neighbour, and an absent task is no one's neighbour.
+    dist = jnp.where(jnp.eye(k, dtype=bool) | ~both, jnp.inf, dist)
+    nearest = jnp.arange(k) < kp - f - 2  # the K' − f − 2 nearest present neighbours
+    scores = jnp.where(present, jnp.sum(jnp.where(nearest, jnp.sort(dist, axis=1), 0), axis=1), jnp.inf)
+    chosen = jnp.zeros((k,), bool).at[jnp.argsort(scores, stable=True)[:m]].set(True) & present
+    krum_w = jnp.where(chosen, 1 / jnp.maximum(jnp.sum(chosen), 1), 0).astype(g.dtype)
+    # Fewer than f + 3 present tasks: Krum is undefined; the mean of the present ones.
+    return jnp.where(kp >= f + 3, krum_w, present.astype(g.dtype) / jnp.maximum(kp, 1))
 
   return stateless(weight_fn, needs="gramian")
 
@@ -105,11 +113,19 @@ def trimmed_mean(trim: int = 1) -> WeightingTransform:
   """
   t = _count("trimmed_mean", "trim", trim, 0)
 
-  def weights_of(leaf, k):
+  def weights_of(leaf, present):
+    k = present.shape[0]
+    kp = jnp.sum(present)
     j = jax.lax.stop_gradient(leaf)
+    # Absent tasks rank after every present one, so a present value's rank is its rank among the present.
+    shape = (k,) + (1,) * (j.ndim - 1)
+    j = jnp.where(present.reshape(shape), j, jnp.inf)
     rank = jnp.argsort(jnp.argsort(j, axis=0, stable=True), axis=0, stable=True)  # each value's rank in its column
-    kept = (rank >= t) & (rank < k - t)
-    return (kept / (k - 2 * t)).astype(leaf.dtype)
+    kept = present.reshape(shape) & (rank >= t) & (rank < kp - t)
+    trimmed = kept / jnp.maximum(kp - 2 * t, 1)
+    # Not more than 2·trim present tasks: the mean of the present ones.
+    mean = jnp.broadcast_to(present.reshape(shape), j.shape) / jnp.maximum(kp, 1)
+    return jnp.where(kp > 2 * t, trimmed, mean).astype(leaf.dtype)
 
   def update_fn(losses, state, **inputs):
     jacobian = inputs.get("jacobian")
@@ -124,6 +140,7 @@ def trimmed_mean(trim: int = 1) -> WeightingTransform:
       )
     if k <= 2 * t:
       raise ValueError(f"trimmed_mean: trim={t} needs more than {2 * t} tasks, got losses of shape {losses.shape}")
-    return jax.tree.map(lambda leaf: weights_of(leaf, k), jacobian), state
+    present = present_of(losses, inputs.get("present"))
+    return jax.tree.map(lambda leaf: weights_of(leaf, present), jacobian), state
 
   return WeightingTransform(lambda num_tasks: EmptyState(), update_fn, "jacobian")

@@ -19,7 +19,10 @@ import jax.numpy as jnp
 from jmtl.weighting._base import WeightingTransform
 from jmtl.weighting._base import is_concrete
 from jmtl.weighting._base import method
+from jmtl.weighting._base import power_of_two
+from jmtl.weighting._base import present_of
 from jmtl.weighting._solvers import project_simplex
+from jmtl.weighting._solvers import simplex_step_on_present
 
 Array = jax.Array
 
@@ -93,8 +96,17 @@ def modo(gamma: float = 1e-3, rho: float = 0.1) -> WeightingTransform:
 
   def update_fn(losses, state, **inputs):
     c = _cross("modo", losses, state, inputs.get("cross_gramian"))
-    lam = project_simplex(state.lam - gamma * (c @ state.lam + rho * state.lam))
-    return lam.astype(losses.dtype), SimplexState(lam)
+    present = present_of(losses, inputs.get("present"))
+    unit = power_of_two(inputs.get("gramian_exponent", 0), c.dtype)  # C = cross_gramian · 2**e
+
+    def step(x):
+      cx = c @ x
+      # γ C λ in true units; beyond float32 it saturates (the projection then lands on a vertex).
+      move = jnp.clip(gamma * jnp.where(cx == 0, 0, cx * unit), -1e30, 1e30)
+      return project_simplex(x - move - gamma * rho * x, present)
+
+    weights, lam = simplex_step_on_present(state.lam, present, step)
+    return weights.astype(losses.dtype), SimplexState(lam)
 
   return WeightingTransform(_simplex_init, update_fn, "gramian", requires=("cross_gramian",))
 
@@ -150,18 +162,24 @@ def sdmgrad(lam: float = 0.3, n_iter: int = 20, lr: float = 5.0, momentum: float
 
   def update_fn(losses, state, **inputs):
     c = _cross("sdmgrad", losses, state, inputs.get("cross_gramian"))
-    k = losses.shape[0]
-    scale = jnp.mean(jnp.sqrt(jnp.maximum(jnp.diagonal(c), 0)))
+    present = present_of(losses, inputs.get("present"))
+    c = jnp.where(present[:, None] & present[None, :], c, 0)
+    kp = jnp.maximum(jnp.sum(present), 1).astype(c.dtype)
+    mean = present.astype(c.dtype) / kp  # w̃: 1/K on the present tasks
+    scale = jnp.sum(jnp.sqrt(jnp.maximum(jnp.diagonal(c), 0))) / kp
     c = c / (scale**2 + 1e-8)
-    pull = lam * jnp.mean(c, axis=1)  # λ C w̃
+    pull = lam * jnp.sum(c, axis=1) / kp  # λ C w̃ (absent columns of C are 0)
 
-    def body(_, carry):
-      w, m = carry
-      m = momentum * m + (c @ w + pull)
-      return project_simplex(w - lr * m), m
+    def solve(w0):
+      def body(_, carry):
+        w, m = carry
+        m = momentum * m + (c @ w + pull)
+        return project_simplex(w - lr * m, present), m
 
-    w, _ = jax.lax.fori_loop(0, int(n_iter), body, (state.lam, jnp.zeros_like(state.lam)))
-    weights = (w + lam / k) / (1 + lam)
-    return weights.astype(losses.dtype), SimplexState(w)
+      return jax.lax.fori_loop(0, int(n_iter), body, (w0, jnp.zeros_like(w0)))[0]
+
+    w, new_lam = simplex_step_on_present(state.lam, present, solve)
+    weights = (w + lam * mean) / (1 + lam)
+    return weights.astype(losses.dtype), SimplexState(new_lam)
 
   return WeightingTransform(_simplex_init, update_fn, "gramian", requires=("cross_gramian",))

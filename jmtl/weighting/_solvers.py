@@ -9,7 +9,12 @@ jitted on its own, so eager calls compile once.
 
 * The minimisers are scale-free (``G → s²G`` leaves them unchanged, or changes
   them by a known factor), so ``G`` is first divided by its mean diagonal:
-  gradients of size 1e-8 and 1e8 give the same well-scaled problem.
+  gradients of size 1e-8 and 1e8 give the same well-scaled problem. The
+  engine hands over ``G`` already divided by a power of two whenever the
+  gradients are beyond ``2**±24`` (:func:`jmtl.weighting.scaled_gramian`), so
+  the float32 range of a Gramian method is the gradients' (1e±38), not their
+  squares' (1e±19); ``tests/test_gramian_range.py`` fuzzes every method at
+  1e±30.
 * A zero, duplicated or exactly opposite gradient makes ``G`` singular and the
   minimiser non-unique (or, for Nash-MTL, non-existent). A tiny ridge
   ``δ·diag(G)`` (``δ = 16·K·eps`` of the dtype; relative to each task's own
@@ -28,6 +33,11 @@ jitted on its own, so eager calls compile once.
 
 The core is :func:`nonneg_qp`, a Lawson–Hanson active-set method in Gramian
 form; the simplex and lower-bound problems reduce to it exactly.
+
+``present`` (``(K,)`` bool, optional) leaves tasks out of a problem: each
+solver then solves the problem of the present tasks alone, exactly (the
+absent ones are decoupled, :func:`jmtl.weighting._base.decoupled`), and gives
+the absent ones weight 0.
 """
 
 from __future__ import annotations
@@ -37,6 +47,8 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+
+from jmtl.weighting._base import decoupled
 
 Array = jax.Array
 
@@ -195,7 +207,7 @@ def nonneg_qp(q: Array, p: Array, *, max_iter: int | None = None) -> Array:
   return carry.v * scale
 
 
-def _simplex_from_normalised(an: Array, max_iter: int | None = None) -> Array:
+def _simplex_from_normalised(an: Array, max_iter: int | None = None, present: Array | None = None) -> Array:
   """``argmin_{w ∈ Δ} wᵀ A w`` for a normalised PSD ``A``, via one :func:`nonneg_qp`.
 
   With ``u = t·w`` (``t ≥ 0``, ``w ∈ Δ``), ``uᵀ(A + 11ᵀ)u − 2·1ᵀu =
@@ -205,9 +217,13 @@ def _simplex_from_normalised(an: Array, max_iter: int | None = None) -> Array:
   """
   k = an.shape[0]
   q = an + jnp.diag(_ridge(an)) + jnp.ones_like(an)
-  v = nonneg_qp(q, jnp.ones((k,), an.dtype), max_iter=max_iter)
+  p = jnp.ones((k,), an.dtype)
+  if present is not None:
+    # An absent task, decoupled with a zero linear term, stays at 0.
+    q, p = decoupled(q, present), present.astype(an.dtype)
+  v = nonneg_qp(q, p, max_iter=max_iter)
   total = jnp.sum(v)
-  return jnp.where(total > 0, v / jnp.where(total > 0, total, 1), 1.0 / k)
+  return jnp.where(total > 0, v / jnp.where(total > 0, total, 1), p / jnp.maximum(jnp.sum(p), 1))
 
 
 def _shifted(g: Array, offset: Array) -> Array:
@@ -217,7 +233,9 @@ def _shifted(g: Array, offset: Array) -> Array:
 
 
 @functools.partial(jax.jit, static_argnames=("max_iter",))
-def simplex_qp(gramian: Array, offset: Array | None = None, *, max_iter: int | None = None) -> Array:
+def simplex_qp(
+  gramian: Array, offset: Array | None = None, *, max_iter: int | None = None, present: Array | None = None
+) -> Array:
   """``argmin_{w ∈ Δ} (w + offset)ᵀ G (w + offset)`` over the probability simplex.
 
   With ``offset = None`` this is the min-norm point of the convex hull of the
@@ -230,6 +248,7 @@ def simplex_qp(gramian: Array, offset: Array | None = None, *, max_iter: int | N
     gramian: ``(K, K)`` PSD matrix ``J Jᵀ``.
     offset: optional ``(K,)`` vector ``o``.
     max_iter: iteration cap of the active-set loop.
+    present: optional ``(K,)`` bool: the simplex of these tasks only.
 
   Returns:
     ``w`` of shape ``(K,)``, ``w ≥ 0``, ``Σ w = 1``.
@@ -244,11 +263,11 @@ def simplex_qp(gramian: Array, offset: Array | None = None, *, max_iter: int | N
   gn, _ = normalise_gramian(gramian)
   if offset is not None:
     gn, _ = normalise_gramian(_shifted(gn, offset.astype(gn.dtype)))
-  return _simplex_from_normalised(gn, max_iter=max_iter)
+  return _simplex_from_normalised(gn, max_iter=max_iter, present=present)
 
 
 @functools.partial(jax.jit, static_argnames=("max_iter",))
-def lower_bound_qp(gramian: Array, lower: Array, *, max_iter: int | None = None) -> Array:
+def lower_bound_qp(gramian: Array, lower: Array, *, max_iter: int | None = None, present: Array | None = None) -> Array:
   """``argmin_{u ≥ lower} uᵀ G u`` (element-wise bound).
 
   ``Jᵀu`` is then the projection of ``Jᵀlower`` onto the dual cone
@@ -260,6 +279,8 @@ def lower_bound_qp(gramian: Array, lower: Array, *, max_iter: int | None = None)
     gramian: ``(K, K)`` PSD matrix ``J Jᵀ``.
     lower: ``(K,)`` bound, or ``(N, K)`` for ``N`` problems on the same ``G``.
     max_iter: iteration cap of the active-set loop.
+    present: optional ``(K,)`` bool: the problem of these tasks only (an
+      absent task's bound counts as 0 and its ``u`` is 0).
 
   Returns:
     ``u`` shaped like ``lower``.
@@ -273,6 +294,9 @@ def lower_bound_qp(gramian: Array, lower: Array, *, max_iter: int | None = None)
   """
   gn, _ = normalise_gramian(gramian)
   a = gn + jnp.diag(_ridge(gn))
+  if present is not None:
+    a = decoupled(a, present)
+    lower = jnp.where(present, lower, 0)
 
   def one(b):
     b = b.astype(a.dtype)
@@ -282,7 +306,7 @@ def lower_bound_qp(gramian: Array, lower: Array, *, max_iter: int | None = None)
 
 
 @functools.partial(jax.jit, static_argnames=("max_iter",))
-def cagrad_qp(gramian: Array, c: float, *, max_iter: int = 64) -> tuple[Array, Array]:
+def cagrad_qp(gramian: Array, c: float, *, max_iter: int = 64, present: Array | None = None) -> tuple[Array, Array]:
   """CAGrad's inner problem: ``w* = argmin_{w ∈ Δ} g_wᵀg₀ + c‖g₀‖ ‖g_w‖``.
 
   Here ``g_w = Jᵀw`` and ``g₀`` is the mean gradient (Liu et al.,
@@ -298,6 +322,8 @@ def cagrad_qp(gramian: Array, c: float, *, max_iter: int = 64) -> tuple[Array, A
     gramian: ``(K, K)`` PSD matrix ``J Jᵀ``.
     c: ``c ≥ 0``.
     max_iter: cap on the root-finding iterations.
+    present: optional ``(K,)`` bool: the problem of these tasks only (``g₀``
+      their mean).
 
   Returns:
     ``(w*, s/‖g_w*‖)``: the simplex weights and the coefficient of ``g_w*`` in
@@ -315,14 +341,18 @@ def cagrad_qp(gramian: Array, c: float, *, max_iter: int = 64) -> tuple[Array, A
   k = gn.shape[0]
   dtype = gn.dtype
   eps = jnp.finfo(dtype).eps
-  m = jnp.full((k,), 1.0 / k, dtype)
+  if present is None:
+    m = jnp.full((k,), 1.0 / k, dtype)
+  else:
+    gn = jnp.where(present[:, None] & present[None, :], gn, 0)
+    m = present.astype(dtype) / jnp.maximum(jnp.sum(present), 1)
   s = c * jnp.sqrt(jnp.maximum(m @ gn @ m, 0))
   # s = 0 (c = 0 or g₀ = 0) makes the coefficient 0 whatever w*; a floor keeps
   # the bracket finite meanwhile.
   s_safe = jnp.maximum(s, jnp.sqrt(eps))
 
   def h(tau):
-    w = _simplex_from_normalised(normalise_gramian(_shifted(gn, tau * m))[0])
+    w = _simplex_from_normalised(normalise_gramian(_shifted(gn, tau * m))[0], present=present)
     return jnp.sqrt(jnp.maximum(w @ gn @ w, 0)) - s_safe * tau, w
 
   tau_hi = jnp.sqrt(jnp.max(jnp.diagonal(gn))) / s_safe
@@ -378,7 +408,9 @@ def _spd_solve(a: Array, b: Array) -> Array:
 
 
 @functools.partial(jax.jit, static_argnames=("max_iter",))
-def nash_bargaining(gramian: Array, *, init: Array | None = None, max_iter: int = 100) -> Array:
+def nash_bargaining(
+  gramian: Array, *, init: Array | None = None, max_iter: int = 100, present: Array | None = None
+) -> Array:
   """``α > 0`` with ``G α = 1/α`` (element-wise): the Nash bargaining solution.
 
   Navon et al., "Multi-Task Learning as a Bargaining Game", ICML 2022. The
@@ -403,6 +435,7 @@ def nash_bargaining(gramian: Array, *, init: Array | None = None, max_iter: int 
     init: optional warm start, in the units of the output (entries that are
       not positive and finite start from the default).
     max_iter: cap on Newton steps.
+    present: optional ``(K,)`` bool: the bargaining of these tasks only.
 
   Returns:
     ``α`` of shape ``(K,)``.
@@ -424,6 +457,8 @@ def nash_bargaining(gramian: Array, *, init: Array | None = None, max_iter: int 
   norms = jnp.maximum(jnp.sqrt(jnp.maximum(jnp.diagonal(gn), 0)), delta)
   cos = jnp.clip(gn / jnp.outer(norms, norms), -1, 1)
   cos = cos.at[jnp.diag_indices(k)].set(1 + delta)
+  if present is not None:
+    cos = decoupled(cos, present)
   to_beta = norms * jnp.sqrt(scale)
   if init is None:
     beta0 = jnp.ones((k,), dtype)
@@ -443,11 +478,15 @@ def nash_bargaining(gramian: Array, *, init: Array | None = None, max_iter: int 
 
   st = (jnp.int32(0), beta0, jnp.asarray(jnp.inf, dtype))
   _, beta, _ = jax.lax.while_loop(lambda st: (st[0] < max_iter) & (st[2] > k * eps), body, st)
-  return beta / to_beta
+  alpha = beta / to_beta
+  return alpha if present is None else jnp.where(present, alpha, 0)
 
 
-def project_simplex(v: Array) -> Array:
+def project_simplex(v: Array, present: Array | None = None) -> Array:
   """The Euclidean projection of ``v`` onto the probability simplex ``{w ≥ 0, Σ w = 1}``.
+
+  With ``present`` (``(K,)`` bool), the projection of the present entries
+  onto the simplex of the present tasks; the others are 0.
 
   The sort-based rule (Held, Wolfe & Crowder 1974; Duchi et al. 2008): with
   ``u`` sorted descending and ``ρ`` the largest index with
@@ -461,6 +500,10 @@ def project_simplex(v: Array) -> Array:
     >>> project_simplex(jnp.array([2.0, 0.0])).tolist()
     [1.0, 0.0]
   """
+  if present is not None:
+    # Below max(v) − 1 ≤ θ, an entry is projected to 0 without changing θ.
+    low = jnp.max(jnp.where(present, v, -jnp.inf)) - 2
+    v = jnp.where(present, v, jnp.where(jnp.any(present), low, 0))
   u = jnp.sort(v)[::-1]
   css = jnp.cumsum(u)
   idx = jnp.arange(1, v.shape[0] + 1, dtype=v.dtype)
@@ -468,3 +511,21 @@ def project_simplex(v: Array) -> Array:
   rho = jnp.maximum(jnp.sum(u * idx - css > -1), 1)
   theta = (css[rho - 1] - 1) / rho.astype(v.dtype)
   return jnp.maximum(v - theta, 0)
+
+
+def simplex_step_on_present(lam: Array, present: Array, step):
+  """``(weights, new λ)``: ``step`` on the present tasks' share of ``λ``, rescaled to their simplex.
+
+  A task without labels in the batch is left out: the present entries of
+  ``λ``, divided by their sum ``m``, take the step (which projects them
+  onto the present tasks' simplex) and are the weights; the new ``λ`` is
+  ``m`` times them, with the absent entries as they were (so ``λ`` stays on
+  the simplex of all tasks). With every task present this is ``step(λ)``.
+  """
+  every = jnp.all(present)  # then exactly step(λ), without the rounding of a division by Σλ ≈ 1
+  mass = jnp.where(every, 1, jnp.sum(jnp.where(present, lam, 0)))
+  ok = mass > 0
+  share = jnp.where(present, lam / jnp.where(ok, mass, 1), 0)
+  share = jnp.where(ok, share, present.astype(lam.dtype) / jnp.maximum(jnp.sum(present), 1))
+  weights = step(share)
+  return weights, jnp.where(present & ok, mass * weights, lam)

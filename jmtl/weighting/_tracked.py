@@ -20,8 +20,11 @@ import jax.numpy as jnp
 from jmtl.weighting._base import Direction
 from jmtl.weighting._base import WeightingTransform
 from jmtl.weighting._base import is_concrete
+from jmtl.weighting._base import keep_absent
 from jmtl.weighting._base import method
+from jmtl.weighting._base import present_of
 from jmtl.weighting._solvers import project_simplex
+from jmtl.weighting._solvers import simplex_step_on_present
 
 Array = jax.Array
 
@@ -166,15 +169,20 @@ def moco(
     jac = _checked_jacobian("moco", losses, inputs.get("jacobian"), state.tracked)
     if state.lam.shape != losses.shape:
       raise ValueError(f"moco: state is for {state.lam.shape[0]} tasks, got losses of shape {losses.shape}")
+    present = present_of(losses, inputs.get("present"))
     t = (state.count + 1).astype(state.lam.dtype)
     if normalize:
       scale = jax.lax.stop_gradient(losses).astype(state.lam.dtype) / (_row_norms(jac) + 1e-8)
       jac = jax.tree.map(lambda x: x * _rows(scale, x), jac)
     b = beta / t**beta_sigma
-    tracked = jax.tree.map(lambda y, h: y - b * (y - h), state.tracked, jac)
+    # An absent task's tracked gradient stays as it was, and it is left out of the direction.
+    tracked = keep_absent(jax.tree.map(lambda y, h: y - b * (y - h), state.tracked, jac), state.tracked, present)
     g = _gram(tracked)
-    lam = project_simplex(state.lam - gamma / t**gamma_sigma * (g @ state.lam + rho * state.lam))
-    direction = Direction(_combine(lam, tracked), lam.astype(losses.dtype))
+    rate = gamma / t**gamma_sigma
+    w, lam = simplex_step_on_present(
+      state.lam, present, lambda x: project_simplex(x - rate * (g @ x + rho * x), present)
+    )
+    direction = Direction(_combine(w, tracked), w.astype(losses.dtype))
     return direction, MoCoState(state.count + 1, tracked, lam)
 
   return WeightingTransform(init_fn, update_fn, "jacobian", requires=("gradient_shapes",))
@@ -228,13 +236,16 @@ def db_mtl(beta: float = 0.9, beta_sigma: float = 0.0, eps: float = 1e-8) -> Wei
 
   def update_fn(losses, state, **inputs):
     jac = _checked_jacobian("db_mtl", losses, inputs.get("jacobian"), state.tracked)
+    present = present_of(losses, inputs.get("present"))
     dtype = jax.tree.leaves(state.tracked)[0].dtype
-    inv = 1 / (jax.lax.stop_gradient(losses).astype(dtype) + eps)
+    inv = jnp.where(present, 1 / (jax.lax.stop_gradient(losses).astype(dtype) + eps), 0)
     t = (state.count + 1).astype(dtype)
     b = beta / t**beta_sigma
+    # An absent task's moving average stays as it was, and it is left out of the direction.
     tracked = jax.tree.map(lambda y, g: b * y + (1 - b) * g * _rows(inv, g), state.tracked, jac)
+    tracked = keep_absent(tracked, state.tracked, present)
     norms = _row_norms(tracked)
-    alpha = jnp.max(norms) / (norms + eps)
+    alpha = jnp.where(present, jnp.max(jnp.where(present, norms, 0)) / (norms + eps), 0)
     return Direction(_combine(alpha, tracked), inv.astype(losses.dtype)), DBMTLState(state.count + 1, tracked)
 
   return WeightingTransform(init_fn, update_fn, "jacobian", requires=("gradient_shapes",))
