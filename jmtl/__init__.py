@@ -1,6 +1,7 @@
 """jmtl: multi-task learning for JAX."""
 
 from jmtl import checks
+from jmtl import cotrain
 from jmtl import data
 from jmtl import grads
 from jmtl import losses
@@ -29,6 +30,7 @@ __all__ = [
   "checked",
   "checks",
   "compute_metrics",
+  "cotrain",
   "data",
   "evaluate",
   "grads",
