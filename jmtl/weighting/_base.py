@@ -424,6 +424,37 @@ def keep_absent(new, old, present: Array):
   return jax.tree.map(pick, new, old)
 
 
+def checked_jacobian(name: str, losses: Array, jacobian, state_leaves=None):
+  """``jacobian`` if it is a stacked Jacobian for ``losses`` (every leaf ``(K, ...)``), else a ``ValueError``.
+
+  ``state_leaves``: a pytree the Jacobian must match leaf for leaf (a state
+  that keeps per-task gradients), named in the error.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> checked_jacobian("demo", jnp.ones(2), jnp.ones((3, 4)))  # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    ValueError: demo: got losses of shape (2,) and Jacobian leaves of shapes [(3, 4)]; every leaf needs ...
+  """
+  if jacobian is None:
+    raise ValueError(f"{name} needs the Jacobian: pass jacobian=... (an array (K, ...) or a pytree of them)")
+  k = losses.shape[0] if losses.ndim == 1 else -1
+  shapes = [leaf.shape for leaf in jax.tree.leaves(jacobian)]
+  if k < 0 or any(s[:1] != (k,) for s in shapes):
+    raise ValueError(
+      f"{name}: got losses of shape {losses.shape} and Jacobian leaves of shapes {shapes}; every leaf needs a leading "
+      "axis of size K"
+    )
+  if state_leaves is not None:
+    want = [leaf.shape for leaf in jax.tree.leaves(state_leaves)]
+    if jax.tree.structure(jacobian) != jax.tree.structure(state_leaves) or shapes != want:
+      raise ValueError(
+        f"{name}: the state keeps {want[0][0] if want else 0} tasks' gradients of leaf shapes {want}, got a Jacobian "
+        f"of leaf shapes {shapes}"
+      )
+  return jacobian
+
+
 def required_key(name: str, key: Array | None, why: str) -> Array:
   """``key``, or a ``ValueError`` saying that ``name`` needs one and why."""
   if key is None:

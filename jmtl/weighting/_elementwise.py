@@ -18,6 +18,7 @@ import numpy as np
 
 from jmtl.weighting._base import EmptyState
 from jmtl.weighting._base import WeightingTransform
+from jmtl.weighting._base import checked_jacobian
 from jmtl.weighting._base import is_concrete
 from jmtl.weighting._base import method
 from jmtl.weighting._base import required_key
@@ -99,18 +100,11 @@ def graddrop(leak: float | Sequence[float] = 0.0) -> WeightingTransform:
     return EmptyState()
 
   def update_fn(losses, state, **inputs):
-    jacobian = inputs.get("jacobian")
-    if jacobian is None:
-      raise ValueError("graddrop needs the Jacobian: pass jacobian=... (an array (K, ...) or a pytree of them)")
+    jacobian = checked_jacobian("graddrop", losses, inputs.get("jacobian"))
     key = required_key("graddrop", inputs.get("key"), "draws a random sign per element")
     leaves, treedef = jax.tree.flatten(jacobian)
-    k = losses.shape[0]
-    shapes = [leaf.shape for leaf in leaves]
-    if losses.shape != (k,) or any(s[:1] != (k,) for s in shapes) or leak.shape not in ((), (k,)):
-      raise ValueError(
-        f"graddrop: got losses of shape {losses.shape}, Jacobian leaves of shapes {shapes} "
-        f"and a leak of shape {leak.shape}; every leaf needs a leading axis of size K"
-      )
+    if leak.shape not in ((), losses.shape):
+      raise ValueError(f"graddrop: got losses of shape {losses.shape} and a leak of shape {leak.shape}")
     keys = jax.random.split(key, len(leaves))
     weights = [_sign_dropout(leaf, sub, leak) for leaf, sub in zip(leaves, keys)]
     return jax.tree.unflatten(treedef, weights), state

@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 
 from jmtl.weighting._base import WeightingTransform
+from jmtl.weighting._base import checked_jacobian
 from jmtl.weighting._base import is_concrete
 from jmtl.weighting._base import keep_absent
 from jmtl.weighting._base import masked_softmax
@@ -130,23 +131,10 @@ def excess_mtl(
     )
 
   def update_fn(losses, state, **inputs):
-    jacobian = inputs.get("jacobian")
-    if jacobian is None:
-      raise ValueError("excess_mtl needs the Jacobian: pass jacobian=... (an array (K, ...) or a pytree of them)")
+    jacobian = checked_jacobian("excess_mtl", losses, inputs.get("jacobian"), state.sq_grad_sum)
     k = losses.shape[0]
-    shapes_in = [leaf.shape for leaf in jax.tree.leaves(jacobian)]
-    if losses.shape != (k,) or any(s[:1] != (k,) for s in shapes_in):
-      raise ValueError(
-        f"excess_mtl: got losses of shape {losses.shape} and Jacobian leaves of shapes {shapes_in}; every leaf "
-        "needs a leading axis of size K"
-      )
     if state.weights.shape != (k,):
       raise ValueError(f"excess_mtl: state is for {state.weights.shape[0]} tasks, got losses of shape {losses.shape}")
-    want = [leaf.shape for leaf in jax.tree.leaves(state.sq_grad_sum)]
-    if jax.tree.structure(jacobian) != jax.tree.structure(state.sq_grad_sum) or shapes_in != want:
-      raise ValueError(
-        f"excess_mtl: the state accumulates gradients of leaf shapes {want}, got a Jacobian of leaf shapes {shapes_in}"
-      )
     dtype = state.weights.dtype
     finfo = jnp.finfo(dtype)
     present = present_of(losses, inputs.get("present"))

@@ -14,6 +14,7 @@ import jax.numpy as jnp
 from jmtl.weighting._base import EmptyState
 from jmtl.weighting._base import WeightingTransform
 from jmtl.weighting._base import checked_gramian
+from jmtl.weighting._base import checked_jacobian
 from jmtl.weighting._base import method
 from jmtl.weighting._base import present_of
 from jmtl.weighting._base import stateless
@@ -128,16 +129,8 @@ def trimmed_mean(trim: int = 1) -> WeightingTransform:
     return jnp.where(kp > 2 * t, trimmed, mean).astype(leaf.dtype)
 
   def update_fn(losses, state, **inputs):
-    jacobian = inputs.get("jacobian")
-    if jacobian is None:
-      raise ValueError("trimmed_mean needs the Jacobian: pass jacobian=... (an array (K, ...) or a pytree of them)")
+    jacobian = checked_jacobian("trimmed_mean", losses, inputs.get("jacobian"))
     k = losses.shape[0]
-    shapes = [leaf.shape for leaf in jax.tree.leaves(jacobian)]
-    if losses.shape != (k,) or any(s[:1] != (k,) for s in shapes):
-      raise ValueError(
-        f"trimmed_mean: got losses of shape {losses.shape} and Jacobian leaves of shapes {shapes}; every leaf needs "
-        "a leading axis of size K"
-      )
     if k <= 2 * t:
       raise ValueError(f"trimmed_mean: trim={t} needs more than {2 * t} tasks, got losses of shape {losses.shape}")
     present = present_of(losses, inputs.get("present"))

@@ -19,6 +19,7 @@ import jax.numpy as jnp
 
 from jmtl.weighting._base import Direction
 from jmtl.weighting._base import WeightingTransform
+from jmtl.weighting._base import checked_jacobian
 from jmtl.weighting._base import is_concrete
 from jmtl.weighting._base import keep_absent
 from jmtl.weighting._base import method
@@ -55,22 +56,8 @@ def _tracked_zeros(name: str, num_tasks: int, shapes):
 
 
 def _checked_jacobian(name: str, losses: Array, jacobian, tracked):
-  """The Jacobian, checked against the losses and the tracked state."""
-  if jacobian is None:
-    raise ValueError(f"{name} needs the Jacobian: pass jacobian=... (an array (K, ...) or a pytree of them)")
-  k = losses.shape[0]
-  shapes = [leaf.shape for leaf in jax.tree.leaves(jacobian)]
-  if any(s[:1] != (k,) for s in shapes):
-    raise ValueError(
-      f"{name}: got losses of shape {losses.shape} and Jacobian leaves of shapes {shapes}; every leaf needs "
-      "a leading axis of size K"
-    )
-  want = [leaf.shape for leaf in jax.tree.leaves(tracked)]
-  if jax.tree.structure(jacobian) != jax.tree.structure(tracked) or shapes != want:
-    raise ValueError(
-      f"{name}: the state tracks {want[0][0] if want else 0} tasks' gradients of leaf shapes {want}, "
-      f"got a Jacobian of leaf shapes {shapes}"
-    )
+  """The Jacobian, checked against the losses and the tracked state, without gradient, in the state's dtypes."""
+  jacobian = checked_jacobian(name, losses, jacobian, tracked)
   return jax.tree.map(lambda j, t: jax.lax.stop_gradient(j).astype(t.dtype), jacobian, tracked)
 
 
