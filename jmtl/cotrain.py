@@ -159,7 +159,7 @@ def num_members(tree: Any) -> int:
   return sizes.pop()
 
 
-def make_ensemble_step(step: Callable, *, member_batches: bool = False) -> Callable:
+def make_ensemble_step(step: Callable, *, member_batches: bool = False, loop: str = "vmap") -> Callable:
   """``jax.vmap`` of a train step over the members: ``ensemble_step(state, batch) -> (state, metrics)``.
 
   ``step`` is any ``step(state, batch)`` (:func:`jmtl.make_train_step`,
@@ -170,6 +170,12 @@ def make_ensemble_step(step: Callable, *, member_batches: bool = False) -> Calla
   ``batch[i]``: another data order per member). Jit it, or wrap it with
   :mod:`jmtl.parallel` (``pmap``/``mesh_jit``: the step's ``axis_name`` is
   the data axis, the member axis is vmapped inside).
+
+  ``loop="unroll"`` writes the M members' steps one after the other into
+  the same program instead: the same results, and on XLA:CPU much
+  faster for convolutional models, whose vmapped convolutions (one kernel
+  per member) become grouped convolutions that XLA:CPU runs slowly
+  (``benchmarks/ensemble.py``).
 
   Examples:
     >>> import jax, jax.numpy as jnp, optax
@@ -183,7 +189,18 @@ def make_ensemble_step(step: Callable, *, member_batches: bool = False) -> Calla
     >>> m["loss/a"].shape, state.step.tolist()
     ((2,), [1, 1])
   """
-  return jax.vmap(step, in_axes=(0, 0 if member_batches else None))
+  if loop == "vmap":
+    return jax.vmap(step, in_axes=(0, 0 if member_batches else None))
+  if loop != "unroll":
+    raise ValueError(f"make_ensemble_step: loop must be 'vmap' or 'unroll', got {loop!r}")
+
+  def unrolled(state, batch):
+    outs = [
+      step(member(state, i), member(batch, i) if member_batches else batch) for i in range(num_members(state.step))
+    ]
+    return stack_members([o[0] for o in outs]), stack_members([o[1] for o in outs])
+
+  return unrolled
 
 
 def member_predictions(model, params: Any, inputs: Any, model_state: Any = None) -> dict[str, Array]:

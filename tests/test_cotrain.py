@@ -53,6 +53,12 @@ def test_member_equals_model_trained_alone(weighting, member_batches):
     _close(cotrain.member(ens.params, i), state.params)
     _close(cotrain.member(ens.weighting_state, i), state.weighting_state)
     _close(cotrain.member(metrics, i)["loss/c"], last["loss/c"])
+  if not member_batches:  # the members one after the other (unrolled) in the same program: the same states
+    unrolled = cotrain.ensemble_state(MODEL, x, seeds=seeds, tx=tx, weighting=weighting)
+    unrolled_step = jax.jit(cotrain.make_ensemble_step(train_step, loop="unroll"))
+    for per_member in batches:
+      unrolled, _ = unrolled_step(unrolled, per_member[0])
+    _close(unrolled.params, ens.params)
   # The members really differ (different seeds), so the comparison above is not of equal copies.
   assert not np.allclose(ens.params["shared"]["dense_0"]["kernel"][0], ens.params["shared"]["dense_0"]["kernel"][1])
 

@@ -46,6 +46,7 @@ _NOT_IN_BASELINE = (
   "max_skipped_fraction",
   "skip_window",
   "relations",
+  "cotrain",
 )
 
 
@@ -230,6 +231,8 @@ def baseline_config(config: ml_collections.ConfigDict, task: str) -> ml_collecti
     c.sharing.soft = 0.0
   if "relations" in c:  # one task: nothing to relate
     c.relations.every, c.relations.tasks = 0, ""
+  if "cotrain" in c:  # one model, trained on its labels
+    c.cotrain.members, c.cotrain.beta, c.cotrain.teachers = 0, 0.0, ""
   return c
 
 

@@ -13,6 +13,7 @@ import ml_collections
 
 import jmtl.parallel
 from jmtl.run import baselines as baselines_lib
+from jmtl.run import cotrain as run_cotrain
 from jmtl.run import evaluation
 from jmtl.run import inputs
 from jmtl.run import loop
@@ -41,6 +42,10 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, progress: bool = T
   """
   registry.check(config)
   with workdir_lib.locked(workdir):  # also over what follows training (results.json, plots)
+    teacher_tasks = run_cotrain.baseline_names(config)  # a student distilled from the baselines: those first
+    if teacher_tasks is not None and baselines_lib.directory(config, workdir) is not None:
+      workdir_lib.open_run(workdir, config)  # the run's directory first: <workdir>/baselines goes inside it
+      baselines_lib.ensure(config, baselines_lib.directory(config, workdir), teacher_tasks, progress=progress)
     results = loop.train_and_evaluate(config, workdir, progress=progress, desc=config.weighting)
     results = add_baselines(config, workdir, results, progress=progress, train_missing=True)
     results = run_relations.finish(config, workdir, results)  # relations and negative transfer during training
@@ -68,7 +73,7 @@ def add_baselines(config, workdir: str, results: dict, *, progress: bool, train_
     if not all(t in stored for t in results["tasks"]):
       return results
     base = {t: stored[t]["test"] for t in results["tasks"]}
-  results = {**results, **evaluation.compare(results, base)}
+  results = run_cotrain.with_rows({**results, **evaluation.compare(results, base)}, base)
   workdir_lib.write_json(os.path.join(os.path.abspath(workdir), workdir_lib.RESULTS), results)
   return results
 

@@ -23,6 +23,7 @@ import numpy as np
 import tqdm
 
 import jmtl
+from jmtl.run import cotrain as run_cotrain
 from jmtl.run import evaluation
 from jmtl.run import inputs
 from jmtl.run import registry
@@ -51,9 +52,12 @@ class TooManySkipped(RuntimeError):
 def create_train_state(run: Run, example: dict) -> jmtl.TrainState:
   """The initial state of ``run``: parameters from ``key(seed)``, the step rng from a split of it.
 
-  See :meth:`jmtl.TrainState.from_model`.
+  See :meth:`jmtl.TrainState.from_model`. A co-training run's state is an ensemble's or a distilled student's
+  (:func:`jmtl.run.cotrain.create_state`).
   """
-  return jmtl.TrainState.from_model(
+  if run.cotrain["members"]:
+    return run_cotrain.create_state(run, example, None)
+  state = jmtl.TrainState.from_model(
     run.model,
     example["inputs"],
     tx=run.optimizer,
@@ -61,6 +65,7 @@ def create_train_state(run: Run, example: dict) -> jmtl.TrainState:
     rng=jax.random.key(run.config.seed),
     relations=run.relations,
   )
+  return run_cotrain.create_state(run, example, state)
 
 
 def variables(state: jmtl.TrainState):
@@ -106,7 +111,7 @@ def place(tree, mesh):
   return jax.device_put(tree, jax.devices()[0]) if mesh is None else jmtl.parallel.put_replicated(tree, mesh)
 
 
-def make_loop_step(config, model, tasks, mesh=None):
+def make_loop_step(config, model, tasks, mesh=None, teacher=None):
   """``step((state, sums), batch) -> (state, sums)``, jitted with the carry donated; ``sums`` add the metrics.
 
   The optimizer and the weighting are the state's. Also returns
@@ -132,15 +137,15 @@ def make_loop_step(config, model, tasks, mesh=None):
     (2, 2.0)
   """
   g = config.grad
-  step = jmtl.make_train_step(
-    model,
-    tasks,
+  kwargs = dict(
     penalty=registry.make_penalty(config),
     level=g.level,
     heads=g.heads,
     chunk_size=g.chunk_size or None,
     cross_device=g.cross_device,
   )
+  # An ensemble's (vmapped) or a distilled student's step (jmtl.run.cotrain), else the one model's.
+  step = run_cotrain.make_step(config, model, tasks, kwargs, teacher) or jmtl.make_train_step(model, tasks, **kwargs)
 
   def logged_step(carry, batch):
     state, sums = carry
@@ -208,8 +213,9 @@ def _checked_loop_step(train_step, num_classes: dict[str, int]):
 class Run:
   """The pieces of one run, built from its config."""
 
-  def __init__(self, config: ml_collections.ConfigDict):
+  def __init__(self, config: ml_collections.ConfigDict, workdir: str | None = None):
     self.config = config
+    self.cotrain = run_cotrain.fields(config)  # checked before anything is built
     self.data = inputs.load_data(config)
     self.names = task_subset(config, self.data.specs)
     inputs.check_data(self.data, self.names)  # labels in range, values finite, masks in [0, 1]: before training
@@ -221,8 +227,17 @@ class Run:
     self.relations = registry.make_relations(config, self.names)  # None unless config.relations.every
     self._check_shared()
     self.mesh = data_mesh(config)
-    self.eval_step = _eval_step(jmtl.make_eval_step(self.model, self.tasks), self.mesh)
-    self.train_step, self.zero_sums = make_loop_step(config, self.model, self.tasks, self.mesh)
+    # A distilled student's teachers (frozen, in the state); they need the workdir (its baselines) to be found.
+    teacher, self.teacher_variables = None, None
+    if self.cotrain["teachers"] and workdir is not None:
+      teacher, self.teacher_variables = run_cotrain.teacher_of(config, workdir, self)
+    elif self.cotrain["teachers"]:
+      teacher = lambda variables, inputs: {}  # evaluation only: the step is never run
+    eval_step = run_cotrain.make_eval_step(config, self.model, self.tasks) or jmtl.make_eval_step(
+      self.model, self.tasks
+    )
+    self.eval_step = _eval_step(eval_step, self.mesh)
+    self.train_step, self.zero_sums = make_loop_step(config, self.model, self.tasks, self.mesh, teacher)
     if config.get("checks", False):
       dims = inputs.head_dims(self.data, self.names)
       classes = {n: dims[n] for n in self.names if self.data.specs[n].get("kind") == "classification"}
@@ -250,6 +265,10 @@ class Run:
       size = max(size - size % self.mesh.size, self.mesh.size)
     batches = inputs.eval_batches(self.data, split, self.names, size)
     params, model_state = weights if isinstance(weights, tuple) else (weights, {})
+    if self.cotrain["members"]:  # the ensemble's metrics, then each member's and their mean (prefixed)
+      return run_cotrain.flatten(
+        jmtl.cotrain.evaluate_ensemble(self.eval_step, params, batches, self.tasks, model_state)
+      )
     return jmtl.evaluate(self.eval_step, params, batches, self.tasks, model_state)
 
 
@@ -298,7 +317,7 @@ def _train_and_evaluate(config, workdir: str, *, progress: bool, desc: str):
   results_path = os.path.join(workdir, workdir_lib.RESULTS)
   if os.path.exists(results_path):  # finished: a re-run only prints the table again
     return evaluation.check_results(workdir_lib.read_json(results_path, f"workdir {workdir}"), results_path)
-  run = Run(config)  # every config error surfaces here, before the workdir is written
+  run = Run(config, workdir)  # every config error surfaces here, before the workdir is written
   signals.check("while loading the data and building the model")  # a safe point of the jmtl command
   workdir_lib.open_run(workdir, config)
   batches = inputs.TrainBatches(run.data, run.names, config, validation="validation" in run.weighting.requires)
@@ -475,6 +494,8 @@ def _finish(run, workdir, state, best, host) -> dict[str, Any]:
     "step_ms": 1e3 * host["seconds"] / host["timed_steps"] if host["timed_steps"] else None,
   }
   evaluation.evaluate_splits(results, run, params)
+  if run_cotrain.active(run.config):
+    results["cotrain"] = run_cotrain.describe(run.config, results)
   results["val_score"] = evaluation.selection_score(
     results["validation"], run.tasks, run.config.select_metric, results["no_examples"].get("validation", ())
   )

@@ -72,7 +72,16 @@ def run_table(results: Mapping[str, Any]) -> str:
   if conflict:
     notes.append("conflict: the fraction of measured steps with a negative gradient cosine, mean over the other tasks")
   lines += notes
+  rows = _cotrain_table(results)  # an ensemble's members, their mean and the ensemble (jmtl.run.cotrain)
+  if rows:
+    lines += ["", rows]
   return "\n".join(lines)
+
+
+def _cotrain_table(results: Mapping[str, Any]) -> str:
+  from jmtl.run import cotrain  # report.py itself imports no JAX module
+
+  return cotrain.table(dict(results))
 
 
 def _relations_columns(results: Mapping[str, Any]) -> tuple[dict[str, str], dict[str, str]]:

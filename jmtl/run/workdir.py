@@ -146,7 +146,10 @@ def open_run(workdir: str, config: ml_collections.ConfigDict, *, write: bool = T
 
 #: Config groups added after runs were stored without them, and when a wanted group changes nothing such a run did:
 #: a stored run without the group is the same run (``relations`` with ``every`` 0 tracks nothing).
-ADDED_GROUPS = {"relations": lambda group: not (isinstance(group, dict) and group.get("every"))}
+ADDED_GROUPS = {
+  "relations": lambda group: not (isinstance(group, dict) and group.get("every")),
+  "cotrain": lambda group: not (isinstance(group, dict) and (group.get("members") or group.get("teachers"))),
+}
 
 
 def _added_later(have: dict, wanted: dict, dotted: str) -> bool:
