@@ -118,5 +118,12 @@ def get_config() -> ml_collections.ConfigDict:
   config.relations = ml_collections.ConfigDict(
     dict(every=0, lookahead_lr=0.1, tasks="", groups=0, transfer_sigmas=2.0, transfer_min_gap=2.0, transfer_patience=3)
   )
+  # Co-training (jmtl.cotrain; README "Co-training"): an ensemble of `members` (>= 2; seeds seed, seed+1, ...) in one
+  # vmapped step, predicting the mean probability (or majority `vote`), with mutual learning of weight `beta` > 0; or
+  # a student distilled from `teachers` ("baselines": the single-task baselines; or a run workdir) with weight
+  # `weight` on the distillation loss at `temperature`, annealed to 0 over the run with `anneal` (BAM).
+  config.cotrain = ml_collections.ConfigDict(
+    dict(members=0, vote=False, beta=0.0, temperature=1.0, teachers="", weight=1.0, anneal=False)
+  )
   config.plots = True
   return config
