@@ -73,14 +73,15 @@ def test_lookahead_affinity_equals_the_explicit_sgd_lookahead_and_loss_ratio():
   model, tasks, params, batch = _setup()
   want_z, want_cos = _explicit(model, params, batch)
   measure = jax.jit(
-    lambda p, sources: relations.lookahead_affinity(_ctx(model, tasks, p, batch), LR, sources), static_argnums=1
+    lambda p, sources, chunk: relations.lookahead_affinity(_ctx(model, tasks, p, batch), LR, sources, chunk_size=chunk),
+    static_argnums=(1, 2),
   )
-  la = measure(params, None)
+  la = measure(params, None, None)  # every source in one vmap
   np.testing.assert_allclose(la.affinity, want_z, rtol=2e-4, atol=2e-6)
   np.testing.assert_allclose(la.cosine, want_cos, atol=2e-5)
   assert np.all(la.affinity_valid) and np.all(la.cosine_valid)
   assert np.abs(want_z - np.diag(np.diag(want_z))).max() > 1e-3  # the check is not about zeros
-  sub = measure(params, (2, 0))
+  sub = measure(params, (2, 0), 1)  # one source at a time
   np.testing.assert_allclose(sub.affinity, want_z[np.ix_([2, 0], [2, 0])], rtol=2e-4, atol=2e-6)
 
 

@@ -15,6 +15,7 @@ negative transfer against single-task baselines.
 See ``docs/design.md``, "Task relations".
 """
 
+from jmtl.relations._affinity import CHUNK_SIZE
 from jmtl.relations._affinity import Lookahead
 from jmtl.relations._affinity import Relations
 from jmtl.relations._affinity import RelationsState
@@ -34,6 +35,7 @@ from jmtl.relations._transfer import behind_baseline
 from jmtl.relations._transfer import gap_percent
 
 __all__ = [
+  "CHUNK_SIZE",
   "Grouping",
   "Lookahead",
   "Relations",

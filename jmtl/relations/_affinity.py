@@ -10,9 +10,11 @@ on task ``i``'s loss, taken by the shared parameters alone, changes task
 Positive: the step on ``i`` lowered ``j``'s loss (``i`` helps ``j``); negative:
 it raised it. TAG averages ``Z`` over training. Here the train step computes it
 every ``every`` steps under ``lax.cond`` (the other steps run the branch that
-returns zeros, so they pay for a few K×K additions only): one forward and the
-per-task gradients of the shared parameters (one VJP per task, batched with
-``vmap``), then the K lookahead forwards, batched with ``vmap`` too. The state
+returns zeros, so they pay for a few K×K additions only): one forward,
+linearised, then per task its gradient of the shared parameters (one
+backward), a tangent forward along it (a column of the Gramian, for the
+cosine) and the lookahead forward, ``chunk_size`` tasks batched with ``vmap``
+at a time. The state
 keeps the running sums and counts (:class:`RelationsState`); the readers
 :func:`mean_affinity`, :func:`mean_cosine` and :func:`conflict_rate` give the
 means.
@@ -21,7 +23,7 @@ The cosine of the per-task gradients of the shared parameters is accumulated
 for every weighting: every step, at no cost, for a method that computes a
 Gramian (from the route's ``grad_cosine``: the Gramian the method sees, so a
 representation-level or selected-subset one); on the affinity steps, from the
-lookahead's per-task gradients, for every other method.
+lookahead's Gramian columns, for every other method.
 """
 
 from __future__ import annotations
@@ -38,6 +40,13 @@ import numpy as np
 Array = jax.Array
 
 
+#: Source tasks per ``vmap`` of the lookahead. On the benchmark MLP (784-512-512, batch 256) at K = 10, all at once
+#: took 2.5× as long as 1 to 5 at a time, and made the program's temporary buffer 89 MB: XLA:CPU allocates it on
+#: every call, and beyond about 32 MB (glibc's largest heap threshold: a fresh mmap each call) that slowed the steps
+#: *without* a measurement by 1.4-1.5×. Two at a time: 14-18 MB at K = 2 to 40.
+CHUNK_SIZE = 2
+
+
 class Relations(NamedTuple):
   """What the train step measures about how tasks relate; make one with :func:`tracker`.
 
@@ -46,11 +55,14 @@ class Relations(NamedTuple):
     lookahead_lr: ``η`` of the lookahead SGD step.
     tasks: the tracked tasks (a subset, for large K), or ``None`` for all;
       the matrices are over these tasks, in this order.
+    chunk_size: source tasks measured at once (``vmap``), ``None`` for all
+      (see :func:`lookahead_affinity`).
   """
 
   every: int = 10
   lookahead_lr: float = 0.1
   tasks: tuple[str, ...] | None = None
+  chunk_size: int | None = CHUNK_SIZE
 
   def indices(self, names: Sequence[str]) -> list[int]:
     """The positions of the tracked tasks among the step's task ``names``.
@@ -69,10 +81,16 @@ class Relations(NamedTuple):
 
   def __repr__(self) -> str:
     tasks = "" if self.tasks is None else f", tasks={list(self.tasks)}"
-    return f"tracker(every={self.every}, lookahead_lr={self.lookahead_lr:g}{tasks})"
+    chunk = "" if self.chunk_size == CHUNK_SIZE else f", chunk_size={self.chunk_size}"
+    return f"tracker(every={self.every}, lookahead_lr={self.lookahead_lr:g}{tasks}{chunk})"
 
 
-def tracker(every: int = 10, lookahead_lr: float = 0.1, tasks: Sequence[str] | None = None) -> Relations:
+def tracker(
+  every: int = 10,
+  lookahead_lr: float = 0.1,
+  tasks: Sequence[str] | None = None,
+  chunk_size: int | None = CHUNK_SIZE,
+) -> Relations:
   """A :class:`Relations` spec for :meth:`jmtl.TrainState.create` (``relations=``): TAG affinity every ``every`` steps.
 
   Args:
@@ -83,7 +101,9 @@ def tracker(every: int = 10, lookahead_lr: float = 0.1, tasks: Sequence[str] | N
       ``η`` gives a clearer signal (the affinity is ``η ⟨∇Lᵢ, ∇Lⱼ⟩ / Lⱼ`` to
       first order: ``η`` scales it and leaves the grouping alone).
     tasks: a subset of the task names to track (for large K: the cost is
-      one VJP and one forward per tracked task), or ``None`` for all.
+      one backward and two forwards per tracked task), or ``None`` for all.
+    chunk_size: tracked tasks measured at once (``vmap``); ``None`` for all.
+      Memory and the temporary buffer grow with it (see :data:`CHUNK_SIZE`).
 
   Examples:
     >>> import jmtl
@@ -98,7 +118,9 @@ def tracker(every: int = 10, lookahead_lr: float = 0.1, tasks: Sequence[str] | N
     tasks = tuple(tasks)
     if len(set(tasks)) != len(tasks) or not tasks:
       raise ValueError(f"relations tracker: tasks must be distinct names, at least one, got {list(tasks)}")
-  return Relations(int(every), float(lookahead_lr), tasks)
+  if chunk_size is not None and (not isinstance(chunk_size, int | np.integer) or chunk_size < 1):
+    raise ValueError(f"relations tracker: chunk_size must be a positive int or None, got {chunk_size!r}")
+  return Relations(int(every), float(lookahead_lr), tasks, None if chunk_size is None else int(chunk_size))
 
 
 class RelationsState(NamedTuple):
@@ -144,20 +166,29 @@ def _global_means(ctx, sums: Array, counts: Array) -> tuple[Array, Array]:
   return ctx.psum(sums / jnp.where(present, total, 1)), present
 
 
-def lookahead_affinity(ctx, lookahead_lr: float, sources: Sequence[int] | None = None) -> Lookahead:
+def lookahead_affinity(
+  ctx, lookahead_lr: float, sources: Sequence[int] | None = None, *, chunk_size: int | None = None
+) -> Lookahead:
   """TAG's lookahead affinity ``Z_{i→j}`` (Fifty et al., NeurIPS 2021, eq. 3) on ``ctx``'s batch and parameters.
 
   ``θₛ − η∇θₛLᵢ`` moves the shared parameters only (``params["shared"]``);
   every task keeps its own. The losses are the step's: masked means over the
   global batch, the model in training mode on ``ctx.model_state`` (whose
-  update is dropped). Cost: one forward, one VJP per source task and one
-  forward per source task, each set batched with ``vmap``; memory: the S
-  per-task gradients of the shared parameters.
+  update is dropped). One forward, linearised; then, per source task ``i``, its
+  gradient ``gᵢ`` (the transposed linearisation: one backward), the column
+  ``⟨∇Lⱼ, gᵢ⟩`` of the Gramian (the linearisation along ``gᵢ``: one tangent
+  forward, which gives the cosines without keeping the K gradients) and the
+  lookahead forward. The sources go ``chunk_size`` at a time (``vmap`` within
+  a chunk, a loop over chunks; ``None``: all at once): memory holds
+  ``chunk_size`` gradients and lookahead forwards, not K (on XLA:CPU the
+  program's temporary buffer is allocated on every call, so a large one slows
+  the steps that skip the measurement too; see ``benchmarks/relations.py``).
 
   Args:
     ctx: a :class:`jmtl.grads.Context` (its transform is not used).
     lookahead_lr: ``η``.
     sources: the task positions to measure among (default all).
+    chunk_size: source tasks per ``vmap``; ``None`` for all at once.
 
   Returns:
     a :class:`Lookahead` over the tasks ``sources``, in that order.
@@ -183,6 +214,8 @@ def lookahead_affinity(ctx, lookahead_lr: float, sources: Sequence[int] | None =
   idx = list(range(k)) if sources is None else [int(i) for i in sources]
   if not idx or any(not 0 <= i < k for i in idx):
     raise ValueError(f"lookahead_affinity: sources {idx} must be task positions in 0..{k - 1}")
+  if chunk_size is not None and (not isinstance(chunk_size, int | np.integer) or chunk_size < 1):
+    raise ValueError(f"lookahead_affinity: chunk_size must be a positive int or None, got {chunk_size!r}")
   idx_a = jnp.asarray(idx)
   shared = jax.tree.map(jnp.asarray, params["shared"])
 
@@ -190,25 +223,31 @@ def lookahead_affinity(ctx, lookahead_lr: float, sources: Sequence[int] | None =
     sums, (counts, _) = ctx.loss_terms_of({**params, "shared": s})
     return sums, counts
 
-  sums, vjp, counts = jax.vjp(sums_at, shared, has_aux=True)
+  # Local loss sums, linearised once: their VJP is the transposed linearisation. Differentiated locally and summed
+  # over devices after (a psum's transpose would count the devices' shares wrongly under pmap).
+  sums, along, counts = jax.linearize(sums_at, shared, has_aux=True)
+  back = jax.linear_transpose(along, shared)
   losses, present = _global_means(ctx, sums, counts)
-  denom = jnp.where(ctx.psum(counts) > 0, ctx.psum(counts), 1)
-  cot = (jnp.eye(k, dtype=sums.dtype)[idx_a] / denom).astype(sums.dtype)  # row i: ∂(mean Lᵢ)/∂sums
-  (grads,) = jax.vmap(vjp)(cot)
-  grads = ctx.psum(grads)  # (S, ...) per-task gradients of the global losses
+  total = ctx.psum(counts)
+  denom = jnp.where(total > 0, total, 1)
 
-  def ahead_losses(g):
+  def measure(i):
+    cot = (jax.nn.one_hot(i, k, dtype=sums.dtype) / denom).astype(sums.dtype)  # ∂(mean Lᵢ)/∂ sums
+    (g,) = back(cot)
+    g = ctx.psum(g)  # the gradient of the global loss Lᵢ
+    column = ctx.psum(along(g)) / denom  # ⟨∇Lⱼ, gᵢ⟩ for every j
     moved = jax.tree.map(lambda p, d: p - (lookahead_lr * d).astype(p.dtype), shared, g)
     s, c = sums_at(moved)
-    return _global_means(ctx, s, c)[0][idx_a]
+    return _global_means(ctx, s, c)[0][idx_a], column[idx_a]
 
-  ahead = jax.vmap(ahead_losses)(grads)  # (S, S): row i, column j
+  size = len(idx) if chunk_size is None else min(int(chunk_size), len(idx))
+  ahead, columns = jax.lax.map(measure, idx_a, batch_size=size)  # (S, S) each: row i
   before = losses[idx_a]
   on = present[idx_a]
   target_ok = on & (before > 0)
   affinity = 1 - ahead / jnp.where(target_ok, before, 1)[None, :]
   affinity_valid = on[:, None] & target_ok[None, :]
-  cosine, nonzero = _cosine(grads)
+  cosine, nonzero = _cosine_of_gramian(columns)
   return Lookahead(
     jnp.where(affinity_valid, affinity, 0).astype(jnp.float32),
     affinity_valid,
@@ -219,18 +258,12 @@ def lookahead_affinity(ctx, lookahead_lr: float, sources: Sequence[int] | None =
   )
 
 
-def _cosine(grads) -> tuple[Array, Array]:
-  """``(cos (S, S), nonzero (S,))`` of stacked per-task gradients (a pytree of ``(S, ...)`` leaves).
-
-  Each row is divided by its largest entry first (the cosine does not change),
-  so squares neither overflow nor underflow float32 for any finite gradient.
-  """
-  rows = jnp.concatenate([jnp.reshape(g, (g.shape[0], -1)).astype(jnp.float32) for g in jax.tree.leaves(grads)], 1)
-  scale = jnp.max(jnp.abs(rows), axis=1)
-  nonzero = scale > 0
-  rows = rows / jnp.where(nonzero, scale, 1)[:, None]
-  gram = rows @ rows.T
-  norms = jnp.sqrt(jnp.diagonal(gram))
+def _cosine_of_gramian(gram: Array) -> tuple[Array, Array]:
+  """``(cos (S, S), nonzero (S,))`` from a Gramian whose row ``i`` is ``⟨gᵢ, gⱼ⟩`` (symmetrised: each entry is
+  computed twice, in float32)."""
+  gram = 0.5 * (gram + gram.T).astype(jnp.float32)
+  norms = jnp.sqrt(jnp.clip(jnp.diagonal(gram), 0))
+  nonzero = norms > 0
   safe = jnp.where(nonzero, norms, 1)
   cos = gram / (safe[:, None] * safe[None, :])
   return jnp.where(nonzero[:, None] & nonzero[None, :], jnp.clip(cos, -1, 1), 0), nonzero
@@ -263,7 +296,7 @@ def update(
   from_route = "grad_cosine" in extra
 
   def measure(_):
-    la = lookahead_affinity(ctx, relations.lookahead_lr, idx)
+    la = lookahead_affinity(ctx, relations.lookahead_lr, idx, chunk_size=relations.chunk_size)
     return la.affinity, la.affinity_valid, la.cosine, la.cosine_valid
 
   def skip(_):

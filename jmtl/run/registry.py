@@ -203,6 +203,7 @@ RELATIONS_DEFAULTS = {
   "every": 0,
   "lookahead_lr": 0.1,
   "tasks": "",
+  "chunk_size": relations_lib.CHUNK_SIZE,
   "groups": 0,
   "transfer_sigmas": 2.0,
   "transfer_min_gap": 2.0,
@@ -248,7 +249,7 @@ def make_relations(config: ml_collections.ConfigDict, names: Sequence[str]) -> r
     return None
   lr = r["lookahead_lr"] or config.optimizer.learning_rate
   try:
-    return relations_lib.tracker(every, float(lr), wanted or None)
+    return relations_lib.tracker(every, float(lr), wanted or None, r["chunk_size"] or None)
   except (TypeError, ValueError) as e:
     raise ConfigError(f"config field 'relations': {e}") from e
 
@@ -259,7 +260,7 @@ def _check_relations(config: ml_collections.ConfigDict) -> None:
   unknown = sorted(set(r) - set(RELATIONS_DEFAULTS))
   if unknown:
     raise ConfigError(f"unknown config fields {[f'relations.{u}' for u in unknown]} (see configs/multi_digits.py)")
-  for field in ("every", "groups", "transfer_patience"):
+  for field in ("every", "chunk_size", "groups", "transfer_patience"):
     v = r[field]
     if isinstance(v, bool) or not isinstance(v, int) or v < (1 if field == "transfer_patience" else 0):
       raise ConfigError(f"config field 'relations.{field}' must be an int of at least 0 (patience: 1), got {v!r}")
