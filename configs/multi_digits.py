@@ -112,11 +112,21 @@ def get_config() -> ml_collections.ConfigDict:
   config.select_metric = "acc"  # a metric every task has (mean over tasks), or "loss"
   config.baselines = "auto"  # "auto": train into <workdir>/baselines; a directory to share; "" for none
   # Task relations (jmtl.relations; README "Task relations"): TAG's lookahead affinity every `every` steps (0: off)
-  # with an SGD step of lookahead_lr (0: optimizer.learning_rate) on the tasks `tasks` ("" = all), and the gradient
-  # cosine; `groups` caps the suggested grouping (0: K). A task is flagged behind its single-task baseline when its
-  # validation gap exceeds max(transfer_sigmas x noise, transfer_min_gap %) at transfer_patience validations in a row.
+  # with an SGD step of lookahead_lr (0: optimizer.learning_rate) on the tasks `tasks` ("" = all), chunk_size of them
+  # at once (0: all), and the gradient cosine; `groups` caps the suggested grouping (0: K). A task is flagged behind
+  # its single-task baseline when its validation gap exceeds max(transfer_sigmas x noise, transfer_min_gap %) at
+  # transfer_patience validations in a row, to the end.
   config.relations = ml_collections.ConfigDict(
-    dict(every=0, lookahead_lr=0.1, tasks="", groups=0, transfer_sigmas=2.0, transfer_min_gap=2.0, transfer_patience=3)
+    dict(
+      every=0,
+      lookahead_lr=0.1,
+      tasks="",
+      chunk_size=2,
+      groups=0,
+      transfer_sigmas=2.0,
+      transfer_min_gap=2.0,
+      transfer_patience=3,
+    )
   )
   # Co-training (jmtl.cotrain; README "Co-training"): an ensemble of `members` (>= 2; seeds seed, seed+1, ...) in one
   # vmapped step, predicting the mean probability (or majority `vote`), with mutual learning of weight `beta` > 0; or
