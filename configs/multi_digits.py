@@ -9,11 +9,14 @@ Measured on this machine (2 shared CPU cores, load average ~4 from other
 jobs; jax 0.10 CPU), from an empty data dir: 110 s wall in all (preparing
 MultiDigits ~20 s, three 3,000-step trainings, evaluations, plots)::
 
-  task    metric   single-task   MTL (equal)   negative transfer
-  left    acc           0.9517        0.9226                 yes
-  right   acc           0.9410        0.9156                 yes
+  task    metric   single-task   MTL (equal)   negative transfer  behind since
+  left    acc           0.9517        0.9226                 yes            no
+  right   acc           0.9410        0.9156                 yes          2000
 
   Δm% = -2.88   (test split; model of step 3000, best validation acc; 8.52 ms/step; 0 non-finite steps skipped)
+
+(``behind since``, added later: the step from which the validation curve trails the single-task one beyond noise;
+measured on a later run of the same command, identical otherwise but for ms/step under load.)
 
 The two digits are independent labels, so a trunk shared at equal capacity
 costs each task a little (the single-task models each have a whole trunk).
