@@ -46,3 +46,23 @@ def synthetic_train_args(data_dir, data: dict, **fields) -> list[str]:
     *(f"--config.{k}={v}" for k, v in fields.items()),
     "--no-progress",
   ]
+
+
+def three_task_batch(seed: int, masks=None) -> dict:
+  """Eight examples of 5 features with labels for tasks a, b (3 classes) and c (one regression target), as the
+  weighting tests' tiny ``mlp({"a": 3, "b": 3, "c": 1})`` reads them; ``masks`` added when given."""
+  import jax.numpy as jnp
+  import numpy as np
+
+  rng = np.random.default_rng(seed)
+  batch = {
+    "inputs": jnp.asarray(rng.normal(size=(8, 5)), jnp.float32),
+    "labels": {
+      "a": jnp.asarray(rng.integers(0, 3, 8)),
+      "b": jnp.asarray(rng.integers(0, 3, 8)),
+      "c": jnp.asarray(rng.normal(size=(8, 1)), jnp.float32),
+    },
+  }
+  if masks is not None:
+    batch["masks"] = masks
+  return batch

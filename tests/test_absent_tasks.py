@@ -22,6 +22,7 @@ from tests._asserts import init
 from tests._asserts import loss_sequence
 from tests._asserts import problem
 from tests._asserts import random_jacobians
+from tests._helpers import three_task_batch
 from tests.test_weighting_contract import NAMES
 from tests.test_weighting_contract import TABLE
 from tests.test_weighting_contract import args_of
@@ -122,16 +123,9 @@ def _model_and_batch():
     jmtl.Task("b", jmtl.losses.softmax_cross_entropy, {"acc": jmtl.metrics.accuracy()}),
     jmtl.Task("c", jmtl.losses.mse, {"mae": jmtl.metrics.mae()}),
   ]
-  rng = np.random.default_rng(0)
-  batch = {
-    "inputs": jnp.asarray(rng.normal(size=(8, 5)), jnp.float32),
-    "labels": {
-      "a": jnp.asarray(rng.integers(0, 3, 8)),
-      "b": jnp.asarray(rng.integers(0, 3, 8)),
-      "c": jnp.asarray(rng.normal(size=(8, 1)), jnp.float32),
-    },
-    "masks": {"a": jnp.ones(8), "b": jnp.zeros(8), "c": jnp.ones(8)},  # no label of task b in this batch
-  }
+  # no label of task b in this batch
+  batch = three_task_batch(0, {"a": jnp.ones(8), "b": jnp.zeros(8), "c": jnp.ones(8)})
+
   return model, tasks, batch
 
 

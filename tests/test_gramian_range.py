@@ -23,6 +23,7 @@ from hypothesis import strategies as st
 
 import jmtl
 from jmtl import weighting as W
+from tests._helpers import three_task_batch
 from tests.test_weighting_contract import TABLE
 from tests.test_weighting_contract import args_of
 
@@ -149,15 +150,8 @@ def _problem(scale: float):
     jmtl.Task("b", lambda p, y: scale * ce(p, y)),
     jmtl.Task("c", lambda p, y: scale * mse(p, y)),
   ]
-  rng = np.random.default_rng(1)
-  batch = {
-    "inputs": jnp.asarray(rng.normal(size=(8, 5)), jnp.float32),
-    "labels": {
-      "a": jnp.asarray(rng.integers(0, 3, 8)),
-      "b": jnp.asarray(rng.integers(0, 3, 8)),
-      "c": jnp.asarray(rng.normal(size=(8, 1)), jnp.float32),
-    },
-  }
+  batch = three_task_batch(1)
+
   return model, tasks, batch
 
 
