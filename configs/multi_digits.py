@@ -134,9 +134,10 @@ def get_config() -> ml_collections.ConfigDict:
   # Co-training (jmtl.cotrain; README "Co-training"): an ensemble of `members` (>= 2; seeds seed, seed+1, ...) in one
   # vmapped step, predicting the mean probability (or majority `vote`), with mutual learning of weight `beta` > 0; or
   # a student distilled from `teachers` ("baselines": the single-task baselines; or a run workdir) with weight
-  # `weight` on the distillation loss at `temperature`, annealed to 0 over the run with `anneal` (BAM).
+  # `weight` on the distillation loss at `temperature`, annealed to 0 over the run with `anneal` (BAM); the members'
+  # `loop`: "vmap", "unroll" or "auto" (unroll on CPU, where vmapped convolutions are slow; vmap on accelerators).
   config.cotrain = ml_collections.ConfigDict(
-    dict(members=0, vote=False, beta=0.0, temperature=1.0, teachers="", weight=1.0, anneal=False)
+    dict(members=0, vote=False, beta=0.0, temperature=1.0, teachers="", weight=1.0, anneal=False, loop="auto")
   )
   config.plots = True
   return config

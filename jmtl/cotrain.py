@@ -159,6 +159,39 @@ def num_members(tree: Any) -> int:
   return sizes.pop()
 
 
+LOOPS = ("vmap", "unroll")
+
+
+def map_members(fn: Callable, *, loop: str = "vmap", in_axes: tuple = (0,)) -> Callable:
+  """``fn`` mapped over the leading member axis of its arguments, by ``jax.vmap`` or unrolled.
+
+  ``in_axes`` is ``jax.vmap``'s (``0`` or ``None`` per argument). With
+  ``loop="unroll"`` the members' calls are written one after the other
+  into the same program and their outputs stacked: the same values as
+  ``vmap`` (float tolerance), different kernels. On XLA:CPU vmap turns a
+  convolution with one kernel per member into a grouped convolution,
+  which runs several times slower than the members' own convolutions
+  (``benchmarks/ensemble.py``); matrix products batch well either way.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> f = map_members(lambda w, x: w * x, loop="unroll", in_axes=(0, None))
+    >>> f(jnp.array([1.0, 2.0]), 3.0).tolist()
+    [3.0, 6.0]
+  """
+  if loop not in LOOPS:
+    raise ValueError(f"loop must be one of {LOOPS}, got {loop!r}")
+  if loop == "vmap":
+    return jax.vmap(fn, in_axes=in_axes)
+
+  def unrolled(*args):
+    m = num_members([a for a, ax in zip(args, in_axes) if ax is not None])
+    pick = lambda i: [member(a, i) if ax is not None else a for a, ax in zip(args, in_axes)]
+    return stack_members([fn(*pick(i)) for i in range(m)])
+
+  return unrolled
+
+
 def make_ensemble_step(step: Callable, *, member_batches: bool = False, loop: str = "vmap") -> Callable:
   """``jax.vmap`` of a train step over the members: ``ensemble_step(state, batch) -> (state, metrics)``.
 
@@ -169,13 +202,8 @@ def make_ensemble_step(step: Callable, *, member_batches: bool = False, loop: st
   every leaf of ``batch`` has a leading member axis (member ``i`` sees
   ``batch[i]``: another data order per member). Jit it, or wrap it with
   :mod:`jmtl.parallel` (``pmap``/``mesh_jit``: the step's ``axis_name`` is
-  the data axis, the member axis is vmapped inside).
-
-  ``loop="unroll"`` writes the M members' steps one after the other into
-  the same program instead: the same results, and on XLA:CPU much
-  faster for convolutional models, whose vmapped convolutions (one kernel
-  per member) become grouped convolutions that XLA:CPU runs slowly
-  (``benchmarks/ensemble.py``).
+  the data axis, the member axis is vmapped inside). ``loop="unroll"``:
+  the members one after the other in the same program (:func:`map_members`).
 
   Examples:
     >>> import jax, jax.numpy as jnp, optax
@@ -189,18 +217,10 @@ def make_ensemble_step(step: Callable, *, member_batches: bool = False, loop: st
     >>> m["loss/a"].shape, state.step.tolist()
     ((2,), [1, 1])
   """
-  if loop == "vmap":
-    return jax.vmap(step, in_axes=(0, 0 if member_batches else None))
-  if loop != "unroll":
-    raise ValueError(f"make_ensemble_step: loop must be 'vmap' or 'unroll', got {loop!r}")
-
-  def unrolled(state, batch):
-    outs = [
-      step(member(state, i), member(batch, i) if member_batches else batch) for i in range(num_members(state.step))
-    ]
-    return stack_members([o[0] for o in outs]), stack_members([o[1] for o in outs])
-
-  return unrolled
+  try:
+    return map_members(step, loop=loop, in_axes=(0, 0 if member_batches else None))
+  except ValueError as e:
+    raise ValueError(f"make_ensemble_step: {e}") from None
 
 
 def member_predictions(model, params: Any, inputs: Any, model_state: Any = None) -> dict[str, Array]:
@@ -691,6 +711,7 @@ def make_mutual_step(
   temperature: float = 1.0,
   kinds: Mapping[str, str] | None = None,
   axis_name: str | None = None,
+  loop: str = "vmap",
   **train_kwargs,
 ) -> Callable:
   """Deep mutual learning: ``step(state, batch)`` on an ensemble state, every member pulled toward the others.
@@ -703,7 +724,8 @@ def make_mutual_step(
   come from one vmapped forward pass of all members in training mode (batch
   statistics of this batch) at the step's start; then the members' steps run
   as one vmapped step (:func:`make_ensemble_step`) on the same batch. Costs
-  one forward per member more than the plain ensemble.
+  one forward per member more than the plain ensemble. ``loop``: as in
+  :func:`make_ensemble_step`.
 
   Examples:
     >>> import jax, jax.numpy as jnp, optax
@@ -721,6 +743,8 @@ def make_mutual_step(
   model = as_model(model)
   if not float(beta) >= 0:
     raise ValueError(f"make_mutual_step: beta must be non-negative, got {beta}")
+  if loop not in LOOPS:
+    raise ValueError(f"make_mutual_step: loop must be one of {LOOPS}, got {loop!r}")
   soft = _soft_step(model, tasks, kinds, temperature, {**train_kwargs, "axis_name": axis_name})
 
   def step(state, batch):
@@ -728,9 +752,9 @@ def make_mutual_step(
     if m < 2:
       raise ValueError(f"make_mutual_step: mutual learning needs at least 2 members, the state has {m}")
     apply = lambda p, s: model.apply(p, batch["inputs"], s, train=True, axis_name=axis_name)[0]
-    preds = jax.lax.stop_gradient(jax.vmap(apply)(state.params, state.model_state))
+    preds = jax.lax.stop_gradient(map_members(apply, loop=loop, in_axes=(0, 0))(state.params, state.model_state))
     peers = np.array([[j for j in range(m) if j != i] for i in range(m)])  # (M, M-1)
     targets = {t.name: preds[t.name][peers] for t in tasks}  # (M, M-1, B, ...)
-    return jax.vmap(lambda s, tg: soft(s, batch, tg, 1.0, beta))(state, targets)
+    return map_members(lambda s, tg: soft(s, batch, tg, 1.0, beta), loop=loop, in_axes=(0, 0))(state, targets)
 
   return step

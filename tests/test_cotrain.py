@@ -191,6 +191,8 @@ def test_mutual_learning_targets_are_stop_gradient():
   x, batch = _batch(0)["inputs"], _batch(4)
   ens = cotrain.ensemble_state(MODEL, x, seeds=seeds, tx=optax.sgd(lr))
   new, metrics = jax.jit(cotrain.make_mutual_step(MODEL, TASKS, beta=beta, temperature=temperature))(ens, batch)
+  unrolled = cotrain.make_mutual_step(MODEL, TASKS, beta=beta, temperature=temperature, loop="unroll")
+  _close(jax.jit(unrolled)(ens, batch)[0].params, new.params)  # the members one after the other: the same step
 
   def member_loss(params_i, params_all, i, detach):
     """Member i's objective: Σₖ Lᵢₖ + β mean_{j≠i} Dₖ(p_j ‖ p_i); the peers' predictions detached or not."""

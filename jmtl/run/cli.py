@@ -200,6 +200,10 @@ def run(argv: list[str]) -> None:
 
   config = config_lib.apply_overrides(config_lib.load_config(args.config), overrides)
   signals.check("while reading the config")
+  if args.command in ("train", "sweep"):
+    from jmtl.run import cotrain
+
+    cotrain.sequential_cpu_scheduler(config)  # before the first computation
   if args.command == "train":
     experiment.train(config, args.workdir, progress=progress)
   elif args.command == "baselines":

@@ -9,6 +9,13 @@ Fields (a config without the group trains one model)::
   cotrain.teachers     "baselines": the run's single-task baselines; a run workdir; "": no distillation
   cotrain.weight       λ: the distillation loss's weight (1 − λ for the task loss)
   cotrain.anneal       BAM's teacher annealing: λ·(1 − step/num_steps)
+  cotrain.loop         the members' step: "vmap", "unroll" (one after the other in one program), or "auto": unroll on
+                       CPU (vmapped convolutions run slowly on XLA:CPU), vmap on accelerators
+
+On CPU an ensemble run also turns off XLA:CPU's concurrency-optimized scheduler
+(:func:`sequential_cpu_scheduler`), which runs the members' independent
+kernels at once and so makes M members in one program cost 1.4-1.8x M
+members' steps (``benchmarks/ensemble.py``).
 
 An ensemble run's results hold per split the ensemble's metrics (what the
 run selects and reports), and ``cotrain.rows``: each member, the member
@@ -32,7 +39,11 @@ from jmtl import cotrain
 from jmtl.run.config import ConfigError
 
 #: The ``cotrain`` group's fields and their defaults (a config without the group trains one model).
-DEFAULTS = dict(members=0, vote=False, beta=0.0, temperature=1.0, teachers="", weight=1.0, anneal=False)
+DEFAULTS = dict(
+  members=0, vote=False, beta=0.0, temperature=1.0, teachers="", weight=1.0, anneal=False, loop="auto"
+)
+#: The XLA flag :func:`sequential_cpu_scheduler` sets.
+SCHEDULER_FLAG = "--xla_cpu_enable_concurrency_optimized_scheduler=false"
 
 
 def fields(config: ml_collections.ConfigDict) -> dict[str, Any]:
@@ -63,7 +74,42 @@ def fields(config: ml_collections.ConfigDict) -> dict[str, Any]:
     raise ConfigError(f"config field 'cotrain.weight' must be in [0, 1], got {f['weight']!r}")
   if f["teachers"] and m:
     raise ConfigError("config fields 'cotrain.teachers' and 'cotrain.members': distil into one student, not both")
+  if f["loop"] not in ("auto", *cotrain.LOOPS):
+    raise ConfigError(f"config field 'cotrain.loop' must be one of {('auto', *cotrain.LOOPS)}, got {f['loop']!r}")
   return f
+
+
+def loop_of(f: dict[str, Any]) -> str:
+  """The members' loop of the ``cotrain`` fields ``f``: ``"auto"`` is ``"unroll"`` on CPU, ``"vmap"`` elsewhere."""
+  if f["loop"] != "auto":
+    return f["loop"]
+  return "unroll" if jax.default_backend() == "cpu" else "vmap"
+
+
+def sequential_cpu_scheduler(config: ml_collections.ConfigDict, environ=os.environ) -> bool:
+  """Before JAX starts its backends: for an ensemble, turns off XLA:CPU's concurrency-optimized scheduler.
+
+  That scheduler runs independent kernels at once; the M members of one
+  program are independent, and at once they cost 1.4-1.8x as much as one
+  after the other on 2 CPU cores (and take M times the temporary memory):
+  ``benchmarks/ensemble.py`` with and without the flag. Sets
+  :data:`SCHEDULER_FLAG` in ``XLA_FLAGS`` unless the user set that flag;
+  a flag of the CPU compiler only, so accelerators are unaffected. Takes
+  effect only if no JAX computation ran yet in the process (the command
+  line calls it first). Returns whether it set the flag.
+
+  Examples:
+    >>> env = {"XLA_FLAGS": "--xla_force_host_platform_device_count=4"}
+    >>> sequential_cpu_scheduler(ml_collections.ConfigDict({"cotrain": {"members": 4}}), env), env["XLA_FLAGS"]
+    (True, '--xla_force_host_platform_device_count=4 --xla_cpu_enable_concurrency_optimized_scheduler=false')
+    >>> sequential_cpu_scheduler(ml_collections.ConfigDict({"cotrain": {"members": 0}}), {})
+    False
+  """
+  flags = environ.get("XLA_FLAGS", "")
+  if not fields(config)["members"] or SCHEDULER_FLAG.split("=")[0] in flags:
+    return False
+  environ["XLA_FLAGS"] = f"{flags} {SCHEDULER_FLAG}".strip()
+  return True
 
 
 def active(config: ml_collections.ConfigDict) -> bool:
@@ -138,9 +184,11 @@ def make_step(run_config, model, tasks, step_kwargs: dict, teacher=None):
   if not f["members"]:
     return None
   if f["beta"]:
-    inner = cotrain.make_mutual_step(model, tasks, beta=f["beta"], temperature=f["temperature"], **step_kwargs)
+    inner = cotrain.make_mutual_step(
+      model, tasks, beta=f["beta"], temperature=f["temperature"], loop=loop_of(f), **step_kwargs
+    )
   else:
-    inner = cotrain.make_ensemble_step(jmtl.make_train_step(model, tasks, **step_kwargs))
+    inner = cotrain.make_ensemble_step(jmtl.make_train_step(model, tasks, **step_kwargs), loop=loop_of(f))
 
   def step(state: EnsembleState, batch):
     members, metrics = inner(state.members, batch)
