@@ -24,7 +24,7 @@ import optax
 
 import jmtl
 from benchmarks import _timing
-from configs import multi_digits
+from jmtl.configs import multi_digits
 from jmtl.run import registry
 
 BATCH, NAMES, CLASSES = 64, ("left", "right"), 10

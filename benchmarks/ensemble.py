@@ -35,7 +35,7 @@ from benchmarks.architectures import BATCH
 from benchmarks.architectures import CLASSES
 from benchmarks.architectures import NAMES
 from benchmarks.architectures import make_batch
-from configs import multi_digits
+from jmtl.configs import multi_digits
 from jmtl.run import cotrain as run_cotrain
 from jmtl.run import registry
 

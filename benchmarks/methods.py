@@ -27,7 +27,7 @@ from benchmarks.architectures import NAMES
 from benchmarks.architectures import bare_step
 from benchmarks.architectures import jmtl_step
 from benchmarks.architectures import make_batch
-from configs import multi_digits
+from jmtl.configs import multi_digits
 from jmtl.run import registry
 
 UNDEFINED_AT_K2 = ("krum", "trimmed_mean")  # need K ≥ 3

@@ -15,7 +15,7 @@ Not measured here: this machine has no prepared CelebA.
 
 import ml_collections
 
-from configs import multi_digits
+from jmtl.configs import multi_digits
 
 
 def get_config() -> ml_collections.ConfigDict:

@@ -20,7 +20,7 @@ with MultiDigits already prepared::
 
 import ml_collections
 
-from configs import multi_digits
+from jmtl.configs import multi_digits
 
 
 def get_config() -> ml_collections.ConfigDict:

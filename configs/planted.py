@@ -14,7 +14,7 @@ The measured result is in the README ("Task relations").
 
 import ml_collections
 
-from configs import synthetic
+from jmtl.configs import synthetic
 
 
 def get_config() -> ml_collections.ConfigDict:

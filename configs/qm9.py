@@ -32,7 +32,7 @@ baselines included::
 
 import ml_collections
 
-from configs import multi_digits
+from jmtl.configs import multi_digits
 
 
 def get_config() -> ml_collections.ConfigDict:

@@ -22,7 +22,7 @@ including the three single-task baselines::
 
 import ml_collections
 
-from configs import multi_digits
+from jmtl.configs import multi_digits
 
 
 def get_config() -> ml_collections.ConfigDict:

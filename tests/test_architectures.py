@@ -9,8 +9,8 @@ import optax
 import pytest
 
 import jmtl
-from configs import multi_digits
-from configs import synthetic
+from jmtl.configs import multi_digits
+from jmtl.configs import synthetic
 from jmtl.run import registry
 from jmtl.run.config import ConfigError
 

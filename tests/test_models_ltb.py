@@ -17,7 +17,7 @@ import optax
 import pytest
 
 import jmtl
-from configs import multi_digits
+from jmtl.configs import multi_digits
 from jmtl.models import ltb
 from jmtl.models import ltb_export
 from jmtl.models.ltb import hard_gumbel_softmax

@@ -198,3 +198,41 @@ def test_the_command_line_exits_2_without_a_traceback(tmp_path):
   )
   assert out.returncode == 2
   assert out.stderr.startswith("jmtl train: error: unknown weighting method 'nope'") and out.stderr.count("\n") == 1
+
+
+def test_a_built_in_config_by_name_trains_from_outside_the_clone(data_dir, tmp_path):
+  """``--config synthetic`` comes from the installed package (``jmtl.configs``), not the working directory."""
+  args = tiny(data_dir, *(f"--config.{f}=4" for f in ("num_steps", "log_every", "eval_every", "checkpoint_every")))
+  args[1] = "synthetic"
+  env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+  out = subprocess.run(
+    [sys.executable, "-m", "jmtl.run", "train", *args, "--workdir", str(tmp_path / "wd")],
+    capture_output=True,
+    text=True,
+    cwd=tmp_path,
+    env=env,
+    check=False,
+  )
+  assert out.returncode == 0, out.stderr
+  assert json.loads((tmp_path / "wd" / "config.json").read_text())["dataset"]["name"] == "synthetic"
+
+
+def test_config_variants_and_module_paths(tmp_path, monkeypatch):
+  from jmtl.run import config as config_lib
+
+  (tmp_path / "mine.py").write_text(
+    "from jmtl.configs import synthetic\n\n"
+    "def get_config(variant=None):\n"
+    "  config = synthetic.get_config()\n"
+    "  if variant not in (None, 'long'):\n"
+    "    raise ValueError(f'unknown variant {variant!r}; known: long')\n"
+    "  config.num_steps = 5000 if variant == 'long' else 10\n"
+    "  return config\n"
+  )
+  assert config_lib.load_config(f"{tmp_path}/mine.py").num_steps == 10
+  assert config_lib.load_config(f"{tmp_path}/mine.py:long").num_steps == 5000
+  monkeypatch.syspath_prepend(str(tmp_path))
+  assert config_lib.load_config("mine:long").num_steps == 5000
+  with pytest.raises(config_lib.ConfigError, match=r"mine\.py:short failed: ValueError: unknown variant 'short'"):
+    config_lib.load_config(f"{tmp_path}/mine.py:short")
+  assert config_lib.load_config("configs/synthetic.py").to_dict() == config_lib.load_config("synthetic").to_dict()

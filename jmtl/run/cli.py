@@ -72,7 +72,11 @@ def _parser() -> argparse.ArgumentParser:
   for name in COMMANDS:
     s = sub.add_parser(name, help=_HELP[name])
     if name in _CONFIGURED:
-      s.add_argument("--config", required=True, help="a config file, e.g. configs/multi_digits.py")
+      s.add_argument(
+        "--config",
+        required=True,
+        help="a file (configs/qm9.py), a built-in name (multi_digits) or a module path; optionally :VARIANT",
+      )
     s.add_argument("--workdir", required=True, help="the run's directory (created if needed)")
     if name == "sweep":
       s.add_argument("--over", action="append", required=True, help="FIELD=VALUE1,VALUE2,... (repeatable)")

@@ -1,4 +1,4 @@
-"""Experiment configs: loading ``configs/*.py``, ``--config.FIELD=VALUE`` overrides, checks, JSON round trips.
+"""Experiment configs: loading (files, built-in names, variants), ``--config.FIELD=VALUE`` overrides, checks, JSON.
 
 A config file defines ``get_config() -> ml_collections.ConfigDict`` (the flax
 examples convention). Every mistake a user can make on the command line fails
@@ -54,39 +54,87 @@ class ConfigError(ValueError):
   """A wrong config, command line or workdir; the CLI prints its message on one line and exits with 2."""
 
 
-def load_config(path: str) -> ml_collections.ConfigDict:
-  """Runs ``get_config()`` of a config file.
-
-  A file inside a package directory (``configs/__init__.py`` exists) is
-  imported as ``configs.<name>``, so variants can ``from configs import
-  multi_digits`` as in the flax examples.
+def builtin_configs() -> list[str]:
+  """The names of the configs installed with jmtl (``jmtl train --config NAME``).
 
   Examples:
+    >>> "multi_digits" in builtin_configs()
+    True
+  """
+  return sorted(f[:-3] for f in os.listdir(_BUILTIN) if f.endswith(".py") and not f.startswith("_"))
+
+
+_BUILTIN = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
+
+
+def load_config(spec: str) -> ml_collections.ConfigDict:
+  """Runs ``get_config()`` of a config named by a file, a built-in name or a module, with an optional ``:variant``.
+
+  ``spec`` is ``WHERE`` or ``WHERE:VARIANT`` (big_vision's convention:
+  ``get_config(VARIANT)`` is called with the string after the colon). ``WHERE``
+  is a file (``configs/qm9.py``, ``~/exp/mine.py``), the name of a config
+  installed with jmtl (``multi_digits``, :func:`builtin_configs`; the same
+  files as the clone's ``configs/``, importable as ``jmtl.configs.NAME``), or a
+  dotted module path (``my_project.configs.big``). A file inside a package
+  directory (an ``__init__.py`` beside it) is imported as ``package.name``, so
+  variants can ``from my_configs import base``; jmtl's own configs import each
+  other as ``from jmtl.configs import multi_digits``.
+
+  Examples:
+    >>> load_config("synthetic").dataset.name
+    'synthetic'
     >>> load_config("/nonexistent/x.py")
     Traceback (most recent call last):
     jmtl.run.config.ConfigError: config file /nonexistent/x.py does not exist
+    >>> load_config("no_such_config")  # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    jmtl.run.config.ConfigError: config 'no_such_config' is not a file, a built-in config (celeba, ...) or a module
   """
-  path = os.path.abspath(os.path.expanduser(path))
-  if not os.path.isfile(path):
-    raise ConfigError(f"config file {path} does not exist")
-  folder, stem = os.path.split(os.path.splitext(path)[0])
+  where, _, variant = spec.partition(":")
+  module = _config_module(where)
   try:
-    if os.path.isfile(os.path.join(folder, "__init__.py")):
-      parent, package = os.path.split(folder)
-      with _on_path(parent):
-        module = importlib.import_module(f"{package}.{stem}")
-    else:
-      spec = importlib.util.spec_from_file_location(f"_jmtl_config_{stem}", path)
-      module = importlib.util.module_from_spec(spec)
-      spec.loader.exec_module(module)
-    config = module.get_config()
+    config = module.get_config(variant) if variant else module.get_config()
   except ConfigError:
     raise
   except Exception as e:  # a broken config file is a user error, reported in one line
-    raise ConfigError(f"config file {path} failed: {type(e).__name__}: {e}") from e
+    raise ConfigError(f"config {spec} failed: {type(e).__name__}: {e}") from e
   if not isinstance(config, ml_collections.ConfigDict):
-    raise ConfigError(f"config file {path}: get_config() must return an ml_collections.ConfigDict")
+    raise ConfigError(f"config {spec}: get_config() must return an ml_collections.ConfigDict")
   return config
+
+
+def _config_module(where: str):
+  """The module of a config file, built-in name or dotted module path (see :func:`load_config`)."""
+  is_file = where.endswith(".py") or os.sep in where or os.path.isfile(where)
+  try:
+    if not is_file:
+      if where in builtin_configs():
+        return importlib.import_module(f"jmtl.configs.{where}")
+      try:
+        return importlib.import_module(where)
+      except ModuleNotFoundError as e:
+        if not e.name or not where.startswith(e.name):
+          raise
+        names = ", ".join(builtin_configs())
+        raise ConfigError(f"config {where!r} is not a file, a built-in config ({names}) or a module") from None
+    path = os.path.abspath(os.path.expanduser(where))
+    if not os.path.isfile(path):
+      raise ConfigError(f"config file {path} does not exist")
+    folder, stem = os.path.split(os.path.splitext(path)[0])
+    if os.path.realpath(folder) == os.path.realpath(_BUILTIN):
+      return importlib.import_module(f"jmtl.configs.{stem}")
+    if os.path.isfile(os.path.join(folder, "__init__.py")):
+      parent, package = os.path.split(folder)
+      with _on_path(parent):
+        return importlib.import_module(f"{package}.{stem}")
+    spec = importlib.util.spec_from_file_location(f"_jmtl_config_{stem}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+  except ConfigError:
+    raise
+  except Exception as e:
+    raise ConfigError(f"config {where} failed: {type(e).__name__}: {e}") from e
 
 
 @contextlib.contextmanager
