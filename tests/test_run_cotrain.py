@@ -5,8 +5,11 @@ import json
 import os
 import signal
 
+import jax
+import jax.numpy as jnp
 import pytest
 
+import jmtl
 from jmtl.run import cli
 from jmtl.run import logs
 from tests._helpers import synthetic_train_args
@@ -49,28 +52,61 @@ def _run_until_sigterm(argv, monkeypatch, step):
     return cli.main(argv)
 
 
-def test_mutual_ensemble_resumes_after_sigterm_like_an_uninterrupted_run(tmp_path, data_dir, monkeypatch, capsys):
-  co = {"cotrain.members": 3, "cotrain.beta": 0.5, "weighting": "famo"}  # famo: per-member weighting state too
-  assert cli.main(args(data_dir, tmp_path / "full", **co)) == 0
-  assert _run_until_sigterm(args(data_dir, tmp_path / "cut", **co), monkeypatch, 30) == 128 + signal.SIGTERM
+CO = {"cotrain.members": 3, "cotrain.beta": 0.5, "weighting": "famo"}  # famo: per-member weighting state too
+
+
+@pytest.fixture(scope="module")
+def ensemble(data_dir, tmp_path_factory):
+  """The workdir of an uninterrupted mutual-learning ensemble of 3."""
+  workdir = tmp_path_factory.mktemp("ens") / "full"
+  assert cli.main(args(data_dir, workdir, **CO)) == 0
+  return workdir
+
+
+def test_mutual_ensemble_resumes_after_sigterm_like_an_uninterrupted_run(
+  tmp_path, data_dir, ensemble, monkeypatch, capsys
+):
+
+  assert _run_until_sigterm(args(data_dir, tmp_path / "cut", **CO), monkeypatch, 30) == 128 + signal.SIGTERM
   assert "interrupted by SIGTERM at step 30" in capsys.readouterr().err
-  assert cli.main(args(data_dir, tmp_path / "cut", **co)) == 0
-  a = json.loads((tmp_path / "full" / "results.json").read_text())
+  assert cli.main(args(data_dir, tmp_path / "cut", **CO)) == 0
+  a = json.loads((ensemble / "results.json").read_text())
   b = json.loads((tmp_path / "cut" / "results.json").read_text())
   for key in ("validation", "test", "selected_step", "num_skipped", "val_score", "cotrain"):
     assert a[key] == b[key], key
-  assert _records(tmp_path / "full") == _records(tmp_path / "cut")
+  assert _records(ensemble) == _records(tmp_path / "cut")
   rows = a["cotrain"]["rows"]
   assert sorted(rows) == ["ensemble", "member 0", "member 1", "member 2", "member mean"]
   assert rows["ensemble"]["test"]["task_0/acc"] == a["test"]["task_0/acc"]
   members = [rows[f"member {i}"]["test"]["task_1/acc"] for i in range(3)]
   assert abs(rows["member mean"]["test"]["task_1/acc"] - sum(members) / 3) < 1e-9
   assert len(set(members)) > 1 or members[0] != rows["ensemble"]["test"]["task_1/acc"]  # distinct models
-  record = next(r for r in _records(tmp_path / "full") if r["kind"] == "train")
+  record = next(r for r in _records(ensemble) if r["kind"] == "train")
   assert {"member0/loss/task_0", "member2/loss/task_1"} <= set(record)
-  validation = next(r for r in _records(tmp_path / "full") if r["kind"] == "validation")
+  validation = next(r for r in _records(ensemble) if r["kind"] == "validation")
   assert {"member1/task_0/acc", "member_mean/task_0/acc", "task_0/acc"} <= set(validation)
   assert "member mean" in capsys.readouterr().out  # the table's co-training rows
+
+
+def test_a_student_distilled_from_an_ensemble_workdir_and_the_members_plot(tmp_path, data_dir, ensemble, capsys):
+  from jmtl.run import cotrain as run_cotrain
+  from jmtl.run import loop
+  from jmtl.run import workdir as workdir_lib
+
+  argv = args(data_dir, tmp_path / "student", **{"cotrain.teachers": str(ensemble), "cotrain.temperature": 2.0})
+  assert cli.main(argv) == 0
+  assert json.loads((tmp_path / "student" / "results.json").read_text())["cotrain"]["fields"]["teachers"]
+  # The teacher is the ensemble's combined prediction, from its kept (stacked) parameters.
+  config = workdir_lib.load_run_config(str(tmp_path / "student"))
+  run = loop.Run(config)
+  teacher, variables = run_cotrain.teacher_of(config, str(tmp_path / "student"), run)
+  x = run.data.sources["validation"][0]["inputs"][None]
+  ens = workdir_lib.load_run_config(str(ensemble))
+  preds = jmtl.cotrain.member_predictions(run.model, variables, jnp.asarray(x))
+  want = jnp.log(jnp.mean(jax.nn.softmax(preds["task_0"], axis=-1), axis=0))
+  assert ens.cotrain.members == 3 and jnp.allclose(teacher(variables, jnp.asarray(x))["task_0"], want, atol=1e-5)
+  assert cli.main(["report", "--workdir", str(ensemble)]) == 0
+  assert (ensemble / "plots" / "members.png").stat().st_size > 0
 
 
 def test_student_distilled_from_the_baselines_with_teacher_annealing(tmp_path, data_dir, capsys):

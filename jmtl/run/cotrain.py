@@ -39,9 +39,7 @@ from jmtl import cotrain
 from jmtl.run.config import ConfigError
 
 #: The ``cotrain`` group's fields and their defaults (a config without the group trains one model).
-DEFAULTS = dict(
-  members=0, vote=False, beta=0.0, temperature=1.0, teachers="", weight=1.0, anneal=False, loop="auto"
-)
+DEFAULTS = dict(members=0, vote=False, beta=0.0, temperature=1.0, teachers="", weight=1.0, anneal=False, loop="auto")
 #: The XLA flag :func:`sequential_cpu_scheduler` sets.
 SCHEDULER_FLAG = "--xla_cpu_enable_concurrency_optimized_scheduler=false"
 
@@ -106,7 +104,7 @@ def sequential_cpu_scheduler(config: ml_collections.ConfigDict, environ=os.envir
     False
   """
   flags = environ.get("XLA_FLAGS", "")
-  if not fields(config)["members"] or SCHEDULER_FLAG.split("=")[0] in flags:
+  if not fields(config)["members"] or SCHEDULER_FLAG.split("=", maxsplit=1)[0] in flags:
     return False
   environ["XLA_FLAGS"] = f"{flags} {SCHEDULER_FLAG}".strip()
   return True
@@ -288,7 +286,9 @@ def teacher_of(config: ml_collections.ConfigDict, workdir: str, run) -> tuple[An
   """The teacher function and its frozen variables for ``cotrain.teachers`` (``"baselines"`` or a run workdir).
 
   The baselines must have been trained (:func:`jmtl.run.baselines.ensure`);
-  each task's teacher is its baseline's kept model (the selected step).
+  each task's teacher is its baseline's kept model (the selected step). A
+  workdir's kept model teaches likewise: one multi-task model, or an
+  ensemble's combined prediction (:func:`jmtl.cotrain.ensemble_teacher`).
   """
   from jmtl.run import baselines as baselines_lib
   from jmtl.run import config as config_lib
@@ -301,9 +301,13 @@ def teacher_of(config: ml_collections.ConfigDict, workdir: str, run) -> tuple[An
   x = jax.ShapeDtypeStruct((1, *run.data.sources["train"][0]["inputs"].shape), np.float32)
   dims = inputs.head_dims(run.data, run.names)
 
-  def kept(run_dir, model, cfg):
-    params = jax.eval_shape(model.init, jax.random.key(0), x)
-    state = jax.eval_shape(model.init_state, jax.random.key(0), x)
+  def kept(run_dir, model, cfg, members=0):
+    init, init_state = model.init, model.init_state
+    if members:  # an ensemble's checkpoint: every leaf with a leading member axis
+      init, init_state = jax.vmap(init, (0, None)), jax.vmap(init_state, (0, None))
+    key = jax.random.split(jax.random.key(0), members) if members else jax.random.key(0)
+    params = jax.eval_shape(init, key, x)
+    state = jax.eval_shape(init_state, key, x)
     template = (params, state) if jax.tree.leaves(state) else params
     ckpt = Checkpoints(os.path.join(run_dir, "checkpoints"))
     try:
@@ -331,6 +335,10 @@ def teacher_of(config: ml_collections.ConfigDict, workdir: str, run) -> tuple[An
   source = os.path.abspath(os.path.expanduser(f["teachers"]))
   cfg = workdir_lib.load_run_config(source)
   model = registry.make_model(cfg, dims)
+  members = fields(cfg)["members"]
+  if members:  # an ensemble teaches with its combined prediction (mean probability, or its vote)
+    teacher = cotrain.ensemble_teacher(model, run.tasks, vote=fields(cfg)["vote"])
+    return teacher, kept(source, model, cfg, members)
   return cotrain.model_teacher(model), kept(source, model, cfg)
 
 

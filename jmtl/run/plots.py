@@ -1,4 +1,5 @@
-"""PNG plots of a run, from its ``metrics.jsonl``: per-task curves, task weights, task-gradient cosines; task relations.
+"""PNG plots of a run, from its ``metrics.jsonl``: per-task curves, task weights, task-gradient cosines, an
+ensemble's members; task relations.
 
 Figures are drawn on :class:`matplotlib.figure.Figure` directly (the Agg
 canvas), never through pyplot, so no global backend or window state is
@@ -211,6 +212,31 @@ def relations_plots(workdir: str, analysis: dict) -> list[str]:
   return paths
 
 
+def _members(records: Sequence[dict], tasks: Sequence[str], metric: dict[str, str], path: str) -> bool:
+  """An ensemble's validation metric per task: each member, their mean and the ensemble (``jmtl.run.cotrain``)."""
+  val = [r for r in records if r.get("kind") == "validation"]
+  keys = {k.split("/", 1)[0] for r in val for k in r if k.startswith("member") and k[6:7].isdigit()}
+  if not keys:
+    return False
+  members = sorted(keys, key=lambda p: int(p[6:]))
+  cols = min(len(tasks), 4)
+  fig = Figure(figsize=(4.2 * cols, 3.2 * math.ceil(len(tasks) / cols)), layout="constrained")
+  for i, task in enumerate(tasks):
+    m = metric.get(task) or "loss"
+    ax = fig.add_subplot(math.ceil(len(tasks) / cols), cols, i + 1)
+    for j, p in enumerate(members):
+      ax.plot(
+        *_series(val, f"{p}/{task}/{m}"), lw=0.8, alpha=0.6, color="tab:gray", label="members" if j == 0 else None
+      )
+    ax.plot(*_series(val, f"member_mean/{task}/{m}"), "--", color="tab:blue", label="member mean")
+    ax.plot(*_series(val, f"{task}/{m}"), "o-", ms=3, color="tab:red", label="ensemble")
+    ax.set_title(f"{task}: validation {m}")
+    ax.set_xlabel("step")
+    ax.legend(fontsize=7)
+  fig.savefig(path, dpi=90)
+  return True
+
+
 def write_all(workdir: str, tasks: Sequence[str], metric: dict[str, str]) -> list[str]:
   """Writes the plots of a run into ``<workdir>/plots`` and returns their paths.
 
@@ -231,6 +257,9 @@ def write_all(workdir: str, tasks: Sequence[str], metric: dict[str, str]) -> lis
   cos = os.path.join(out_dir, "grad_cosine.png")
   if _grad_cosine(records, tasks, cos):
     paths.append(cos)
+  members = os.path.join(out_dir, "members.png")
+  if _members(records, tasks, metric, members):
+    paths.append(members)
   results = os.path.join(workdir, "results.json")
   if os.path.exists(results):  # a finished run's relations and transfer (jmtl.run.relations.finish)
     with open(results) as f:
