@@ -63,6 +63,26 @@ def test_member_equals_model_trained_alone(weighting, member_batches):
   assert not np.allclose(ens.params["shared"]["dense_0"]["kernel"][0], ens.params["shared"]["dense_0"]["kernel"][1])
 
 
+def test_ensemble_under_pmap_and_mesh_equals_one_device():
+  """The members' step under ``jax.pmap`` (2 devices, half the batch each) and ``mesh_jit`` (a 2-device mesh) gives
+  the one-device step's states (the mesh program is global: its step has no axis name). Mutual learning: the vmapped
+  ensemble step inside, and the members' predictions on each device's examples as targets."""
+  x, batch, tx = _batch(0)["inputs"], _batch(1), optax.adam(0.05)
+  weighting = jmtl.weighting.mgda()  # a Gramian: the task gradients are all-reduced before the weights
+
+  build = lambda axis_name: cotrain.make_mutual_step(MODEL, TASKS, beta=0.5, axis_name=axis_name)
+
+  init = lambda: cotrain.ensemble_state(MODEL, x, seeds=[1, 2], tx=tx, weighting=weighting)
+  one, _ = jax.jit(build(None))(init(), batch)
+  pmapped = jmtl.parallel.pmap(build("data"), devices=jax.local_devices()[:2], donate=False)
+  two, _ = pmapped(jmtl.parallel.replicate(init(), jax.local_devices()[:2]), jmtl.parallel.shard_batch(batch, 2))
+  _close(jmtl.parallel.unreplicate(two.params), one.params, rtol=1e-4, atol=1e-5)
+  mesh = jmtl.parallel.make_mesh(2)
+  state = jmtl.parallel.put_replicated(init(), mesh)
+  meshed, _ = jmtl.parallel.mesh_jit(build(None), mesh, donate=False)(state, jmtl.parallel.put_batch(batch, mesh))
+  _close(meshed.params, one.params, rtol=1e-4, atol=1e-5)
+
+
 def _softmax(x):
   e = np.exp(x - x.max(-1, keepdims=True))
   return e / e.sum(-1, keepdims=True)
