@@ -32,6 +32,14 @@ def _metric_label(results: Mapping[str, Any], task: str) -> str:
   return results["metric"][task] + (f" ({unit})" if unit else "")
 
 
+def _model_label(results: Mapping[str, Any]) -> str:
+  """``MTL``, ``ensemble of M`` or ``student`` (a co-training run, :mod:`jmtl.run.cotrain`)."""
+  co = (results.get("cotrain") or {}).get("fields") or {}
+  if co.get("members"):
+    return f"ensemble of {co['members']}"
+  return "student" if co.get("teachers") else "MTL"
+
+
 def run_table(results: Mapping[str, Any]) -> str:
   """Per-task test metrics of a run next to its single-task baselines, then Δm%.
 
@@ -50,7 +58,7 @@ def run_table(results: Mapping[str, Any]) -> str:
   neg = results.get("negative_transfer") or {}
   tw = max(4, *(len(n) for n in names)) + 3
   mw = max(6, *(len(_metric_label(results, n)) for n in names)) + 3
-  head = f"MTL ({results['weighting']})"
+  head = f"{_model_label(results)} ({results['weighting']})"
   hw = max(len(head), 10) + 3
   since, conflict = _relations_columns(results)
   more = (f"{'behind since':>14}" if since else "") + (f"{'conflict':>10}" if conflict else "")
