@@ -274,13 +274,13 @@ def test_qm9_targets_are_standardised_with_training_statistics(data_dir):
 def test_qm9_graph_form(data_dir):
   source = qm9.load("validation", data_dir, "graph", **QM9_SIZES)
   ex = source[0]
-  assert ex["inputs"]["atomic_numbers"].shape == (29,) and ex["inputs"]["atomic_numbers"].dtype == np.int32
-  assert ex["inputs"]["positions"].shape == (29, 3) and ex["inputs"]["positions"].dtype == np.float32
-  mask = ex["inputs"]["mask"]
-  assert mask.shape == (29,) and mask.dtype == np.float32
-  np.testing.assert_array_equal(mask, ex["inputs"]["atomic_numbers"] > 0)
-  assert np.all(ex["inputs"]["positions"][mask == 0] == 0)
-  assert set(np.unique(ex["inputs"]["atomic_numbers"][mask > 0])) <= {1, 6, 7, 8, 9}
+  g = ex["inputs"]  # packed rows (Z, x, y, z, mask)
+  assert g.shape == (29, 5) and g.dtype == np.float32
+  numbers, positions, mask = g[:, 0], g[:, 1:4], g[:, 4]
+  np.testing.assert_array_equal(mask, numbers > 0)
+  assert np.all(positions[mask == 0] == 0)
+  assert set(np.unique(numbers[mask > 0])) <= {1, 6, 7, 8, 9}
+  np.testing.assert_allclose(positions[mask > 0].mean(axis=0), 0.0, atol=1e-4)  # centred
 
 
 # ----------------------------------------------------------------------------- no TensorFlow, no torch
