@@ -204,6 +204,10 @@ def locked(workdir: str) -> Iterator[str]:
   there too; on a filesystem mounted without shared locks (``nolock``,
   ``local_lock=flock``, some FUSE) it only excludes writers on the same host.
 
+  A directory this call created and that is empty on release (the command
+  failed before writing anything) is removed again: a wrong argument leaves
+  no empty workdir behind.
+
   Raises:
     ConfigError: when another process holds the lock (naming its pid and host).
 
@@ -212,7 +216,13 @@ def locked(workdir: str) -> Iterator[str]:
     >>> with locked(tempfile.mkdtemp()) as d:
     ...   sorted(os.listdir(d))
     ['jmtl.lock']
+    >>> new = os.path.join(tempfile.mkdtemp(), "run")
+    >>> with locked(new):
+    ...   pass
+    >>> os.path.exists(new)
+    False
   """
+  created = not os.path.exists(os.path.abspath(os.path.expanduser(workdir)))
   path = check_usable(workdir)
   if path in _held:
     _held[path] += 1
@@ -231,6 +241,8 @@ def locked(workdir: str) -> Iterator[str]:
     if fd is not None:
       with contextlib.suppress(OSError):
         os.unlink(lock)  # while still held, so a waiting opener sees a new file (see _acquire)
+        if created:
+          os.rmdir(path)  # only if empty: nothing was written (fails, harmlessly, otherwise)
       os.close(fd)
 
 
