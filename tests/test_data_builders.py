@@ -338,9 +338,8 @@ def test_registered_builders_load_by_name_through_tfds_in_a_fresh_interpreter(tm
     print("MULTI_DIGITS", len(src), bool(same))
     b = tfds.builder("synthetic/" + syn.builder_config.name, data_dir=d)
     print("SYNTHETIC", type(b).__module__, b.info.splits["test"].num_examples)
-    s = tfds.data_source("synthetic", split="validation", data_dir=d + "/fresh",
-                         builder_kwargs=dict(config=synthetic.SyntheticConfig(name="tiny", num_train=30, num_validation=7,
-                                                                             num_test=5)))
+    tiny = synthetic.SyntheticConfig(name="tiny", num_train=30, num_validation=7, num_test=5)
+    s = tfds.data_source("synthetic", split="validation", data_dir=d + "/fresh", builder_kwargs=dict(config=tiny))
     print("PREPARED_BY_TFDS", len(s), sorted(s[0]["labels"]))
     print("BUILDER_CLS", tfds.builder_cls("qm9").__module__, tfds.builder("synthetic").data_dir.startswith(
       jmtl.data.default_data_dir()))

@@ -59,7 +59,7 @@ def _defaults(data_dir, kwargs: dict) -> dict:
 
 
 class MultiDigits(multi_digits.MultiDigits):
-  """:class:`jmtl.data.multi_digits.MultiDigits`, registered as ``multi_digits`` (defaults: jmtl's data_dir, array_record)."""
+  """:class:`jmtl.data.multi_digits.MultiDigits`, registered as ``multi_digits``."""
 
   name = "multi_digits"
 
@@ -68,7 +68,7 @@ class MultiDigits(multi_digits.MultiDigits):
 
 
 class Synthetic(synthetic.Synthetic):
-  """:class:`jmtl.data.synthetic.Synthetic`, registered as ``synthetic`` (defaults: jmtl's data_dir, array_record)."""
+  """:class:`jmtl.data.synthetic.Synthetic`, registered as ``synthetic``."""
 
   name = "synthetic"
 
@@ -79,7 +79,7 @@ class Synthetic(synthetic.Synthetic):
 try:
 
   class QM9(qm9.QM9):
-    """:class:`jmtl.data.qm9.QM9`, registered as ``qm9`` (defaults: jmtl's data_dir, array_record)."""
+    """:class:`jmtl.data.qm9.QM9`, registered as ``qm9``."""
 
     name = "qm9"
 
