@@ -148,7 +148,8 @@ def make_model(config: ml_collections.ConfigDict, task_dims: Mapping[str, int]) 
   ``config.model.<last part>`` (:func:`args_group`).
 
   ``config.model.dtype`` (optional) is the computation dtype of models that
-  take one (``"bfloat16"`` on accelerators; parameters stay float32). A
+  take one (``"bfloat16"`` on accelerators; parameters stay float32); a model
+  without a ``dtype`` argument accepts only float32. A
   constructor with a ``num_steps`` argument (a schedule laid out over the
   training length, as :func:`~jmtl.models.ltb`'s) gets ``config.num_steps``
   unless its group sets ``num_steps``.
@@ -167,12 +168,14 @@ def make_model(config: ml_collections.ConfigDict, task_dims: Mapping[str, int]) 
     kwargs["num_steps"] = config.num_steps
   dtype = config.model.get("dtype")
   if dtype is not None and "dtype" not in kwargs:
-    if "dtype" not in inspect.signature(constructor).parameters:
-      raise ConfigError(f"config field 'model.dtype' = {dtype!r}: model {name!r} takes no computation dtype")
     try:
-      kwargs["dtype"] = jnp.dtype(dtype)
+      dtype = jnp.dtype(dtype)
     except TypeError as e:
       raise ConfigError(f"config field 'model.dtype' = {dtype!r} is not a dtype (float32, bfloat16, ...)") from e
+    if "dtype" in inspect.signature(constructor).parameters:
+      kwargs["dtype"] = dtype
+    elif dtype != jnp.float32:  # float32, the default, is what a model without the argument computes in
+      raise ConfigError(f"config field 'model.dtype' = {dtype.name!r}: model {name!r} takes no computation dtype")
   try:
     model = constructor(dict(task_dims), **kwargs)
   except (TypeError, ValueError) as e:
