@@ -238,9 +238,9 @@ def locked(workdir: str) -> Iterator[str]:
   there too; on a filesystem mounted without shared locks (``nolock``,
   ``local_lock=flock``, some FUSE) it only excludes writers on the same host.
 
-  A directory this call created and that is empty on release (the command
-  failed before writing anything) is removed again: a wrong argument leaves
-  no empty workdir behind.
+  A directory this call created and that is empty when a :class:`ConfigError`
+  leaves the block (a wrong argument or bad data, found before anything was
+  written) is removed again: a user error leaves no empty workdir behind.
 
   Raises:
     ConfigError: when another process holds the lock (naming its pid and host).
@@ -252,7 +252,9 @@ def locked(workdir: str) -> Iterator[str]:
     ['jmtl.lock']
     >>> new = os.path.join(tempfile.mkdtemp(), "run")
     >>> with locked(new):
-    ...   pass
+    ...   raise ConfigError("a wrong field")
+    Traceback (most recent call last):
+    jmtl.run.config.ConfigError: a wrong field
     >>> os.path.exists(new)
     False
   """
@@ -268,14 +270,18 @@ def locked(workdir: str) -> Iterator[str]:
   lock = os.path.join(path, LOCK)
   fd = _acquire_once(path, lock)
   _held[path] = 1
+  user_error = False
   try:
     yield path
+  except ConfigError:
+    user_error = True
+    raise
   finally:
     del _held[path]
     if fd is not None:
       with contextlib.suppress(OSError):
         os.unlink(lock)  # while still held, so a waiting opener sees a new file (see _acquire)
-        if created:
+        if created and user_error:
           os.rmdir(path)  # only if empty: nothing was written (fails, harmlessly, otherwise)
       os.close(fd)
 
