@@ -93,14 +93,13 @@ def method_names(spec: str) -> list[str]:
   return names
 
 
-def make_weighting(config: ml_collections.ConfigDict, num_tasks: int | None) -> weighting_lib.WeightingTransform:
+def make_weighting(config: ml_collections.ConfigDict, num_tasks: int) -> weighting_lib.WeightingTransform:
   """The weighting transform ``config.weighting`` names, with ``config.weighting_args[name]`` as arguments.
 
   A name is a built-in method or a dotted path to a factory returning a
   :class:`~jmtl.weighting.WeightingTransform`, whose arguments are
-  ``weighting_args.<last part>``. ``num_tasks=None`` builds it without the
-  task count (the config check, before the data is read): everything but the
-  length of ``static_weights`` is checked.
+  ``weighting_args.<last part>``. :func:`check_weighting` builds it without
+  the task count, before the data is read.
 
   Examples:
     >>> c = ml_collections.ConfigDict({"weighting": "static", "static_weights": (1.0, 3.0), "weighting_args": {}})
@@ -109,6 +108,23 @@ def make_weighting(config: ml_collections.ConfigDict, num_tasks: int | None) -> 
   """
   transforms = [_one_weighting(name, config, num_tasks) for name in method_names(config.weighting)]
   return transforms[0] if len(transforms) == 1 else weighting_lib.chain(*transforms)
+
+
+def check_weighting(config: ml_collections.ConfigDict) -> None:
+  """Builds every transform ``config.weighting`` names, with its arguments, before the task count is known.
+
+  Everything but the number of ``static_weights`` is checked (``static``
+  without weights is left to the run, or to a sweep's static grid).
+
+  Examples:
+    >>> c = ml_collections.ConfigDict({"weighting": "dwa", "static_weights": (), "weighting_args": {"dwa": {"t": 1}}})
+    >>> check_weighting(c)  # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    jmtl.run.config.ConfigError: weighting 'dwa' with arguments {'t': 1} (config field 'weighting_args.dwa'): ...
+  """
+  for name in method_names(config.weighting):
+    if name != "static" or tuple(config.static_weights):
+      _one_weighting(name, config, None)
 
 
 def _one_weighting(name: str, config: ml_collections.ConfigDict, num_tasks: int | None):
@@ -392,7 +408,7 @@ def check(config: ml_collections.ConfigDict) -> None:
     raise ConfigError(f"config field 'batch_size' ({config.batch_size}) must be a multiple of devices ({n})")
   if config.sharing.soft and config.model.name != "soft_mlp":
     raise ConfigError(f"config field 'sharing.soft' = {config.sharing.soft} needs model.name='soft_mlp'")
-  make_weighting(config, None)  # names and arguments, before any data is read
+  check_weighting(config)  # names and arguments, before any data is read
   group = _model_group(config)
   if not isinstance(config.model.get(group, ml_collections.ConfigDict()), ml_collections.ConfigDict):
     raise ConfigError(f"config field 'model.{group}' must be a group of model arguments")
