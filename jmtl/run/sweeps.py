@@ -23,9 +23,11 @@ from collections.abc import Sequence
 
 import ml_collections
 
+import jmtl.parallel
 from jmtl.run import config as config_lib
 from jmtl.run import experiment
 from jmtl.run import inputs
+from jmtl.run import plots
 from jmtl.run import registry
 from jmtl.run import report
 from jmtl.run import workdir as workdir_lib
@@ -148,6 +150,8 @@ def sweep(config: ml_collections.ConfigDict, workdir: str, over: Sequence[str], 
   _mark_static_winners(rows)
   data = workdir_lib.read_json(os.path.join(path, "sweep.json"), "sweep")
   workdir_lib.write_json(os.path.join(path, "sweep.json"), {**data, "rows": rows})
+  if config.plots and jmtl.parallel.is_primary():
+    plots.sweep_plot(path, rows)  # plots/sweep.png: the runs side by side
   experiment._say(report.sweep_table(rows), quiet)
   return rows
 
