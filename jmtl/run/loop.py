@@ -10,6 +10,7 @@ and metrics of an uninterrupted one.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import sys
@@ -217,6 +218,10 @@ class Run:
     self.config = config
     self.cotrain = run_cotrain.fields(config)  # checked before anything is built
     self.data = inputs.load_data(config)
+    if config.get("fold"):  # a fold run of --folds K: the training split without its held-out fold
+      from jmtl.run import trials
+
+      self.data = trials.fold_data(self.data, config.fold)
     self.names = task_subset(config, self.data.specs)
     inputs.check_data(self.data, self.names)  # labels in range, values finite, masks in [0, 1]: before training
     self.tasks = inputs.make_tasks(self.data, self.names)
@@ -343,6 +348,34 @@ def _train_and_evaluate(config, workdir: str, *, progress: bool, desc: str):
   return _finish(run, workdir, state, best, host)
 
 
+#: Functions called after every validation of :class:`_Training` (see :func:`on_validation`).
+_VALIDATION_HOOKS: list = []
+
+
+@contextlib.contextmanager
+def on_validation(hook):
+  """Calls ``hook(step, values, tasks)`` after every validation of the runs trained within the block.
+
+  ``values`` is the validation record (non-finite metrics ``None``), ``tasks``
+  the run's :class:`jmtl.Task` list. An exception the hook raises (such as
+  Optuna's ``TrialPruned``, :mod:`jmtl.run.tune`) stops the run there, as
+  an error would: the checkpoints written so far stay.
+
+  Examples:
+    >>> seen = []
+    >>> with on_validation(lambda step, values, tasks: seen.append(step)):
+    ...   len(_VALIDATION_HOOKS)
+    1
+    >>> len(_VALIDATION_HOOKS)
+    0
+  """
+  _VALIDATION_HOOKS.append(hook)
+  try:
+    yield hook
+  finally:
+    _VALIDATION_HOOKS.remove(hook)
+
+
 class _Training:
   """The loop of one run and what it writes to: checkpoints, the metrics log, the host-side state."""
 
@@ -408,6 +441,8 @@ class _Training:
     if transfer is not None:
       self.log.write(step, "transfer", transfer)
     score = evaluation.selection_score(values, run.tasks, run.config.select_metric, empty)
+    for hook in list(_VALIDATION_HOOKS):
+      hook(step, values, run.tasks)
     if run.config.select == "final":
       host["best_step"] = step
     elif host["best_score"] is None or score > host["best_score"]:
