@@ -230,7 +230,9 @@ def run(argv: list[str]) -> None:
 
     cotrain.sequential_cpu_scheduler(config)  # before the first computation
   if args.command == "train":
-    experiment.train(config, args.workdir, progress=progress)
+    from jmtl.run import trackers
+
+    trackers.finish(config, args.workdir, experiment.train(config, args.workdir, progress=progress))
   elif args.command == "baselines":
     experiment.train_baselines(config, args.workdir, progress=progress)
   elif args.command == "group":

@@ -30,6 +30,7 @@ from jmtl.run import inputs
 from jmtl.run import registry
 from jmtl.run import relations as run_relations
 from jmtl.run import signals
+from jmtl.run import trackers
 from jmtl.run import workdir as workdir_lib
 from jmtl.run.checkpoints import Checkpoints
 from jmtl.run.config import ConfigError
@@ -217,6 +218,7 @@ class Run:
   def __init__(self, config: ml_collections.ConfigDict, workdir: str | None = None):
     self.config = config
     self.cotrain = run_cotrain.fields(config)  # checked before anything is built
+    trackers.check(config)  # a tracker named and not installed
     self.data = inputs.load_data(config)
     if config.get("fold"):  # a fold run of --folds K: the training split without its held-out fold
       from jmtl.run import trials
@@ -339,11 +341,13 @@ def _train_and_evaluate(config, workdir: str, *, progress: bool, desc: str):
     state = rest.replace(params=params, model_state=model_state)
     batches.set_state(meta["data"])
     host = meta["host"]
-  log = MetricsLog(workdir, resume_step=int(state.step) if restored is not None else None)
+  log = MetricsLog(workdir, resume_step=int(state.step) if restored is not None else None, config=config)
+  trained = False
   try:
     state, best = _Training(run, batches, ckpt, log, host).loop(state, sums, best, progress=progress, desc=desc)
+    trained = True
   finally:
-    log.close()
+    log.close(trained)
     ckpt.close()
   return _finish(run, workdir, state, best, host)
 

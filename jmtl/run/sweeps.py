@@ -37,6 +37,7 @@ from jmtl.run import experiment
 from jmtl.run import inputs
 from jmtl.run import registry
 from jmtl.run import report
+from jmtl.run import trackers
 from jmtl.run import trials as trials_lib
 from jmtl.run import workdir as workdir_lib
 from jmtl.run.config import ConfigError
@@ -162,12 +163,28 @@ def sweep(
   for c in configs:  # static weights and method arguments, before the first run starts
     registry.make_weighting(c, len(config_lib.task_subset(c, names)))
   _open_sweep(path, config, list(over), folds)
-  train = lambda c, where: experiment.train(c, where, progress=progress, quiet=True)
+  with trackers.store_root(path):
+    return _run_points(path, grid, configs, folds=folds, progress=progress, quiet=quiet)
+
+
+def train(config: ml_collections.ConfigDict, workdir: str, *, progress: bool = True) -> dict:
+  """One run of a search (:func:`jmtl.run.experiment.train`, quiet), its results added to its trackers.
+
+  Examples:
+    >>> results = train(config, "/tmp/sw/runs/weighting=equal")  # doctest: +SKIP
+  """
+  results = experiment.train(config, workdir, progress=progress, quiet=True)
+  trackers.finish(config, workdir, results)
+  return results
+
+
+def _run_points(path: str, grid, configs, *, folds: int, progress: bool, quiet: bool):
+  run = lambda c, where: train(c, where, progress=progress)
   rows = []
   for point, c in zip(grid, configs):
     if c.baselines == "auto":
       c.baselines = os.path.join(path, "baselines")
-    runs = trials_lib.run_point(c, os.path.join(path, "runs", label(point)), folds, train=train)
+    runs = trials_lib.run_point(c, os.path.join(path, "runs", label(point)), folds, train=run)
     row = {"label": label(point), "point": point, "weighting": c.weighting, "chosen": False}
     if folds:
       row["cv"] = trials_lib.spread([r["val_score"] for r in runs])
@@ -176,7 +193,7 @@ def sweep(
       row["results"] = runs[0]
     rows.append(row)
   if folds:
-    return _finish_folds(path, rows, configs, train, quiet)
+    return _finish_folds(path, rows, configs, run, quiet)
   _mark_static_winners(rows)
   data = workdir_lib.read_json(os.path.join(path, "sweep.json"), "sweep")
   workdir_lib.write_json(os.path.join(path, "sweep.json"), {**data, "rows": rows})

@@ -73,6 +73,8 @@ from jmtl.run import loop
 from jmtl.run import registry
 from jmtl.run import report
 from jmtl.run import signals
+from jmtl.run import sweeps
+from jmtl.run import trackers
 from jmtl.run import trials as trials_lib
 from jmtl.run import workdir as workdir_lib
 from jmtl.run.config import ConfigError
@@ -320,10 +322,11 @@ def tune(
   _retry_interrupted(found)
   seed = int(config.seed) + len(found.trials) + (os.getpid() if study.storage else 0)
   found.sampler = optuna.samplers.TPESampler(seed=seed % 2**32, constant_liar=bool(study.storage))
-  while _done(found) < trials:
-    signals.check("between trials")
-    found.optimize(lambda trial: search.run_trial(trial, axes, study.prune), n_trials=1, catch=(loop.TooManySkipped,))
-  best = search.finish(found)
+  with trackers.store_root(path):
+    while _done(found) < trials:
+      signals.check("between trials")
+      found.optimize(lambda t: search.run_trial(t, axes, study.prune), n_trials=1, catch=(loop.TooManySkipped,))
+    best = search.finish(found)
   experiment._say(_table(found, search.goal, best), quiet)
   return best
 
@@ -342,7 +345,7 @@ class _Search:
     return {t: ref[t]["validation"] for t in ref} if ref else None
 
   def train(self, config, where: str) -> dict:
-    return experiment.train(config, where, progress=self.progress, quiet=True)
+    return sweeps.train(config, where, progress=self.progress)
 
   def run_trial(self, trial, axes, prune: bool) -> float:
     """The objective of ``trial``: its runs trained (resumed), reported every validation, pruned by the study."""
