@@ -404,7 +404,7 @@ def finish(config, workdir: str, results: Mapping[str, Any]) -> None:
     tracker = held.pop(n, None) or (MLflow(workdir, state) if n == "mlflow" else WandB(workdir, state, None))
     try:
       tracker.scalars(step, _numbers(final))
-      tracker.table("results", columns, rows)
+      tracker.table("results_table", columns, rows)
       tracker.artifact(os.path.join(workdir, "results.json"))
       for p in plots:
         tracker.artifact(os.path.join(plots_dir, p), "plots")
