@@ -1,4 +1,4 @@
-"""``jmtl tune``: a 6-trial search on synthetic finishes, prunes, and resumes after SIGTERM without repeating a trial."""
+"""``jmtl tune``: a 6-trial search on synthetic finishes, prunes, resumes after SIGTERM without repeating a trial."""
 
 import os
 import signal

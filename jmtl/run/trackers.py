@@ -292,7 +292,9 @@ class WandB(Tracker):
     # A copy in the run's files directory (uploaded with the run; offline, by wandb sync).
     target = os.path.join(self.run.dir, folder)
     os.makedirs(target, exist_ok=True)
-    shutil.copy(path, os.path.join(target, os.path.basename(path)))
+    copy = os.path.join(target, os.path.basename(path))
+    shutil.copy(path, copy)
+    self.run.save(copy, base_path=self.run.dir, policy="now")
 
   def table(self, name, columns, rows):
     import wandb
