@@ -287,9 +287,9 @@ def tune(
   """Runs (or resumes) the search until the study holds ``trials`` finished trials; returns the best trial's summary.
 
   Examples:
-    >>> from jmtl import run
-    >>> best = run.tune(run.load_config("synthetic"), "/tmp/tune", ["optimizer.learning_rate=loguniform(1e-4,1e-1)"],
-    ...                 trials=20, folds=5)  # doctest: +SKIP
+    >>> from jmtl.run.config import load_config
+    >>> best = tune(load_config("synthetic"), "/tmp/tune", ["optimizer.learning_rate=loguniform(1e-4,1e-1)"],
+    ...             trials=20, folds=5)  # doctest: +SKIP
   """
   optuna = _optuna()
   registry.check(config)
