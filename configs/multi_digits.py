@@ -140,4 +140,7 @@ def get_config() -> ml_collections.ConfigDict:
     dict(members=0, vote=False, beta=0.0, temperature=1.0, teachers="", weight=1.0, anneal=False, loop="auto")
   )
   config.plots = True
+  # Where every logged value also goes (jmtl.run.trackers; README "Search and tracking"), comma separated:
+  # tensorboard | mlflow (SQLite store in the workdir, or $MLFLOW_TRACKING_URI) | wandb (offline unless $WANDB_MODE).
+  config.trackers = "tensorboard"
   return config

@@ -5,7 +5,8 @@ Usage::
   jmtl train --config configs/multi_digits.py [--config.FIELD=VALUE ...] --workdir DIR
   jmtl eval --workdir DIR [--out DIR]
   jmtl baselines --config configs/multi_digits.py [--config.FIELD=VALUE ...] --workdir DIR
-  jmtl sweep --config configs/multi_digits.py --over weighting=equal,uncertainty,static --workdir DIR
+  jmtl sweep --config configs/multi_digits.py --over weighting=equal,uncertainty,static --workdir DIR [--folds K]
+  jmtl tune --config multi_digits --space optimizer.learning_rate=loguniform(1e-4,1e-2) --trials N --workdir DIR
   jmtl report --workdir DIR [--out DIR]
   jmtl analyze --workdir DIR [--groups G]
   jmtl group --config configs/planted.py [--config.FIELD=VALUE ...] --groups G --workdir DIR
@@ -46,7 +47,7 @@ from collections.abc import Mapping
 from jmtl.run import signals
 from jmtl.run.config import ConfigError
 
-COMMANDS = ("train", "eval", "baselines", "sweep", "report", "analyze", "group")
+COMMANDS = ("train", "eval", "baselines", "sweep", "tune", "report", "analyze", "group")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -59,11 +60,12 @@ _HELP = {
   "eval": "evaluate a workdir's kept model on validation and test",
   "baselines": "train one single-task model per task, for Δm%%",
   "sweep": "one run per value of the --over fields, one table",
+  "tune": "hyper-parameter search with Optuna (TPE, median pruning; a resumable study)",
   "report": "print a run's or a sweep's table and write its plots again",
   "analyze": "a run's task relations (affinity, gradient cosine, conflicts), grouping and negative transfer",
   "group": "train all tasks, group them by affinity, train one model per group, compare",
 }
-_CONFIGURED = ("train", "baselines", "sweep", "group")  # the commands that take --config (and overrides)
+_CONFIGURED = ("train", "baselines", "sweep", "tune", "group")  # the commands that take --config (and overrides)
 
 _EPILOG = """config fields:
   --config.FIELD=VALUE    set any field of the config (repeatable), e.g. --config.num_steps=500,
@@ -95,6 +97,10 @@ def _parser() -> argparse.ArgumentParser:
       )
     if name == "sweep":
       s.add_argument("--over", action="append", required=True, help="FIELD=VALUE1,VALUE2,... (repeatable)")
+    if name == "tune":
+      _tune_arguments(s)
+    if name in ("sweep", "tune"):
+      s.add_argument("--folds", type=int, default=0, metavar="K", help="k-fold cross-validation on the training split")
     if name == "group":
       s.add_argument("--groups", type=int, required=True, metavar="G", help="at most G groups of tasks")
     if name == "analyze":
@@ -103,6 +109,21 @@ def _parser() -> argparse.ArgumentParser:
       s.add_argument("--no-progress", action="store_true", help="no progress bar")
       _distributed_arguments(s)
   return p
+
+
+def _tune_arguments(s: argparse.ArgumentParser) -> None:
+  s.add_argument(
+    "--space",
+    action="append",
+    required=True,
+    help="FIELD=float(lo,hi)|loguniform(lo,hi)|int(lo,hi)|logint(lo,hi)|choice(a,b,...), or static_weights=simplex",
+  )
+  s.add_argument("--trials", type=int, required=True, metavar="N", help="finished trials the study should hold")
+  s.add_argument("--objective", default="delta_m", help="delta_m (validation Δm%%), score, or TASK/METRIC")
+  s.add_argument("--storage", help="an Optuna RDB URL shared by many workers (default: sqlite in the workdir)")
+  s.add_argument("--study", default="jmtl", help="the study's name in the storage")
+  s.add_argument("--prune_startup", type=int, default=3, metavar="N", help="finished trials before pruning starts")
+  s.add_argument("--no-prune", action="store_true", help="no median pruning")
 
 
 # Flag -> the environment variables read when it is not given (the first one set).
@@ -219,20 +240,35 @@ def run(argv: list[str]) -> None:
 
   config = config_lib.apply_overrides(config_lib.load_config(args.config), overrides)
   signals.check("while reading the config")
-  if args.command in ("train", "sweep"):
+  if args.command in ("train", "sweep", "tune"):
     from jmtl.run import cotrain
 
     cotrain.sequential_cpu_scheduler(config)  # before the first computation
   if args.command == "train":
-    experiment.train(config, args.workdir, progress=progress)
+    from jmtl.run import trackers
+
+    trackers.finish(config, args.workdir, experiment.train(config, args.workdir, progress=progress))
   elif args.command == "baselines":
     experiment.train_baselines(config, args.workdir, progress=progress)
   elif args.command == "group":
     from jmtl.run import grouping
 
     grouping.group(config, args.workdir, args.groups, progress=progress)
+  elif args.command == "tune":
+    from jmtl.run import tune
+
+    tune.tune(
+      config,
+      args.workdir,
+      args.space,
+      args.trials,
+      folds=args.folds,
+      objective=args.objective,
+      study=tune.Study(args.storage, args.study, not args.no_prune, args.prune_startup),
+      progress=progress,
+    )
   else:
-    sweeps.sweep(config, args.workdir, args.over, progress=progress)
+    sweeps.sweep(config, args.workdir, args.over, folds=args.folds, progress=progress)
 
 
 def _quiet_libraries() -> None:

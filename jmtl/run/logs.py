@@ -1,4 +1,7 @@
-"""What a run writes while it trains: ``metrics.jsonl``, TensorBoard event files and the progress bar.
+"""What a run writes while it trains: ``metrics.jsonl``, its trackers (TensorBoard event files, ...), the progress bar.
+
+Every record also goes to the run's trackers (``config.trackers``, :mod:`jmtl.run.trackers`), as scalars
+``<kind>/<name>``.
 
 ``metrics.jsonl`` has one JSON object per line: ``{"step": s, "kind":
 "train", ...}`` every ``log_every`` steps (means over the interval of the
@@ -26,12 +29,13 @@ import json
 import math
 import os
 import sys
-import time
 from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
 import tqdm
+
+from jmtl.run import trackers
 
 
 def read_jsonl(path: str, *, quiet: bool = False) -> list[dict]:
@@ -72,22 +76,6 @@ def _plain(value: Any) -> Any:
   return None if isinstance(v, float) and not math.isfinite(v) else v
 
 
-def _summary_writer(logdir: str, purge_step: int):
-  # tensorboardX imports torch when it is installed, only to accept torch
-  # tensors (2 s, and torch in the process); jmtl passes numbers, so hide it.
-  hide = "torch" not in sys.modules
-  if hide:
-    sys.modules["torch"] = None
-  try:
-    from tensorboardX import SummaryWriter
-  finally:
-    if hide:
-      del sys.modules["torch"]
-  # A file of its own per start: tensorboardX names files by the second and opens them with "wb", so a
-  # restart within the same second would otherwise overwrite the previous start's file.
-  return SummaryWriter(logdir, flush_secs=30, purge_step=purge_step, filename_suffix=f".{time.time_ns()}")
-
-
 def _writes_files() -> bool:
   """Whether this process writes the run's logs: the only one, or process 0 of a ``jax.distributed`` run."""
   import jmtl.parallel
@@ -96,7 +84,7 @@ def _writes_files() -> bool:
 
 
 class MetricsLog:
-  """Appends records to ``metrics.jsonl`` and TensorBoard scalars to ``tensorboard/``.
+  """Appends records to ``metrics.jsonl`` and writes their values to the run's trackers (TensorBoard by default).
 
   On resume from step ``s`` (``resume_step``), the records after ``s`` are
   dropped -- from ``metrics.jsonl`` here, from TensorBoard by its purge
@@ -115,17 +103,16 @@ class MetricsLog:
     [1]
   """
 
-  def __init__(self, workdir: str, resume_step: int | None = None, tensorboard: bool = True):
-    self.path = os.path.join(workdir, "metrics.jsonl")
-    self.tb, self.writes = None, _writes_files()
+  def __init__(self, workdir: str, resume_step: int | None = None, tensorboard: bool = True, config=None):
+    self.path, self.workdir = os.path.join(workdir, "metrics.jsonl"), workdir
+    self.trackers, self.writes = [], _writes_files()
     if not self.writes:  # another process of a multi-process run: process 0 writes the log
       return
     if resume_step is None:
       self._restart(workdir)
     else:
       self._truncate(resume_step)
-    purge = 1 if resume_step is None else resume_step + 1
-    self.tb = _summary_writer(os.path.join(workdir, "tensorboard"), purge) if tensorboard else None
+    self.trackers = trackers.open_all(config, workdir, resume_step=resume_step, tensorboard=tensorboard)
 
   def _restart(self, workdir: str) -> None:
     if os.path.exists(self.path) and os.path.getsize(self.path):
@@ -157,26 +144,20 @@ class MetricsLog:
       return record
     with open(self.path, "a") as f:
       f.write(json.dumps(record) + "\n")
-    if self.tb is not None:
-      for k, v in record.items():
-        if k in ("step", "kind") or v is None:
-          continue
-        if isinstance(v, list):
-          self._matrix(f"{kind}/{k}", v, step)
-        else:
-          self.tb.add_scalar(f"{kind}/{k}", v, step)
+    if self.trackers:
+      values = trackers.scalars_of(kind, {k: v for k, v in record.items() if k not in ("step", "kind")})
+      for t in self.trackers:  # the task-gradient cosines as one curve per pair of tasks
+        t.scalars(step, values)
     return record
 
-  def _matrix(self, tag: str, value: list, step: int) -> None:
-    m = np.asarray(value, float)
-    if m.ndim == 2:  # the task-gradient cosines, one curve per pair of tasks
-      for i in range(m.shape[0]):
-        for j in range(i + 1, m.shape[1]):
-          self.tb.add_scalar(f"{tag}/{i}_{j}", m[i, j], step)
-
-  def close(self) -> None:
-    if self.tb is not None:
-      self.tb.close()
+  def close(self, trained: bool = False) -> None:
+    """Closes the trackers; ``trained`` (all steps done): those but TensorBoard stay open for the results."""
+    held = [t for t in self.trackers if trained and t.name != "tensorboard"]
+    for t in self.trackers:
+      if t not in held:
+        t.close()
+    if held:
+      trackers.hold(self.workdir, held)
 
 
 class Progress:

@@ -10,6 +10,7 @@ and metrics of an uninterrupted one.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import sys
@@ -29,6 +30,7 @@ from jmtl.run import inputs
 from jmtl.run import registry
 from jmtl.run import relations as run_relations
 from jmtl.run import signals
+from jmtl.run import trackers
 from jmtl.run import workdir as workdir_lib
 from jmtl.run.checkpoints import Checkpoints
 from jmtl.run.config import ConfigError
@@ -216,7 +218,12 @@ class Run:
   def __init__(self, config: ml_collections.ConfigDict, workdir: str | None = None):
     self.config = config
     self.cotrain = run_cotrain.fields(config)  # checked before anything is built
+    trackers.check(config)  # a tracker named and not installed
     self.data = inputs.load_data(config)
+    if config.get("fold"):  # a fold run of --folds K: the training split without its held-out fold
+      from jmtl.run import trials
+
+      self.data = trials.fold_data(self.data, config.fold)
     self.names = task_subset(config, self.data.specs)
     inputs.check_data(self.data, self.names)  # labels in range, values finite, masks in [0, 1]: before training
     self.tasks = inputs.make_tasks(self.data, self.names)
@@ -334,13 +341,43 @@ def _train_and_evaluate(config, workdir: str, *, progress: bool, desc: str):
     state = rest.replace(params=params, model_state=model_state)
     batches.set_state(meta["data"])
     host = meta["host"]
-  log = MetricsLog(workdir, resume_step=int(state.step) if restored is not None else None)
+  log = MetricsLog(workdir, resume_step=int(state.step) if restored is not None else None, config=config)
+  trained = False
   try:
     state, best = _Training(run, batches, ckpt, log, host).loop(state, sums, best, progress=progress, desc=desc)
+    trained = True
   finally:
-    log.close()
+    log.close(trained)
     ckpt.close()
   return _finish(run, workdir, state, best, host)
+
+
+#: Functions called after every validation of :class:`_Training` (see :func:`on_validation`).
+_VALIDATION_HOOKS: list = []
+
+
+@contextlib.contextmanager
+def on_validation(hook):
+  """Calls ``hook(step, values, tasks)`` after every validation of the runs trained within the block.
+
+  ``values`` is the validation record (non-finite metrics ``None``), ``tasks``
+  the run's :class:`jmtl.Task` list. An exception the hook raises (such as
+  Optuna's ``TrialPruned``, :mod:`jmtl.run.tune`) stops the run there, as
+  an error would: the checkpoints written so far stay.
+
+  Examples:
+    >>> seen = []
+    >>> with on_validation(lambda step, values, tasks: seen.append(step)):
+    ...   len(_VALIDATION_HOOKS)
+    1
+    >>> len(_VALIDATION_HOOKS)
+    0
+  """
+  _VALIDATION_HOOKS.append(hook)
+  try:
+    yield hook
+  finally:
+    _VALIDATION_HOOKS.remove(hook)
 
 
 class _Training:
@@ -408,6 +445,8 @@ class _Training:
     if transfer is not None:
       self.log.write(step, "transfer", transfer)
     score = evaluation.selection_score(values, run.tasks, run.config.select_metric, empty)
+    for hook in list(_VALIDATION_HOOKS):
+      hook(step, values, run.tasks)
     if run.config.select == "final":
       host["best_step"] = step
     elif host["best_score"] is None or score > host["best_score"]:

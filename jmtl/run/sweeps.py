@@ -12,6 +12,15 @@ one set of single-task baselines and the loaded dataset.
 Layout: ``<workdir>/sweep.json`` (the grid and the table's rows),
 ``<workdir>/runs/<label>/`` (one normal run workdir per point) and
 ``<workdir>/baselines/``.
+
+With ``folds=K`` (``--folds K``, :mod:`jmtl.run.trials`) every point is
+cross-validated instead: ``runs/<label>/fold_<i>/`` holds its K fold runs
+(trained on the other folds of the training split, selected and evaluated on
+the held-out one, with Δm% against single-task baselines of the same fold);
+the point with the best mean validation criterion over the folds is retrained
+on the whole training split into ``<workdir>/final/``, the one run that reads
+the test split. ``sweep.json`` keeps the points' fold scores under ``"cv"``
+and the final run as its one row.
 """
 
 from __future__ import annotations
@@ -30,6 +39,8 @@ from jmtl.run import inputs
 from jmtl.run import plots
 from jmtl.run import registry
 from jmtl.run import report
+from jmtl.run import trackers
+from jmtl.run import trials as trials_lib
 from jmtl.run import workdir as workdir_lib
 from jmtl.run.config import ConfigError
 
@@ -123,8 +134,20 @@ def _mark_static_winners(rows: list[dict]) -> None:
       max(group, key=lambda r: r["results"]["val_score"])["chosen"] = True
 
 
-def sweep(config: ml_collections.ConfigDict, workdir: str, over: Sequence[str], *, progress=True, quiet=False):
+def sweep(
+  config: ml_collections.ConfigDict,
+  workdir: str,
+  over: Sequence[str],
+  *,
+  folds: int = 0,
+  progress: bool = True,
+  quiet: bool = False,
+):
   """Runs every point (resuming finished or interrupted ones) and prints the table; returns its rows.
+
+  With ``folds`` K >= 2 every point is cross-validated and the best one retrained (see the module's docstring);
+  the rows are then the points' (``"cv"``: the mean, std and per-fold values of ``val_score``; ``"cv_delta_m"``:
+  of the held-out Δm%), followed by the final run's.
 
   Examples:
     >>> from jmtl import run
@@ -132,6 +155,7 @@ def sweep(config: ml_collections.ConfigDict, workdir: str, over: Sequence[str], 
     >>> rows = run.sweep(config, "/tmp/sw", ["weighting=equal,famo"])  # doctest: +SKIP
   """
   registry.check(config)
+  trials_lib.check_folds(folds)
   for combo in points(config, over, None):  # every method and field checked before any data is read
     registry.check(config_lib.apply_overrides(config, combo))
   path = workdir_lib.check_usable(workdir)
@@ -140,13 +164,38 @@ def sweep(config: ml_collections.ConfigDict, workdir: str, over: Sequence[str], 
   configs = [config_lib.apply_overrides(config, p) for p in grid]
   for c in configs:  # static weights and method arguments, before the first run starts
     registry.make_weighting(c, len(config_lib.task_subset(c, names)))
-  _open_sweep(path, config, list(over))
+  _open_sweep(path, config, list(over), folds)
+  with trackers.store_root(path):
+    return _run_points(path, grid, configs, folds=folds, progress=progress, quiet=quiet)
+
+
+def train(config: ml_collections.ConfigDict, workdir: str, *, progress: bool = True) -> dict:
+  """One run of a search (:func:`jmtl.run.experiment.train`, quiet), its results added to its trackers.
+
+  Examples:
+    >>> results = train(config, "/tmp/sw/runs/weighting=equal")  # doctest: +SKIP
+  """
+  results = experiment.train(config, workdir, progress=progress, quiet=True)
+  trackers.finish(config, workdir, results)
+  return results
+
+
+def _run_points(path: str, grid, configs, *, folds: int, progress: bool, quiet: bool):
+  run = lambda c, where: train(c, where, progress=progress)
   rows = []
   for point, c in zip(grid, configs):
     if c.baselines == "auto":
       c.baselines = os.path.join(path, "baselines")
-    results = experiment.train(c, os.path.join(path, "runs", label(point)), progress=progress, quiet=True)
-    rows.append({"label": label(point), "point": point, "weighting": c.weighting, "results": results, "chosen": False})
+    runs = trials_lib.run_point(c, os.path.join(path, "runs", label(point)), folds, train=run)
+    row = {"label": label(point), "point": point, "weighting": c.weighting, "chosen": False}
+    if folds:
+      row["cv"] = trials_lib.spread([r["val_score"] for r in runs])
+      row["cv_delta_m"] = trials_lib.spread([r.get("delta_m") for r in runs])
+    else:
+      row["results"] = runs[0]
+    rows.append(row)
+  if folds:
+    return _finish_folds(path, rows, configs, run, quiet)
   _mark_static_winners(rows)
   data = workdir_lib.read_json(os.path.join(path, "sweep.json"), "sweep")
   workdir_lib.write_json(os.path.join(path, "sweep.json"), {**data, "rows": rows})
@@ -156,12 +205,30 @@ def sweep(config: ml_collections.ConfigDict, workdir: str, over: Sequence[str], 
   return rows
 
 
-def _open_sweep(path: str, config: ml_collections.ConfigDict, over: list[str]) -> None:
+def _finish_folds(path: str, rows: list[dict], configs, train, quiet: bool) -> list[dict]:
+  """Retrains the point with the best mean fold score on the whole training split; writes and prints both tables."""
+  scored = [i for i, r in enumerate(rows) if r["cv"]["mean"] is not None]
+  if not scored:
+    raise ConfigError(f"every point of the sweep in {path} has a non-finite validation score on some fold")
+  best = max(scored, key=lambda i: rows[i]["cv"]["mean"])
+  rows[best]["chosen"] = True
+  results = train(configs[best], os.path.join(path, "final"))
+  final = {"label": f"final: {rows[best]['label']}", "point": rows[best]["point"], "results": results}
+  final.update(weighting=configs[best].weighting, chosen=True)
+  data = workdir_lib.read_json(os.path.join(path, "sweep.json"), "sweep")
+  workdir_lib.write_json(os.path.join(path, "sweep.json"), {**data, "cv": rows, "rows": [final]})
+  experiment._say(trials_lib.fold_table(rows, "val score") + "\n\n" + report.sweep_table([final]), quiet)
+  return [*rows, final]
+
+
+def _open_sweep(path: str, config: ml_collections.ConfigDict, over: list[str], folds: int = 0) -> None:
   store = os.path.join(path, "sweep.json")
-  wanted = {"config": config_lib.to_dict(config), "over": over}
+  wanted = {"config": config_lib.to_dict(config), "over": over, **({"folds": folds} if folds else {})}
   if os.path.exists(store):
     have = workdir_lib.read_json(store, "sweep")
-    diff = config_lib.differences({"config": have.get("config"), "over": have.get("over")}, wanted)
+    diff = config_lib.differences(
+      {k: have.get(k) for k in ("config", "over", "folds") if k in have or k in wanted}, wanted
+    )
     if diff:
       raise ConfigError(
         f"workdir {path} holds a sweep with another config or grid ({', '.join(diff[:4])}); use a new --workdir"
