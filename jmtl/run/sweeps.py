@@ -199,7 +199,7 @@ def _run_points(path: str, grid, configs, *, folds: int, progress: bool, quiet: 
   _mark_static_winners(rows)
   data = workdir_lib.read_json(os.path.join(path, "sweep.json"), "sweep")
   workdir_lib.write_json(os.path.join(path, "sweep.json"), {**data, "rows": rows})
-  if config.plots and jmtl.parallel.is_primary():
+  if configs[0].plots and jmtl.parallel.is_primary():
     plots.sweep_plot(path, rows)  # plots/sweep.png: the runs side by side
   experiment._say(report.sweep_table(rows), quiet)
   return rows
