@@ -48,7 +48,9 @@ from jmtl.data import multi_digits
 from jmtl.data import qm9
 from jmtl.data import synthetic
 
-__all__ = ["QM9", "MultiDigits", "Synthetic", "registered"]
+__all__ = ["QM9", "MultiDigits", "Synthetic", "default_data_dir", "registered"]
+
+default_data_dir = _tfds.default_data_dir
 
 
 def _defaults(data_dir, kwargs: dict) -> dict:

@@ -81,14 +81,14 @@ def _prepare_hint(name: str, data_dir: str) -> str:
   )
 
 
-def _open(name: str, split: str, data_dir: str, decoders=None):
+def _open(name: str, split: str, data_dir: str, decoders=None, download: bool = False):
   import tensorflow_datasets as tfds
 
   base = name.split("/", maxsplit=1)[0]
-  if not os.path.isdir(data_dir):
+  if not download and not os.path.isdir(data_dir):
     raise FileNotFoundError(f"{base}: data_dir {data_dir!r} does not exist; {_prepare_hint(base, data_dir)}")
   try:
-    return tfds.data_source(name, split=split, data_dir=data_dir, download=False, decoders=decoders)
+    return tfds.data_source(name, split=split, data_dir=data_dir, download=download, decoders=decoders)
   except Exception as e:  # TFDS raises several types (AssertionError, NotImplementedError, ...)
     prepared = glob.glob(os.path.join(data_dir, name, "*", "dataset_info.json"))
     if not prepared:  # TFDS's own message then wrongly blames the file format
@@ -341,13 +341,15 @@ def load_tfds(
 
   The dataset is opened with ``tfds.data_source`` (array_record, no
   TensorFlow); jmtl's own builders are registered first
-  (:mod:`jmtl.data.builders`), so ``"synthetic/regression_k3"`` works too.
+  (:mod:`jmtl.data.builders`), so ``"synthetic/regression_k3"`` works too
+  (prepared on first use, as ``jmtl.data.synthetic.load`` would).
 
   Args:
     name: a TFDS name, ``"dataset"`` or ``"dataset/config"`` (with a version
       ``":1.0.0"`` if wanted).
     split: a TFDS split, slicing allowed (``"train[:90%]"``).
-    data_dir: the TFDS data directory; default ``$TFDS_DATA_DIR`` or ``~/tensorflow_datasets``.
+    data_dir: the TFDS data directory; default ``$TFDS_DATA_DIR`` or ``~/tensorflow_datasets``
+      (jmtl's data directory for jmtl's own sets, where ``jmtl.data.<name>.load`` prepares them).
     tasks: the tasks: a feature path or a list of them (``"label"``,
       ``["labels/task_0", "labels/task_1"]``; the task is named by the last
       part), or a mapping task name -> feature path or ``{"feature": path,
@@ -371,10 +373,13 @@ def load_tfds(
   """
   if not tasks:
     raise ValueError(f"{name}: declare its tasks, e.g. tasks=['label'] (features of the TFDS dataset)")
-  import jmtl.data.builders  # noqa: F401  (jmtl's own sets by name)
+  from jmtl.data import builders  # jmtl's own sets by name
 
+  own = name.split("/", maxsplit=1)[0].split(":", maxsplit=1)[0] in builders.registered()
+  if own and not data_dir:
+    data_dir = builders.default_data_dir()
   data_dir = os.path.expanduser(data_dir or os.environ.get("TFDS_DATA_DIR") or "~/tensorflow_datasets")
-  ds = _open(name, split, data_dir)
+  ds = _open(name, split, data_dir, download=own)  # jmtl's own sets prepare offline, without TensorFlow
   features = ds.dataset_info.features
   if isinstance(tasks, str):
     tasks = [tasks]
