@@ -6,12 +6,14 @@ interactions", NeurIPS 2017 (and J. Chem. Phys. 148, 241722, 2018).
 
 Why SchNet and not the edge-network MPNN of Gilmer et al. (ICML 2017), which
 the QM9 tables of Nash-MTL (Navon et al. 2022) and FAMO (Liu et al. 2023) use
-(PyTorch Geometric's ``NNConv`` + ``Set2Set``, on bond graphs with bond and atom
-features):
+(PyTorch Geometric's ``NNConv`` edge network + GRU, 3 steps, ``Set2Set``, 64 wide,
+on the complete graph with 11 atom features and bond type + distance per edge;
+``AvivNavon/nash-mtl``, ``experiments/quantum_chemistry/models.py``):
 
 * SchNet needs only atomic numbers and positions, which is what the ``graph``
-  form of :mod:`jmtl.data.qm9` stores; Gilmer's MPNN needs bond types, aromaticity,
-  hybridisation and hydrogen counts that qm9pack's files do not carry.
+  form of :mod:`jmtl.data.qm9` stores; the MPNN's inputs include bond types,
+  aromaticity, hybridisation and hydrogen counts that qm9pack's files do not
+  carry (PyG derives them from the bond graphs of its SDF files).
 * Its filters are functions of distances only, so the model is invariant to
   rotations and translations by construction (no data augmentation).
 * An edge network makes an ``F × F`` matrix per edge (``F²`` outputs per pair);
