@@ -221,3 +221,18 @@ def test_protocol_runs_end_to_end_and_prints_the_papers_table(tmp_path, capsys):
     assert row["mae"]["mu"] == pytest.approx(results["test"]["mu/mae"])
     assert row["delta_m"] == pytest.approx(-results["delta_m"], rel=1e-6, abs=1e-9)
   assert out["rows"]["equal"]["mr"] + out["rows"]["mgda"]["mr"] == 3.0  # ranks 1 and 2 on each of 2 tasks
+
+
+def test_qm9_config_variants_pass_the_checks():
+  from jmtl.run import config as config_lib
+  from jmtl.run import registry
+
+  graph_config = config_lib.load_config("qm9:graph")
+  assert (graph_config.num_steps, graph_config.batch_size, graph_config.eval_every) == (300 * 924, 120, 924)
+  assert graph_config.dataset.options.to_dict() == {}  # the papers' 110,831 / 10,000 / 10,000 split
+  for variant in ("", ":descriptor", ":descriptor_reduced", ":graph", ":graph_reduced"):
+    config = config_lib.load_config("qm9" + variant)
+    registry.check(config)
+    assert registry.make_model(config, {"mu": 1, "u0": 1}).task_names == ("mu", "u0")
+  with pytest.raises(config_lib.ConfigError, match="unknown variant"):
+    config_lib.load_config("qm9:nope")
