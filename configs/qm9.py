@@ -107,7 +107,7 @@ def get_config(variant: str = "descriptor") -> ml_collections.ConfigDict:
     config.num_steps = PAPER_EPOCHS * steps_per_epoch
     config.eval_every = steps_per_epoch  # validate every epoch, select on it
     config.checkpoint_every = steps_per_epoch
-    config.log_every = 100
+    config.log_every = steps_per_epoch // 7  # 132: a divisor of the epoch
     config.eval_batch_size = 1000
     return config
   config.dataset.options = ml_collections.ConfigDict(REDUCED)

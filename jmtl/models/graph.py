@@ -6,12 +6,14 @@ interactions", NeurIPS 2017 (and J. Chem. Phys. 148, 241722, 2018).
 
 Why SchNet and not the edge-network MPNN of Gilmer et al. (ICML 2017), which
 the QM9 tables of Nash-MTL (Navon et al. 2022) and FAMO (Liu et al. 2023) use
-(PyTorch Geometric's ``NNConv`` + ``Set2Set``, on bond graphs with bond and atom
-features):
+(PyTorch Geometric's ``NNConv`` edge network + GRU, 3 steps, ``Set2Set``, 64 wide,
+on the complete graph with 11 atom features and bond type + distance per edge;
+``AvivNavon/nash-mtl``, ``experiments/quantum_chemistry/models.py``):
 
 * SchNet needs only atomic numbers and positions, which is what the ``graph``
-  form of :mod:`jmtl.data.qm9` stores; Gilmer's MPNN needs bond types, aromaticity,
-  hybridisation and hydrogen counts that qm9pack's files do not carry.
+  form of :mod:`jmtl.data.qm9` stores; the MPNN's inputs include bond types,
+  aromaticity, hybridisation and hydrogen counts that qm9pack's files do not
+  carry (PyG derives them from the bond graphs of its SDF files).
 * Its filters are functions of distances only, so the model is invariant to
   rotations and translations by construction (no data augmentation).
 * An edge network makes an ``F × F`` matrix per edge (``F²`` outputs per pair);
@@ -27,8 +29,9 @@ slots (:func:`jmtl.data.qm9.pack_graph`). ``benchmarks/qm9_graph_ops.py``
 measured three forms of the interactions on the same parameters: a dense
 masked ``(B, 29, 29, F)`` einsum, ``jax.ops.segment_sum`` over all ``B·29·28``
 slot pairs (padding weighed 0), and ``segment_sum`` over the *real* pairs only
-(QM9 fills 38 % of the slot pairs). The first two cost about the same; the
-compact list is several times faster on a CPU (README, QM9 section). The
+(QM9 fills 38 % of the slot pairs). The dense einsum was the slowest here
+(1.5-1.6× the all-pairs segment sum), the compact list the fastest (README,
+QM9 section: the numbers and the load they were measured under). The
 pipeline feeds one dense array per molecule and no edge list, so the list is
 made inside the compiled step: ``jnp.nonzero(..., size=budget)`` over the pair
 mask, with a fixed ``pair_budget`` (one compilation), and ``lax.cond`` falls
