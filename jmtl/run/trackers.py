@@ -378,6 +378,17 @@ def hold(workdir: str, trackers: Sequence[Tracker]) -> None:
   _HELD[os.path.abspath(workdir)] = list(trackers)
 
 
+def finish_held() -> None:
+  """:func:`finish` for every run whose trackers are held open (the single-task baselines a run trained after it),
+  from the config and results in its workdir."""
+  from jmtl.run import workdir as workdir_lib
+
+  for workdir in list(_HELD):
+    results = os.path.join(workdir, workdir_lib.RESULTS)
+    if os.path.exists(results):
+      finish(workdir_lib.load_run_config(workdir), workdir, workdir_lib.read_json(results, f"workdir {workdir}"))
+
+
 def finish(config, workdir: str, results: Mapping[str, Any]) -> None:
   """Adds a finished run's results to its trackers (final metrics, Δm%, the table, plots and results.json as
   artifacts) and closes their runs as finished; once per run (``trackers.json`` records it).
