@@ -68,6 +68,34 @@ def test_mlflow_run_holds_params_scalars_table_and_artifacts(run, tmp_path):
   assert table["data"] == trackers.results_table(results)[1]
 
 
+def tensorboard_scalars(directory):
+  """(tag, step) -> value of every scalar in the TFRecord event files of ``directory`` (uint64 length, uint32
+  masked CRC, an ``Event`` protobuf, uint32 masked CRC), parsed with tensorboardX's own protobuf."""
+  from tensorboardX.proto import event_pb2
+
+  out = {}
+  for file in sorted(glob.glob(os.path.join(directory, "events.out.tfevents.*"))):
+    with open(file, "rb") as f:
+      data = f.read()
+    pos = 0
+    while pos + 12 <= len(data):
+      (length,) = struct.unpack("<Q", data[pos : pos + 8])
+      event = event_pb2.Event()
+      event.ParseFromString(data[pos + 12 : pos + 12 + length])
+      pos += 12 + length + 4
+      for v in event.summary.value:
+        out[v.tag, event.step] = v.simple_value
+  return out
+
+
+def test_tensorboard_gets_every_scalar_and_the_final_metrics(run):
+  workdir, records, results = run
+  got = tensorboard_scalars(str(workdir / "tensorboard"))
+  for key, value in expected_scalars(records).items():
+    assert got[key] == pytest.approx(value, rel=1e-6), key
+  assert got["final/test/task_0/acc", 20] == pytest.approx(results["test"]["task_0/acc"])
+
+
 def wandb_records(path):
   """The records of a W&B ``.wandb`` file: W&B's LevelDB-style log of ``wandb_internal_pb2.Record`` messages
   (a 7-byte header, then 32 KiB blocks of chunks: CRC-32, length, type FULL=1/FIRST=2/MIDDLE=3/LAST=4)."""

@@ -247,7 +247,9 @@ def run(argv: list[str]) -> None:
   if args.command == "train":
     from jmtl.run import trackers
 
-    trackers.finish(config, args.workdir, experiment.train(config, args.workdir, progress=progress))
+    with trackers.store_root(args.workdir):  # one MLflow store for the run and its baselines
+      trackers.finish(config, args.workdir, experiment.train(config, args.workdir, progress=progress))
+      trackers.finish_held()  # the single-task baselines it trained
   elif args.command == "baselines":
     experiment.train_baselines(config, args.workdir, progress=progress)
   elif args.command == "group":

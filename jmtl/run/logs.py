@@ -151,13 +151,13 @@ class MetricsLog:
     return record
 
   def close(self, trained: bool = False) -> None:
-    """Closes the trackers; ``trained`` (all steps done): those but TensorBoard stay open for the results."""
-    held = [t for t in self.trackers if trained and t.name != "tensorboard"]
+    """Closes the trackers; ``trained`` (all steps done): they stay open, flushed, for the results
+    (:func:`jmtl.run.trackers.finish`)."""
+    if trained and self.trackers:
+      trackers.hold(self.workdir, self.trackers)
+      return
     for t in self.trackers:
-      if t not in held:
-        t.close()
-    if held:
-      trackers.hold(self.workdir, held)
+      t.close()
 
 
 class Progress:

@@ -177,6 +177,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, progress: bool = T
   """
   results = experiment.train(config, workdir, progress=progress, quiet=True)
   trackers.finish(config, workdir, results)
+  trackers.finish_held()  # its single-task baselines, when it trained them
   return results
 
 

@@ -146,6 +146,9 @@ class Tracker:
   def table(self, name: str, columns: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:
     """A table (the results table)."""
 
+  def flush(self) -> None:
+    """Writes what is buffered."""
+
   def close(self, finished: bool = False) -> None:
     """Ends this writer; ``finished``: the run is complete (else it may be resumed)."""
 
@@ -185,6 +188,9 @@ class TensorBoard(Tracker):
     lines = ["| " + " | ".join(map(str, columns)) + " |", "|" + "---|" * len(columns)]
     lines += ["| " + " | ".join("" if c is None else str(c) for c in row) + " |" for row in rows]
     self.writer.add_text(name, "\n".join(lines), 0)
+
+  def flush(self):
+    self.writer.flush()
 
   def close(self, finished=False):
     self.writer.close()
@@ -329,7 +335,7 @@ def open_all(config, workdir: str, *, resume_step: int | None, tensorboard: bool
         out[-1].params(params)
     else:
       out.append(WandB(workdir, state, params))
-  if any(n != "tensorboard" for n in wanted):
+  if wanted:
     _save_state(workdir, {**state, "finished": False})
   return out
 
@@ -374,25 +380,39 @@ def results_table(results: Mapping[str, Any]) -> tuple[list[str], list[list[Any]
 
 
 def hold(workdir: str, trackers: Sequence[Tracker]) -> None:
-  """Keeps the (non-TensorBoard) trackers of a run that trained to its last step open for :func:`finish`."""
+  """Keeps the trackers of a run that trained to its last step open (flushed) for :func:`finish`: its final metrics
+  go to the same runs and TensorBoard file."""
+  for t in trackers:
+    t.flush()
   _HELD[os.path.abspath(workdir)] = list(trackers)
+
+
+def finish_held() -> None:
+  """:func:`finish` for every run whose trackers are held open (the single-task baselines a run trained after it),
+  from the config and results in its workdir."""
+  from jmtl.run import workdir as workdir_lib
+
+  for workdir in list(_HELD):
+    results = os.path.join(workdir, workdir_lib.RESULTS)
+    if os.path.exists(results):
+      finish(workdir_lib.load_run_config(workdir), workdir, workdir_lib.read_json(results, f"workdir {workdir}"))
 
 
 def finish(config, workdir: str, results: Mapping[str, Any]) -> None:
   """Adds a finished run's results to its trackers (final metrics, Δm%, the table, plots and results.json as
   artifacts) and closes their runs as finished; once per run (``trackers.json`` records it).
 
-  Does nothing for a config that tracks with TensorBoard alone, on processes other than the primary one, and for
-  a run already finished.
+  TensorBoard gets the final scalars and the table in an event file of their own. Does nothing without trackers,
+  on processes other than the primary one, and for a run already finished.
   """
   import jmtl.parallel
 
-  wanted = [n for n in names(config) if n != "tensorboard"]
+  wanted = names(config)
   workdir = os.path.abspath(workdir)
   if not wanted or not jmtl.parallel.is_primary():
     return
   state = _state(workdir)
-  if state.get("finished") or not all(n in state for n in wanted):
+  if state.get("finished") or not all(n in state for n in wanted if n != "tensorboard"):
     return  # reported already, or the run was trained before its trackers were configured
   step = int(results.get("num_steps") or 0)
   final = {f"final/{split}/{k}": v for split in ("validation", "test") for k, v in (results.get(split) or {}).items()}
@@ -402,8 +422,9 @@ def finish(config, workdir: str, results: Mapping[str, Any]) -> None:
   plots_dir = os.path.join(workdir, "plots")
   plots = sorted(f for f in os.listdir(plots_dir) if f.endswith(".png")) if os.path.isdir(plots_dir) else []
   held = {t.name: t for t in _HELD.pop(workdir, ())}
+  reopen = {"tensorboard": lambda: TensorBoard(workdir, None), "mlflow": lambda: MLflow(workdir, state)}
   for n in wanted:
-    tracker = held.pop(n, None) or (MLflow(workdir, state) if n == "mlflow" else WandB(workdir, state, None))
+    tracker = held.pop(n, None) or reopen.get(n, lambda: WandB(workdir, state, None))()
     try:
       tracker.scalars(step, _numbers(final))
       tracker.table("results_table", columns, rows)
