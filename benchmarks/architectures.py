@@ -66,7 +66,9 @@ def bare_step(config, model, opt, batch):
 
 def main():
   ap = argparse.ArgumentParser()
-  ap.add_argument("--models", nargs="+", default=[m for m in registry.model_constructors() if m != "soft_mlp"])
+  ap.add_argument(
+    "--models", nargs="+", default=[m for m in registry.model_constructors() if m not in ("soft_mlp", "schnet")]
+  )
   ap.add_argument("--repeats", type=int, default=5)
   ap.add_argument("--steps", type=int, default=10)
   args = ap.parse_args()

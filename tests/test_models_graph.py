@@ -115,15 +115,15 @@ def test_extensive_heads_are_additive_over_far_apart_copies(model_params):
     np.testing.assert_allclose(z2[:, :a], 2 * z1[:, :a], rtol=1e-10)  # s Σ φ
     np.testing.assert_allclose(z2[:, a : 2 * a], z1[:, a : 2 * a], rtol=1e-10)  # mean φ
     np.testing.assert_allclose(z2[:, 2 * a], 2 * z1[:, 2 * a], rtol=1e-12)  # s n
-    bias = params["tasks"]["u0"]["dense"]["bias"]
-    u1 = model.head("u0", params["tasks"]["u0"], z1) - bias
-    u2 = model.head("u0", params["tasks"]["u0"], z2) - bias
+    zero = jnp.zeros_like(z1)
+    offset = {t: model.head(t, params["tasks"][t], zero) for t in ("u0", "homo")}  # the bias or the offset
+    u1 = model.head("u0", params["tasks"]["u0"], z1) - offset["u0"]
+    u2 = model.head("u0", params["tasks"]["u0"], z2) - offset["u0"]
     np.testing.assert_allclose(u2, 2 * u1, rtol=1e-10)
-    h1 = model.head("homo", params["tasks"]["homo"], z1)
-    h2 = model.head("homo", params["tasks"]["homo"], z2)
-    assert not np.allclose(
-      h2 - params["tasks"]["homo"]["dense"]["bias"], 2 * (h1 - params["tasks"]["homo"]["dense"]["bias"])
-    )
+    h1 = model.head("homo", params["tasks"]["homo"], z1) - offset["homo"]
+    h2 = model.head("homo", params["tasks"]["homo"], z2) - offset["homo"]
+    assert not np.allclose(h2, 2 * h1)  # an intensive head reads the mean too
+    np.testing.assert_allclose(offset["u0"][0], graph.OFFSET_SCALE * params["tasks"]["u0"]["offset"], rtol=1e-12)
   assert set(graph.QM9_EXTENSIVE) == {"alpha", "zpve", "u0", "u", "h", "g", "cv"}
 
 
