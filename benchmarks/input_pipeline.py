@@ -9,16 +9,22 @@ be prepared, random uint8 arrays of its shape stand in (the JSON says so). The
 train step is the ``equal`` step of the default CNN (``jmtl.models.cnn``) on a
 batch of the same shape, timed as in ``benchmarks/step_time.py``; it is also
 timed fed by the pipeline. The target: the pipeline delivers batches at least
-10× faster than the step consumes them. Prints one JSON object.
+10× faster than the step consumes them. Prints one JSON object on stdout and
+nothing else (what TFDS, grain and XLA print while the set is prepared and
+read goes to stderr). Run from the repository root::
 
-    python -m benchmarks.input_pipeline [--data_dir DIR] [--batches 200] [--repeats 5] [--workers 0 2]
+    python -m benchmarks.input_pipeline
+    python -m benchmarks.input_pipeline --data_dir DIR --batches 200 --repeats 5 --workers 0 2 --num_train 60000
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import os
 import statistics
+import sys
 import tempfile
 import time
 
@@ -34,13 +40,28 @@ from jmtl.data import pipeline
 BATCH, NUM_TRAIN = 256, 60_000
 
 
-def multi_digits_source(data_dir):
+@contextlib.contextmanager
+def stdout_to_stderr():
+  """Sends everything written to stdout (file descriptor 1: Python, C libraries, child processes) to stderr."""
+  sys.stdout.flush()
+  saved = os.dup(1)
+  os.dup2(2, 1)
+  try:
+    yield
+  finally:
+    sys.stdout.flush()
+    os.dup2(saved, 1)
+    os.close(saved)
+
+
+def multi_digits_source(data_dir, num_train=NUM_TRAIN):
   """The prepared MultiDigits train split (array_record), or ``None`` and why not."""
   try:
     from jmtl.data import multi_digits
 
     t0 = time.perf_counter()
-    src = multi_digits.load("train", data_dir)
+    sizes = {} if num_train == NUM_TRAIN else {"num_train": num_train, "num_validation": 100, "num_test": 100}
+    src = multi_digits.load("train", data_dir, **sizes)
     return src, f"multi_digits.load('train') from {data_dir} (ready in {time.perf_counter() - t0:.1f} s)"
   except Exception as e:  # the builder module is developed separately; keep the benchmark usable
     return None, f"multi_digits unavailable ({type(e).__name__}: {e})"
@@ -124,11 +145,17 @@ def main():
   ap.add_argument("--repeats", type=int, default=5)
   ap.add_argument("--steps", type=int, default=20)
   ap.add_argument("--workers", type=int, nargs="+", default=[0, 2], help="grain worker processes for array_record")
+  ap.add_argument("--num_train", type=int, default=NUM_TRAIN, help="training examples of MultiDigits (a smaller set)")
   args = ap.parse_args()
+  with stdout_to_stderr():
+    out = measure(args)
+  print(json.dumps(out, indent=1))
 
+
+def measure(args) -> dict:
   rows = {}
   with tempfile.TemporaryDirectory() as tmp:
-    records, note = multi_digits_source(args.data_dir or tmp)
+    records, note = multi_digits_source(args.data_dir or tmp, args.num_train)
     if records is not None:
       for workers in args.workers:
         try:
@@ -147,7 +174,7 @@ def main():
   for row in rows.values():
     if "batches_per_s" in row:
       row["ratio_pipeline_over_step"] = round(row["batches_per_s"] / step["steps_per_s"], 1)
-  out = {
+  return {
     "benchmark": "input_pipeline",
     "batch": BATCH,
     "target_ratio": 10,
@@ -155,7 +182,6 @@ def main():
     "pipeline": rows,
     "train_step": step,
   }
-  print(json.dumps(out, indent=1))
 
 
 if __name__ == "__main__":

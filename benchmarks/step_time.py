@@ -22,7 +22,14 @@ over the faster of ``loop_jax`` and ``fused_jax``, named by
 ``ratio_eval_jmtl_over_fused``. ``--dtype bfloat16`` sets the compute dtype of
 every step (parameters, losses and updates stay float32). Prints one JSON object.
 
-    python -m benchmarks.step_time [--tasks 2 10 40] [--repeats 7] [--steps 20] [--dtype float32]
+Run from the repository root (``benchmarks`` is not installed with jmtl)::
+
+    python -m benchmarks.step_time
+    python -m benchmarks.step_time --tasks 2 10 40 --repeats 7 --steps 20 --dtype bfloat16
+    python -m benchmarks.step_time --tasks 2 --repeats 1 --steps 2
+
+(the defaults are ``--tasks 2 10 40 --repeats 7 --steps 20 --dtype float32``;
+the last line is a check that takes seconds).
 """
 
 from __future__ import annotations

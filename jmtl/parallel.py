@@ -38,20 +38,63 @@ from jax.sharding import PartitionSpec
 DEFAULT_AXIS = "data"
 
 
+class _Donating:
+  """A jitted (or pmapped) step that donates its first argument; a second use of a donated state fails in one line.
+
+  Everything else (``lower``, ``eval_shape``, ...) is the wrapped function's.
+  """
+
+  def __init__(self, fn: Callable, kind: str):
+    self._fn, self._kind = fn, kind
+
+  def __call__(self, state, *args, **kwargs):
+    try:
+      return self._fn(state, *args, **kwargs)
+    except (ValueError, RuntimeError) as e:
+      text = str(e)
+      if "deleted" not in text and "donated" not in text:
+        raise
+      raise ValueError(
+        f"jmtl.parallel.{self._kind} donates the state it is given (its buffers are reused for the new state), and "
+        "this state was given before: keep only the returned state (state, metrics = step(state, batch)), copy it "
+        f"first (jax.tree.map(jnp.copy, state)), or build the step with jmtl.parallel.{self._kind}(..., "
+        f"donate=False). ({type(e).__name__}: {' '.join(text.split())[:200]})"
+      ) from e
+
+  def __getattr__(self, name: str):
+    return getattr(self._fn, name)
+
+
 def jit(step: Callable, *, donate: bool = True) -> Callable:
   """``jax.jit(step)``, donating the state's buffers (they are replaced each step).
 
+  With ``donate=True`` (the default: one copy of the parameters and optimizer
+  state in memory, not two) the state passed in is deleted by the call:
+  ``state, metrics = step(state, batch)`` is the way to call it, and the
+  initial state (or parameters taken from it) cannot be used again -- reading
+  it raises JAX's "Array has been deleted", passing it to the step again
+  raises a ``ValueError`` that says why. Copy what you want to keep
+  (``jax.tree.map(jnp.copy, state)``) or pass ``donate=False``.
+
   Examples:
+    >>> import jax.numpy as jnp
     >>> import jmtl
     >>> f = jmtl.parallel.jit(lambda s, b: (s + b, {}), donate=False)
     >>> int(f(1, 2)[0])
     3
+    >>> step = jmtl.parallel.jit(lambda s, b: (s + b, {}))
+    >>> s0 = jnp.zeros(3); s1, _ = step(s0, 1.0)
+    >>> s0.is_deleted(), s1.tolist()
+    (True, [1.0, 1.0, 1.0])
   """
-  return jax.jit(step, donate_argnums=(0,) if donate else ())
+  return _Donating(jax.jit(step, donate_argnums=(0,) if donate else ()), "jit")
 
 
 def pmap(step: Callable, axis_name: str = DEFAULT_AXIS, *, donate: bool = True, devices=None) -> Callable:
   """``jax.pmap(step)`` over ``axis_name`` (the step must reduce over the same name).
+
+  ``donate`` as in :func:`jit`: by default the replicated state passed in is
+  deleted by the call.
 
   Examples:
     >>> import jax, jax.numpy as jnp
@@ -62,7 +105,8 @@ def pmap(step: Callable, axis_name: str = DEFAULT_AXIS, *, donate: bool = True, 
     >>> float(out[0]) == n
     True
   """
-  return jax.pmap(step, axis_name=axis_name, donate_argnums=(0,) if donate else (), devices=devices)
+  fn = jax.pmap(step, axis_name=axis_name, donate_argnums=(0,) if donate else (), devices=devices)
+  return _Donating(fn, "pmap")
 
 
 def replicate(tree: Any, devices=None) -> Any:
@@ -153,6 +197,8 @@ def replicated(mesh: Mesh) -> NamedSharding:
 def mesh_jit(step: Callable, mesh: Mesh, axis_name: str = DEFAULT_AXIS, *, donate: bool = True) -> Callable:
   """``jax.jit(step)`` with the state replicated and the batch split over ``mesh``.
 
+  ``donate`` as in :func:`jit`: by default the state passed in is deleted by the call.
+
   Examples:
     >>> import jax.numpy as jnp
     >>> import jmtl
@@ -161,12 +207,13 @@ def mesh_jit(step: Callable, mesh: Mesh, axis_name: str = DEFAULT_AXIS, *, donat
     >>> float(f(jnp.zeros(()), jnp.ones(4))[0])
     4.0
   """
-  return jax.jit(
+  fn = jax.jit(
     step,
     in_shardings=(replicated(mesh), batch_sharding(mesh, axis_name)),
     out_shardings=(replicated(mesh), replicated(mesh)),
     donate_argnums=(0,) if donate else (),
   )
+  return _Donating(fn, "mesh_jit")
 
 
 def put_batch(batch: Any, mesh: Mesh, axis_name: str = DEFAULT_AXIS, *, global_batch: bool = False) -> Any:

@@ -274,13 +274,13 @@ def test_qm9_targets_are_standardised_with_training_statistics(data_dir):
 def test_qm9_graph_form(data_dir):
   source = qm9.load("validation", data_dir, "graph", **QM9_SIZES)
   ex = source[0]
-  assert ex["inputs"]["atomic_numbers"].shape == (29,) and ex["inputs"]["atomic_numbers"].dtype == np.int32
-  assert ex["inputs"]["positions"].shape == (29, 3) and ex["inputs"]["positions"].dtype == np.float32
-  mask = ex["inputs"]["mask"]
-  assert mask.shape == (29,) and mask.dtype == np.float32
-  np.testing.assert_array_equal(mask, ex["inputs"]["atomic_numbers"] > 0)
-  assert np.all(ex["inputs"]["positions"][mask == 0] == 0)
-  assert set(np.unique(ex["inputs"]["atomic_numbers"][mask > 0])) <= {1, 6, 7, 8, 9}
+  g = ex["inputs"]  # packed rows (Z, x, y, z, mask)
+  assert g.shape == (29, 5) and g.dtype == np.float32
+  numbers, positions, mask = g[:, 0], g[:, 1:4], g[:, 4]
+  np.testing.assert_array_equal(mask, numbers > 0)
+  assert np.all(positions[mask == 0] == 0)
+  assert set(np.unique(numbers[mask > 0])) <= {1, 6, 7, 8, 9}
+  np.testing.assert_allclose(positions[mask > 0].mean(axis=0), 0.0, atol=1e-4)  # centred
 
 
 # ----------------------------------------------------------------------------- no TensorFlow, no torch
@@ -306,3 +306,57 @@ def test_import_prepare_and_read_never_import_tensorflow_or_torch(tmp_path):
   )
   assert out.returncode == 0, out.stderr[-3000:]
   assert "BAD []" in out.stdout, out.stdout
+
+
+# ----------------------------------------------------------------------------- registered with TFDS by name
+
+
+def test_registered_builders_load_by_name_through_tfds_in_a_fresh_interpreter(tmp_path):
+  """``import jmtl.data.builders``: tfds.builder / tfds.data_source find jmtl's sets by name (``import jmtl`` does not
+  import TFDS; without the import TFDS does not know them)."""
+  script = textwrap.dedent(
+    f"""
+    import sys
+    import jmtl, jmtl.data
+    print("AFTER_IMPORT", sorted(m for m in sys.modules if m.split(".")[0] in ("tensorflow_datasets", "tensorflow")))
+    from jmtl.data import multi_digits, synthetic
+    d = {str(tmp_path)!r}
+    md = multi_digits.load("test", d, num_train=40, num_validation=20, num_test=30)
+    syn = synthetic.prepare(d, "regression_k3", num_train=40, num_validation=20, num_test=25)
+    import tensorflow_datasets as tfds
+    try:
+      tfds.builder("multi_digits", data_dir=d)
+      print("FOUND_BEFORE True")
+    except Exception as e:
+      print("FOUND_BEFORE False", type(e).__name__)
+    import jmtl.data.builders
+    print("REGISTERED", sorted(jmtl.data.builders.registered()))
+    cfg = md.info.config_name
+    src = tfds.data_source("multi_digits/" + cfg, split="test", data_dir=d)
+    ex = src[3]
+    same = (ex["image"] == md.raw[3]["image"]).all() and ex["left"] == md.raw[3]["left"]
+    print("MULTI_DIGITS", len(src), bool(same))
+    b = tfds.builder("synthetic/" + syn.builder_config.name, data_dir=d)
+    print("SYNTHETIC", type(b).__module__, b.info.splits["test"].num_examples)
+    tiny = synthetic.SyntheticConfig(name="tiny", num_train=30, num_validation=7, num_test=5)
+    s = tfds.data_source("synthetic", split="validation", data_dir=d + "/fresh", builder_kwargs=dict(config=tiny))
+    print("PREPARED_BY_TFDS", len(s), sorted(s[0]["labels"]))
+    print("BUILDER_CLS", tfds.builder_cls("qm9").__module__, tfds.builder("synthetic").data_dir.startswith(
+      jmtl.data.default_data_dir()))
+    print("TF", "tensorflow" in sys.modules)
+    """
+  )
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  out = subprocess.run(
+    [sys.executable, "-c", script], check=False, capture_output=True, text=True, env=env, timeout=300
+  )
+  assert out.returncode == 0, out.stderr[-3000:]
+  lines = dict(line.split(" ", 1) for line in out.stdout.splitlines() if " " in line)
+  assert lines["AFTER_IMPORT"] == "[]"
+  assert lines["FOUND_BEFORE"].startswith("False")
+  assert lines["REGISTERED"] == "['multi_digits', 'qm9', 'synthetic']"
+  assert lines["MULTI_DIGITS"] == "30 True"
+  assert lines["SYNTHETIC"].endswith(" 25")  # a config made by overrides: TFDS reads it from its files
+  assert lines["PREPARED_BY_TFDS"] == "7 ['task_0', 'task_1', 'task_2']"
+  assert lines["BUILDER_CLS"] == "jmtl.data.builders True"
+  assert lines["TF"] == "False"

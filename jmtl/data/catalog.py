@@ -44,7 +44,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["DATASETS", "CatalogSource", "load"]
+__all__ = ["DATASETS", "CatalogSource", "load", "load_tfds"]
 
 DATASETS = ("celeb_a", "smallnorb", "dsprites", "shapes3d", "cityscapes")
 
@@ -81,14 +81,14 @@ def _prepare_hint(name: str, data_dir: str) -> str:
   )
 
 
-def _open(name: str, split: str, data_dir: str, decoders=None):
+def _open(name: str, split: str, data_dir: str, decoders=None, download: bool = False):
   import tensorflow_datasets as tfds
 
   base = name.split("/", maxsplit=1)[0]
-  if not os.path.isdir(data_dir):
+  if not download and not os.path.isdir(data_dir):
     raise FileNotFoundError(f"{base}: data_dir {data_dir!r} does not exist; {_prepare_hint(base, data_dir)}")
   try:
-    return tfds.data_source(name, split=split, data_dir=data_dir, download=False, decoders=decoders)
+    return tfds.data_source(name, split=split, data_dir=data_dir, download=download, decoders=decoders)
   except Exception as e:  # TFDS raises several types (AssertionError, NotImplementedError, ...)
     prepared = glob.glob(os.path.join(data_dir, name, "*", "dataset_info.json"))
     if not prepared:  # TFDS's own message then wrongly blames the file format
@@ -287,3 +287,118 @@ def load(name: str, split: str = "train", data_dir: str | None = None, **options
   scale = 1.0 if name == "dsprites" else 255.0
   image_size, stereo = options.get("image_size"), options.get("stereo", False)
   return _factor_source(name, ds, _FACTORS[name], image_size=image_size, image_scale=scale, stereo=stereo)
+
+
+_KINDS = ("classification", "multilabel", "regression")
+
+
+def _feature(tree, path: str, where: str):
+  """The entry of a nested mapping (features or an example) at ``"a/b"``."""
+  node = tree
+  for part in path.split("/"):
+    try:
+      node = node[part]
+    except (KeyError, TypeError, IndexError):
+      raise ValueError(f"{where}: no feature {path!r}") from None
+  return node
+
+
+def _task_spec(features, task: str, given: Any, where: str) -> tuple[str, dict]:
+  """``(feature path, spec)`` of one task: the kind and size from the TFDS feature unless given."""
+  import tensorflow_datasets as tfds
+
+  spec = dict(given) if isinstance(given, dict) else {"feature": given}
+  path = str(spec.pop("feature", task))
+  f = _feature(features, path, where)
+  if isinstance(f, tfds.features.ClassLabel):
+    inferred = {"kind": "classification", "num_classes": int(f.num_classes)}
+  elif isinstance(f, tfds.features.Tensor) and np.issubdtype(np.dtype(f.np_dtype), np.floating):
+    inferred = {"kind": "regression", "dim": int(np.prod(f.shape or (1,)))}
+  else:
+    inferred = {}
+  spec = {**inferred, **spec}
+  if spec.get("kind") not in _KINDS:
+    raise ValueError(
+      f"{where}: task {task!r} (feature {path!r}, {type(f).__name__}): give its kind, one of {_KINDS}, with "
+      "num_classes or dim, e.g. tasks={'" + task + "': {'feature': '" + path + "', 'kind': 'classification', "
+      "'num_classes': 10}}"
+    )
+  if spec["kind"] == "classification" and not spec.get("num_classes"):
+    raise ValueError(f"{where}: task {task!r} is a classification; give its num_classes")
+  return path, spec
+
+
+def load_tfds(
+  name: str,
+  split: str = "train",
+  data_dir: str | None = None,
+  *,
+  tasks: Any = None,
+  inputs: str = "image",
+  image_size: tuple[int, int] | None = None,
+) -> CatalogSource:
+  """Any prepared TFDS dataset as a jmtl source, the tasks declared by their features.
+
+  The dataset is opened with ``tfds.data_source`` (array_record, no
+  TensorFlow); jmtl's own builders are registered first
+  (:mod:`jmtl.data.builders`), so ``"synthetic/regression_k3"`` works too
+  (prepared on first use, as ``jmtl.data.synthetic.load`` would).
+
+  Args:
+    name: a TFDS name, ``"dataset"`` or ``"dataset/config"`` (with a version
+      ``":1.0.0"`` if wanted).
+    split: a TFDS split, slicing allowed (``"train[:90%]"``).
+    data_dir: the TFDS data directory; default ``$TFDS_DATA_DIR`` or ``~/tensorflow_datasets``
+      (jmtl's data directory for jmtl's own sets, where ``jmtl.data.<name>.load`` prepares them).
+    tasks: the tasks: a feature path or a list of them (``"label"``,
+      ``["labels/task_0", "labels/task_1"]``; the task is named by the last
+      part), or a mapping task name -> feature path or ``{"feature": path,
+      "kind": ..., "num_classes" | "dim": ...}``. A ``ClassLabel`` feature is a
+      classification with its classes, a float tensor a regression of its size;
+      anything else needs its kind given.
+    inputs: the feature path of the inputs.
+    image_size: ``(H, W)`` to resize image inputs to (bilinear).
+
+  Returns:
+    A :class:`CatalogSource` (``image_scale`` 255 for uint8 inputs, else 0).
+
+  Raises:
+    FileNotFoundError: when the dataset is not prepared in ``data_dir``.
+    ValueError: on a missing ``tasks``, an unknown feature or an undeclared kind.
+
+  Examples:
+    >>> load_tfds("mnist", tasks=None)
+    Traceback (most recent call last):
+    ValueError: mnist: declare its tasks, e.g. tasks=['label'] (features of the TFDS dataset)
+  """
+  if not tasks:
+    raise ValueError(f"{name}: declare its tasks, e.g. tasks=['label'] (features of the TFDS dataset)")
+  from jmtl.data import builders  # jmtl's own sets by name
+
+  own = name.split("/", maxsplit=1)[0].split(":", maxsplit=1)[0] in builders.registered()
+  if own and not data_dir:
+    data_dir = builders.default_data_dir()
+  data_dir = os.path.expanduser(data_dir or os.environ.get("TFDS_DATA_DIR") or "~/tensorflow_datasets")
+  ds = _open(name, split, data_dir, download=own)  # jmtl's own sets prepare offline, without TensorFlow
+  features = ds.dataset_info.features
+  if isinstance(tasks, str):
+    tasks = [tasks]
+  named = dict(tasks) if isinstance(tasks, dict) else {str(t).rsplit("/", 1)[-1]: t for t in tasks}
+  specs = {t: _task_spec(features, t, given, name) for t, given in named.items()}
+  x_feature = _feature(features, inputs, name)
+  scale = 255.0 if np.dtype(getattr(x_feature, "np_dtype", np.float32)) == np.uint8 else 0.0
+
+  def convert(ex):
+    labels = {}
+    for t, (path, spec) in specs.items():
+      y = np.asarray(_feature(ex, path, name))
+      if spec["kind"] == "classification":
+        labels[t] = y.astype(np.int32).reshape(())
+      elif spec["kind"] == "multilabel":
+        labels[t] = y.astype(np.int32).reshape(-1)
+      else:
+        labels[t] = y.astype(np.float32).reshape(() if int(spec.get("dim", 1)) == 1 else (-1,))
+    return {"inputs": _resize(np.asarray(_feature(ex, inputs, name)), image_size), "labels": labels}
+
+  out_tasks = {t: {k: v for k, v in spec.items() if k != "feature"} for t, (_, spec) in specs.items()}
+  return CatalogSource(name, [ds], convert, out_tasks, scale)

@@ -44,9 +44,12 @@ Feature forms (configs):
   Coulomb matrix (Rupp et al. 2012; ``M_ii = Z_i^2.4 / 2``,
   ``M_ij = Z_i Z_j / |R_i − R_j|`` in atomic units, bohr), sorted by
   decreasing magnitude and zero-padded, then the counts of H, C, N, O, F.
-* ``graph`` -- ``inputs`` a dict: ``atomic_numbers`` int32 ``(29,)``,
-  ``positions`` float32 ``(29, 3)`` in Å centred on the mean atom position,
-  ``mask`` float32 ``(29,)`` (1 for an atom, 0 for padding).
+* ``graph`` -- ``inputs`` float32 ``(29, 5)``, one row per atom slot packed
+  as ``(Z, x, y, z, mask)`` (:func:`pack_graph`): the atomic number (as a
+  float, exact), the position in Å centred on the mean atom position, and 1
+  for an atom, 0 for padding (padded rows are all zero). One array per
+  molecule, so the pipeline batches it like any other input;
+  :func:`jmtl.models.schnet` reads it.
 """
 
 from __future__ import annotations
@@ -90,6 +93,8 @@ _ATOMIZATION = ("u0", "u", "h", "g")
 TASKS = {name: {"kind": "regression", "dim": 1} for name in TARGETS}
 DESCRIPTOR_DIM = MAX_ATOMS + len(ELEMENTS)
 ANGSTROM_TO_BOHR = 1.0 / 0.529177210903
+#: Columns of the packed ``graph`` input: atomic number, x, y, z (Å), mask.
+GRAPH_CHANNELS = ("Z", "x", "y", "z", "mask")
 _SPLITS = ("train", "validation", "test")
 
 
@@ -338,6 +343,36 @@ def prepare(data_dir: str | None = None, config: str | None = None, **overrides)
   return _tfds.prepare_builder(_builder_classes()["QM9"], data_dir, config, **overrides)
 
 
+def pack_graph(atomic_numbers: np.ndarray, positions: np.ndarray) -> np.ndarray:
+  """Packs padded molecules into float32 ``(..., 29, 5)`` rows ``(Z, x, y, z, mask)``; padded rows are all zero.
+
+  Args:
+    atomic_numbers: int ``(..., 29)``, 0 for padding.
+    positions: ``(..., 29, 3)`` in Å.
+
+  Raises:
+    ValueError: shapes that do not match, or a padded slot with a non-zero position.
+
+  Examples:
+    >>> from jmtl.data import qm9
+    >>> z = np.array([6, 1] + [0] * 27); r = np.zeros((29, 3)); r[1, 0] = 1.09
+    >>> g = qm9.pack_graph(z, r)
+    >>> g.shape, g.dtype, g[1].tolist()
+    ((29, 5), dtype('float32'), [1.0, 1.090000033378601, 0.0, 0.0, 1.0])
+  """
+  numbers = np.asarray(atomic_numbers)
+  positions = np.asarray(positions)
+  if numbers.shape[-1:] != (MAX_ATOMS,) or positions.shape != (*numbers.shape, 3):
+    raise ValueError(
+      f"pack_graph: atomic_numbers {numbers.shape} must be (..., {MAX_ATOMS}) and positions {positions.shape} "
+      f"(..., {MAX_ATOMS}, 3) with the same leading shape"
+    )
+  mask = numbers > 0
+  if np.any(positions[~mask] != 0):
+    raise ValueError("pack_graph: a padded atom slot (atomic number 0) has a non-zero position")
+  return np.concatenate([numbers[..., None], positions, mask[..., None]], axis=-1).astype(np.float32)
+
+
 def to_example(features, form: str = "descriptor") -> dict:
   """Stored features -> ``{"inputs": ..., "labels": {task: float32 scalar}}`` (standardised targets).
 
@@ -346,20 +381,14 @@ def to_example(features, form: str = "descriptor") -> dict:
     >>> f = {"targets": np.arange(11, dtype=np.float32), "atomic_numbers": np.array([6, 1] + [0] * 27),
     ...      "positions": np.zeros((29, 3), np.float32)}
     >>> ex = qm9.to_example(f, "graph")
-    >>> ex["labels"]["cv"], ex["inputs"]["mask"][:3].tolist()
-    (array(10., dtype=float32), [1.0, 1.0, 0.0])
+    >>> ex["labels"]["cv"], ex["inputs"].shape, ex["inputs"][:3, 4].tolist()
+    (array(10., dtype=float32), (29, 5), [1.0, 1.0, 0.0])
   """
   targets = np.asarray(features["targets"], np.float32)
   labels = {task: _tfds.as_scalar(targets[j], np.float32) for j, task in enumerate(TARGETS)}
   if form == "descriptor":
     return {"inputs": np.asarray(features["descriptor"], np.float32), "labels": labels}
-  numbers = np.asarray(features["atomic_numbers"], np.int32)
-  inputs = {
-    "atomic_numbers": numbers,
-    "positions": np.asarray(features["positions"], np.float32),
-    "mask": (numbers > 0).astype(np.float32),
-  }
-  return {"inputs": inputs, "labels": labels}
+  return {"inputs": pack_graph(features["atomic_numbers"], features["positions"]), "labels": labels}
 
 
 def load(split: str, data_dir: str | None = None, config: str | None = None, **overrides) -> _tfds.Source:

@@ -236,6 +236,7 @@ class Context:
     if "validation" in self.transform.requires:
       computed["meta_gradient"] = self.meta_gradient
     w, state = self.transform.update(losses, self.weighting_state, present=present, **self.inputs, **computed)
+    check_weights(self.transform, w, self.names, computed.get("jacobian"))
     return jax.lax.stop_gradient(only_present(w, present)), state
 
   def meta_gradient(self, weights: Array, lr, val_weights: Array | None = None) -> Array:
@@ -304,6 +305,47 @@ class Context:
         raise ValueError(f"{self.transform!r} returned a Direction not shaped like the shared parameters")
       return jax.tree.map(lambda d, j: d.astype(j.dtype), weights.shared, jac), weights.weights
     return combine_jacobian(weights, jac), jnp.ones((self.k,), jax.tree.leaves(jac)[0].dtype)
+
+
+def check_weights(transform: WeightingTransform, weights: Any, names: tuple[str, ...], jacobian: Any = None) -> None:
+  """Raises a ``ValueError`` naming ``transform``, the expected ``(K,)`` and what it returned, unless the weights fit.
+
+  A transform returns one weight per task, shape ``(K,)``; a ``"jacobian"``
+  transform may also return element-wise weights shaped like the Jacobian, or
+  a :class:`~jmtl.weighting.Direction` (with ``(K,)`` weights). Shapes are
+  static, so this runs once, when the step is traced.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> from jmtl import weighting
+    >>> bad = weighting.WeightingTransform(lambda k: (), lambda losses, state, **_: (jnp.ones((2, 2)), state))
+    >>> check_weights(bad, jnp.ones((2, 2)), ("a", "b"))  # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    ValueError: weighting WeightingTransform(...) returned weights of shape (2, 2); expected (2,), one per task ...
+  """
+  k = len(names)
+  if isinstance(weights, Direction):
+    weights, what = weights.weights, "a Direction whose weights have"
+  else:
+    what = "weights of"
+  leaves = jax.tree.leaves(weights)
+  if is_task_vector(weights) and jnp.shape(weights) == (k,):
+    return
+  if transform.needs == "jacobian" and jacobian is not None and not is_task_vector(weights) and what == "weights of":
+    got = jax.tree.map(jnp.shape, weights)
+    if jax.tree.structure(weights) == jax.tree.structure(jacobian) and got == jax.tree.map(jnp.shape, jacobian):
+      return  # element-wise weights
+    expected = f"({k},) or element-wise weights shaped like the Jacobian {jax.tree.map(jnp.shape, jacobian)}"
+  else:
+    expected = f"({k},)"
+  if len(leaves) == 1 and jax.tree_util.treedef_is_leaf(jax.tree.structure(weights)):
+    shown = f"shape {tuple(jnp.shape(weights))}"
+  else:
+    shown = f"a {type(weights).__name__} of shapes {jax.tree.map(jnp.shape, weights)}"
+  raise ValueError(
+    f"weighting {transform!r} returned {what} {shown}; expected {expected}, one per task {list(names)} "
+    "(update(losses, state, **inputs) -> (weights, state); losses has shape (K,))"
+  )
 
 
 def gradient_metrics(gramian: Array, exponent: Array | int = 0) -> dict[str, Array]:

@@ -27,6 +27,7 @@ from jmtl.models.dselect import dselect_k
 from jmtl.models.experts import cgc
 from jmtl.models.experts import mmoe
 from jmtl.models.experts import ple
+from jmtl.models.graph import schnet
 from jmtl.models.ltb import ltb
 from jmtl.models.ltb import ltb_export
 from jmtl.models.mlp import mlp
@@ -51,6 +52,7 @@ __all__ = [
   "mtan",
   "ple",
   "resnet",
+  "schnet",
   "soft_mlp",
   "tower_params",
 ]

@@ -3,11 +3,11 @@
 Usage::
 
   jmtl train --config configs/multi_digits.py [--config.FIELD=VALUE ...] --workdir DIR
-  jmtl eval --workdir DIR
+  jmtl eval --workdir DIR [--out DIR]
   jmtl baselines --config configs/multi_digits.py [--config.FIELD=VALUE ...] --workdir DIR
   jmtl sweep --config configs/multi_digits.py --over weighting=equal,uncertainty,static --workdir DIR [--folds K]
   jmtl tune --config multi_digits --space optimizer.learning_rate=loguniform(1e-4,1e-2) --trials N --workdir DIR
-  jmtl report --workdir DIR
+  jmtl report --workdir DIR [--out DIR]
   jmtl analyze --workdir DIR [--groups G]
   jmtl group --config configs/planted.py [--config.FIELD=VALUE ...] --groups G --workdir DIR
 
@@ -67,12 +67,23 @@ _HELP = {
 }
 _CONFIGURED = ("train", "baselines", "sweep", "tune", "group")  # the commands that take --config (and overrides)
 
+_EPILOG = """config fields:
+  --config.FIELD=VALUE    set any field of the config (repeatable), e.g. --config.num_steps=500,
+                          --config.optimizer.learning_rate=3e-4, --config.weighting_args.dwa.temperature=1.0,
+                          --config.dataset.options.num_train=2000 (the fields: the config file, or
+                          python -c "from jmtl.run import load_config; print(load_config('multi_digits'))")
+  your own code           model.name, dataset.name and weighting take an import path (my_pkg.nets.wide);
+                          its arguments are the group of its last part (model.wide, dataset.options,
+                          weighting_args.<last part>); README "Bring your own model, data and weighting"
+"""
+
 
 def _parser() -> argparse.ArgumentParser:
   p = _Parser(prog="jmtl", description="Multi-task experiments: train, evaluate, sweep, report.")
   sub = p.add_subparsers(dest="command", metavar="{" + ",".join(COMMANDS) + "}")
   for name in COMMANDS:
-    s = sub.add_parser(name, help=_HELP[name])
+    configured = {"epilog": _EPILOG, "formatter_class": argparse.RawDescriptionHelpFormatter}
+    s = sub.add_parser(name, help=_HELP[name], **(configured if name in _CONFIGURED else {}))
     if name in _CONFIGURED:
       s.add_argument(
         "--config",
@@ -80,6 +91,10 @@ def _parser() -> argparse.ArgumentParser:
         help="a file (configs/qm9.py), a built-in name (multi_digits) or a module path; optionally :VARIANT",
       )
     s.add_argument("--workdir", required=True, help="the run's directory (created if needed)")
+    if name in ("eval", "report"):
+      s.add_argument(
+        "--out", metavar="DIR", help="write eval.json / plots here, not into the (maybe read-only) workdir"
+      )
     if name == "sweep":
       s.add_argument("--over", action="append", required=True, help="FIELD=VALUE1,VALUE2,... (repeatable)")
     if name == "tune":
@@ -211,10 +226,10 @@ def run(argv: list[str]) -> None:
 
   progress = not getattr(args, "no_progress", False)
   if args.command == "eval":
-    experiment.evaluate_workdir(args.workdir)
+    experiment.evaluate_workdir(args.workdir, out=args.out)
     return
   if args.command == "report":
-    experiment.report_workdir(args.workdir)
+    experiment.report_workdir(args.workdir, out=args.out)
     return
   if args.command == "analyze":
     from jmtl.run import relations

@@ -97,12 +97,13 @@ def train_baselines(config: ml_collections.ConfigDict, workdir: str, *, progress
   return entries
 
 
-def evaluate_workdir(workdir: str, *, quiet: bool = False) -> dict[str, Any]:
+def evaluate_workdir(workdir: str, *, out: str | None = None, quiet: bool = False) -> dict[str, Any]:
   """``jmtl eval``: validation and test metrics of a run's latest checkpoint (the kept model), with Δm% if stored.
 
   The checkpoint is the newest that verifies (:meth:`Checkpoints.restore_kept`;
   a skipped one is named on stderr). Writes them to ``<workdir>/eval.json``
-  (``results.json`` stays the run's own).
+  (``results.json`` stays the run's own), or ``<out>/eval.json``; a read-only
+  (archived) workdir is read, printed and left as it is.
 
   Examples:
     >>> evaluate_workdir("/nonexistent")
@@ -110,7 +111,7 @@ def evaluate_workdir(workdir: str, *, quiet: bool = False) -> dict[str, Any]:
     jmtl.run.config.ConfigError: workdir /nonexistent does not exist
   """
   config = workdir_lib.load_run_config(workdir)
-  path = os.path.abspath(workdir)
+  path = workdir_lib.check_readable(workdir)
   ckpt = Checkpoints(os.path.join(path, "checkpoints"))
   if ckpt.latest_step() is None:
     raise ConfigError(f"workdir {path} has no checkpoint yet")
@@ -139,18 +140,23 @@ def evaluate_workdir(workdir: str, *, quiet: bool = False) -> dict[str, Any]:
   stored = baselines_lib.read(base_dir, config) if base_dir else {}
   if all(t in stored for t in run.names):
     results.update(evaluation.compare(results, {t: stored[t]["test"] for t in run.names}))
-  workdir_lib.write_json(os.path.join(path, "eval.json"), results)
+  dest = workdir_lib.output_dir(path, out, "eval.json")
+  if dest is not None:
+    workdir_lib.write_json(os.path.join(dest, "eval.json"), results)
   _say(report.run_table(results), quiet)
   return results
 
 
-def report_workdir(workdir: str, *, quiet: bool = False) -> str:
-  """``jmtl report``: the table of a run (and its plots again), or of a sweep, from the files alone.
+def report_workdir(workdir: str, *, out: str | None = None, quiet: bool = False) -> str:
+  """``jmtl report``: the table of a run (and its plots again), or of a sweep (and plots/sweep.png), from the files.
+
+  The plots go to ``<workdir>/plots``, or ``<out>/plots``; a read-only
+  (archived) workdir is read and left as it is.
 
   Examples:
     >>> report_workdir("/tmp/md")  # doctest: +SKIP
   """
-  path = workdir_lib.check_usable(workdir, create=False)
+  path = workdir_lib.check_readable(workdir)
   sweep_file = os.path.join(path, "sweep.json")
   if os.path.exists(sweep_file):
     data = workdir_lib.read_json(sweep_file, f"workdir {path}")
@@ -160,12 +166,17 @@ def report_workdir(workdir: str, *, quiet: bool = False) -> str:
         "intact (jmtl report --workdir <run>)"
       )
     text = report.sweep_table(data["rows"])
+    dest = workdir_lib.output_dir(path, out, "plots")
+    if dest is not None:
+      plots.sweep_plot(path, data["rows"], dest)
   else:
     results_file = os.path.join(path, workdir_lib.RESULTS)
     if not os.path.exists(results_file):
       raise ConfigError(f"workdir {path} has no {workdir_lib.RESULTS} (the run has not finished; try jmtl eval)")
     results = evaluation.check_results(workdir_lib.read_json(results_file, f"workdir {path}"), results_file)
-    plots.write_all(path, results["tasks"], results["metric"])
+    dest = workdir_lib.output_dir(path, out, "plots")
+    if dest is not None:
+      plots.write_all(path, results["tasks"], results["metric"], dest)
     text = report.run_table(results)
   _say(text, quiet)
   return text

@@ -1,5 +1,14 @@
 """Datasets for a config: the three splits, their tasks (losses and metrics), and batch iterators.
 
+``dataset.name`` is one of jmtl's builders (:data:`BUILDERS`), a catalog
+dataset with published task definitions (:mod:`jmtl.data.catalog`), any other
+TFDS name read with ``tfds.data_source`` (its tasks declared in
+``dataset.options.tasks``, :func:`jmtl.data.catalog.load_tfds`), or a dotted
+path to a user's function ``fn(split, **dataset.options) -> source``: a
+random-access source (``len``, ``source[i] -> {"inputs", "labels": {task:
+...}}``, optional ``"masks"``) with a ``tasks`` attribute, e.g. a
+:class:`jmtl.data.ArraySource` (:func:`dataset_kind`).
+
 Small sets are read into memory once (:class:`jmtl.data.ArraySource`); the
 loaded splits are cached per dataset config, so a sweep reads them once.
 """
@@ -59,25 +68,53 @@ def load_data(config: ml_collections.ConfigDict) -> Data:
   return _CACHE[key]
 
 
+def dataset_kind(name: str) -> str:
+  """How ``dataset.name`` is read: ``"builtin"`` (jmtl's builders), ``"catalog"`` (:mod:`jmtl.data.catalog`'s task
+  definitions), ``"function"`` (a dotted path to a user's function) or ``"tfds"`` (any other TFDS name).
+
+  A dotted path has a ``.`` and neither ``/`` nor ``:`` (which TFDS names use for configs and versions).
+
+  Examples:
+    >>> [dataset_kind(n) for n in ("synthetic", "celeb_a", "my_pkg.data.splits", "mnist", "cifar10:3.0.2")]
+    ['builtin', 'catalog', 'function', 'tfds', 'tfds']
+  """
+  if name in BUILDERS:
+    return "builtin"
+  if name in data_lib.catalog.DATASETS:
+    return "catalog"
+  if "." in name and "/" not in name and ":" not in name:
+    return "function"
+  return "tfds"
+
+
 def _load(d: ml_collections.ConfigDict) -> Data:
   import tensorflow_datasets as tfds  # no TensorFlow: jmtl reads array_record files
 
   tfds.disable_progress_bar()  # preparing a set once would print a bar per split and file
   options = d.options.to_dict()
-  catalog = d.name in data_lib.catalog.DATASETS
-  if d.name not in BUILDERS and not catalog:
+  kind = dataset_kind(d.name)
+  if not d.name:
     known = ", ".join(BUILDERS + data_lib.catalog.DATASETS)
-    raise ConfigError(f"unknown dataset {d.name!r} in config field 'dataset.name'; available: {known}")
+    raise ConfigError(f"config field 'dataset.name' is empty; use one of {known}, a TFDS name or a dotted path")
+  if kind == "function":
+    user_fn = _dataset_function(d)
   sources, raw = {}, {}
   for split in SPLITS:
     name = d.splits[split]
     try:
-      if catalog:
+      if kind == "catalog":
         src = data_lib.catalog.load(d.name, name, d.data_dir or None, **options)
-      else:
+      elif kind == "builtin":
         module = getattr(data_lib, d.name)
         src = module.load(name, d.data_dir or None, d.config or None, **options)
+      elif kind == "tfds":
+        full = f"{d.name}/{d.config}" if d.config and "/" not in d.name else d.name
+        src = data_lib.catalog.load_tfds(full, name, d.data_dir or None, **options)
+      else:
+        src = _user_source(d.name, user_fn(name, **options), split)
     except (TypeError, ValueError, FileNotFoundError, ImportError) as e:
+      if isinstance(e, ConfigError):
+        raise
       raise ConfigError(f"dataset {d.name!r} (dataset.options {options}): {_one_line(e)}") from e
     raw[split] = src
     sources[split] = data_lib.ArraySource.from_source(src) if d.in_memory else src
@@ -85,6 +122,33 @@ def _load(d: ml_collections.ConfigDict) -> Data:
   scale = float(getattr(raw["train"], "image_scale", 0) or 0)
   stats = getattr(raw["train"], "target_stats", None)
   return Data(sources, dict(raw["train"].tasks), _transform(d, sources["train"], scale), stats)
+
+
+def _dataset_function(d: ml_collections.ConfigDict):
+  """The user's ``fn(split, **dataset.options) -> source`` that ``dataset.name`` names."""
+  from jmtl.run import registry  # the registry imports the models; only a user's dataset needs it
+
+  if d.config or d.data_dir:
+    field = "dataset.config" if d.config else "dataset.data_dir"
+    raise ConfigError(
+      f"config field {field!r} is for jmtl's and TFDS datasets; dataset {d.name!r} is your function: pass what it "
+      "needs in dataset.options (its keyword arguments)"
+    )
+  return registry.resolve(d.name, {}, "dataset (config field 'dataset.name')")
+
+
+def _user_source(name: str, src: Any, split: str) -> Any:
+  """Checks what a user's dataset function returned for ``split``: a random-access source with ``tasks``."""
+  where = f"dataset {name!r} returned {type(src).__name__} for split {split!r}"
+  if not (hasattr(src, "__len__") and hasattr(src, "__getitem__")):
+    raise ConfigError(f"{where}: not a random-access source (len(source), source[i]); see jmtl.data.ArraySource")
+  tasks = getattr(src, "tasks", None)
+  if not isinstance(tasks, Mapping) or not tasks:
+    raise ConfigError(
+      f"{where} without a 'tasks' attribute: a mapping task -> {{'kind': 'classification', 'num_classes': C}} "
+      "(or 'regression' with 'dim', 'multilabel' with 'dim')"
+    )
+  return src
 
 
 def _one_line(e: BaseException) -> str:

@@ -1,5 +1,8 @@
 """PNG plots of a run, from its ``metrics.jsonl``: per-task curves, task weights, task-gradient cosines, an
-ensemble's members; task relations.
+ensemble's members; task relations; a sweep's runs side by side (``sweep.png``).
+
+Every figure carries a title naming the run (its directory, weighting and
+model, :func:`run_title`) and what it shows.
 
 Figures are drawn on :class:`matplotlib.figure.Figure` directly (the Agg
 canvas), never through pyplot, so no global backend or window state is
@@ -27,7 +30,35 @@ def _series(records: Sequence[dict], key: str) -> tuple[np.ndarray, np.ndarray]:
   return np.asarray(steps), np.asarray(values, float)
 
 
-def _curves(records: Sequence[dict], tasks: Sequence[str], metric: dict[str, str], path: str) -> None:
+def run_title(workdir: str) -> str:
+  """``"<directory>: <weighting>, <model>"`` from the run's results.json (or config.json); the directory alone if
+  neither is readable.
+
+  Examples:
+    >>> import json, os, tempfile
+    >>> d = os.path.join(tempfile.mkdtemp(), "md")
+    >>> os.makedirs(d)
+    >>> with open(os.path.join(d, "results.json"), "w") as f:
+    ...   json.dump({"weighting": "famo", "model": "mlp"}, f)
+    >>> run_title(d)
+    'md: famo, mlp'
+  """
+  name = os.path.basename(os.path.normpath(workdir))
+  for file, get in (
+    ("results.json", lambda r: (r.get("weighting"), r.get("model"))),
+    ("config.json", lambda c: (c.get("weighting"), (c.get("model") or {}).get("name"))),
+  ):
+    try:
+      with open(os.path.join(workdir, file)) as f:
+        parts = [str(p) for p in get(json.load(f)) if p]
+    except (OSError, ValueError, AttributeError):
+      continue
+    if parts:
+      return f"{name}: {', '.join(parts)}"
+  return name
+
+
+def _curves(records: Sequence[dict], tasks: Sequence[str], metric: dict[str, str], path: str, title: str = "") -> None:
   """One panel per task: training loss and validation loss (left axis), validation metric (right axis)."""
   train = [r for r in records if r.get("kind") == "train"]
   val = [r for r in records if r.get("kind") == "validation"]
@@ -49,10 +80,11 @@ def _curves(records: Sequence[dict], tasks: Sequence[str], metric: dict[str, str
       ax2.set_ylabel(m)
       handles = [*handles, *ax2.get_lines()]
     ax.legend(handles=handles, loc="center right", fontsize=7)
+  fig.suptitle(f"{title} — training and validation per task".strip(" —"), fontsize=10)
   fig.savefig(path, dpi=90)
 
 
-def _weights(records: Sequence[dict], tasks: Sequence[str], path: str) -> None:
+def _weights(records: Sequence[dict], tasks: Sequence[str], path: str, title: str = "") -> None:
   """The task weights the method chose over training (interval means)."""
   train = [r for r in records if r.get("kind") == "train"]
   fig = Figure(figsize=(6, 3.5), layout="constrained")
@@ -61,12 +93,13 @@ def _weights(records: Sequence[dict], tasks: Sequence[str], path: str) -> None:
     ax.plot(*_series(train, f"weight/{task}"), label=task, lw=1)
   ax.set_xlabel("step")
   ax.set_ylabel("task weight")
+  ax.set_title(f"{title} — task weights (means over log intervals)".strip(" —"), fontsize=10)
   if len(tasks) <= 12:
     ax.legend(fontsize=7)
   fig.savefig(path, dpi=90)
 
 
-def _grad_cosine(records: Sequence[dict], tasks: Sequence[str], path: str) -> bool:
+def _grad_cosine(records: Sequence[dict], tasks: Sequence[str], path: str, title: str = "") -> bool:
   """Heatmap of the task-gradient cosines averaged over training; ``False`` if the method computed none."""
   mats = [np.asarray(r["grad_cosine"], float) for r in records if r.get("kind") == "train" and r.get("grad_cosine")]
   if not mats:
@@ -83,7 +116,7 @@ def _grad_cosine(records: Sequence[dict], tasks: Sequence[str], path: str) -> bo
       for j in range(k):
         color = "white" if abs(mean[i, j]) > 0.6 else "black"
         ax.text(j, i, f"{mean[i, j]:.2f}", ha="center", va="center", fontsize=8, color=color)
-  ax.set_title(f"task-gradient cosine (mean of {len(mats)} logs)")
+  ax.set_title(f"{title}\ntask-gradient cosine (mean of {len(mats)} logs)".strip(), fontsize=10)
   fig.colorbar(im, ax=ax)
   fig.savefig(path, dpi=90)
   return True
@@ -109,7 +142,7 @@ def _heatmap(fig, ax, m: np.ndarray, names: Sequence[str], title: str, *, vmin, 
   fig.colorbar(im, ax=ax, shrink=0.8)
 
 
-def _relations(rel: dict, path: str) -> None:
+def _relations(rel: dict, path: str, title: str = "") -> None:
   """Affinity, gradient cosine and conflict rate heatmaps, the tasks ordered by the suggested groups (boxed)."""
   names = list(rel["tasks"])
   grouping = rel.get("grouping")
@@ -144,7 +177,9 @@ def _relations(rel: dict, path: str) -> None:
   if grouping:
     groups = "  ".join("{" + ", ".join(g) + "}" for g in grouping["groups"])
     how = "exact" if grouping["exact"] else "beam search"
-    fig.suptitle(f"suggested groups (at most {grouping['max_groups']}, {how}): {groups}", fontsize=9)
+    fig.suptitle(f"{title}\nsuggested groups (at most {grouping['max_groups']}, {how}): {groups}".strip(), fontsize=9)
+  else:
+    fig.suptitle(f"{title} — task relations".strip(" —"), fontsize=9)
   fig.savefig(path, dpi=90)
 
 
@@ -154,7 +189,7 @@ def _box(start: int, size: int):
   return Rectangle((start - 0.5, start - 0.5), size, size, fill=False, lw=2, ec="black")
 
 
-def _transfer(transfer: dict, conflict: dict[str, float], path: str) -> None:
+def _transfer(transfer: dict, conflict: dict[str, float], path: str, title: str = "") -> None:
   """Per task: the validation metric of the multi-task run and of its single-task baseline, the flag's first step."""
   tasks = transfer["tasks"]
   names = list(tasks)
@@ -176,10 +211,11 @@ def _transfer(transfer: dict, conflict: dict[str, float], path: str) -> None:
     ax.set_xlabel("step")
     ax.set_ylabel("validation metric")
     ax.legend(fontsize=7)
+  fig.suptitle(f"{title} — multi-task against single-task, validation".strip(" —"), fontsize=10)
   fig.savefig(path, dpi=90)
 
 
-def relations_plots(workdir: str, analysis: dict) -> list[str]:
+def relations_plots(workdir: str, analysis: dict, out: str | None = None) -> list[str]:
   """Writes ``plots/relations.png`` (affinity, cosine, conflict heatmaps with the suggested groups) and
   ``plots/transfer.png`` (per-task curves against the single-task baselines) from an analysis
   (:func:`jmtl.run.relations.analyze`); returns their paths.
@@ -191,13 +227,13 @@ def relations_plots(workdir: str, analysis: dict) -> list[str]:
     >>> [os.path.basename(p) for p in relations_plots(d, {"relations": rel, "transfer": None})]
     ['relations.png']
   """
-  out_dir = os.path.join(workdir, "plots")
+  out_dir = os.path.join(out or workdir, "plots")
   os.makedirs(out_dir, exist_ok=True)
-  paths = []
+  paths, title = [], run_title(workdir)
   rel = analysis.get("relations")
   if rel is not None:
     paths.append(os.path.join(out_dir, "relations.png"))
-    _relations(rel, paths[-1])
+    _relations(rel, paths[-1], title)
   transfer = analysis.get("transfer")
   if transfer is not None and transfer.get("tasks"):
     conflict = {}
@@ -208,11 +244,11 @@ def relations_plots(workdir: str, analysis: dict) -> list[str]:
         if others:
           conflict[t] = float(np.mean(others))
     paths.append(os.path.join(out_dir, "transfer.png"))
-    _transfer(transfer, conflict, paths[-1])
+    _transfer(transfer, conflict, paths[-1], title)
   return paths
 
 
-def _members(records: Sequence[dict], tasks: Sequence[str], metric: dict[str, str], path: str) -> bool:
+def _members(records: Sequence[dict], tasks: Sequence[str], metric: dict[str, str], path: str, title: str = "") -> bool:
   """An ensemble's validation metric per task: each member, their mean and the ensemble (``jmtl.run.cotrain``)."""
   val = [r for r in records if r.get("kind") == "validation"]
   keys = {k.split("/", 1)[0] for r in val for k in r if k.startswith("member") and k[6:7].isdigit()}
@@ -233,12 +269,13 @@ def _members(records: Sequence[dict], tasks: Sequence[str], metric: dict[str, st
     ax.set_title(f"{task}: validation {m}")
     ax.set_xlabel("step")
     ax.legend(fontsize=7)
+  fig.suptitle(f"{title} — ensemble members".strip(" —"), fontsize=10)
   fig.savefig(path, dpi=90)
   return True
 
 
-def write_all(workdir: str, tasks: Sequence[str], metric: dict[str, str]) -> list[str]:
-  """Writes the plots of a run into ``<workdir>/plots`` and returns their paths.
+def write_all(workdir: str, tasks: Sequence[str], metric: dict[str, str], out: str | None = None) -> list[str]:
+  """Writes the plots of a run into ``<workdir>/plots`` (``<out>/plots`` when given) and returns their paths.
 
   Examples:
     >>> import json, os, tempfile
@@ -249,20 +286,78 @@ def write_all(workdir: str, tasks: Sequence[str], metric: dict[str, str]) -> lis
     ['curves.png', 'weights.png']
   """
   records = read_jsonl(os.path.join(workdir, "metrics.jsonl"))
-  out_dir = os.path.join(workdir, "plots")
+  out_dir = os.path.join(out or workdir, "plots")
   os.makedirs(out_dir, exist_ok=True)
+  title = run_title(workdir)
   paths = [os.path.join(out_dir, "curves.png"), os.path.join(out_dir, "weights.png")]
-  _curves(records, tasks, metric, paths[0])
-  _weights(records, tasks, paths[1])
+  _curves(records, tasks, metric, paths[0], title)
+  _weights(records, tasks, paths[1], title)
   cos = os.path.join(out_dir, "grad_cosine.png")
-  if _grad_cosine(records, tasks, cos):
+  if _grad_cosine(records, tasks, cos, title):
     paths.append(cos)
   members = os.path.join(out_dir, "members.png")
-  if _members(records, tasks, metric, members):
+  if _members(records, tasks, metric, members, title):
     paths.append(members)
   results = os.path.join(workdir, "results.json")
   if os.path.exists(results):  # a finished run's relations and transfer (jmtl.run.relations.finish)
     with open(results) as f:
       stored = json.load(f)
-    paths += relations_plots(workdir, {"relations": stored.get("relations"), "transfer": stored.get("transfer")})
+    analysis = {"relations": stored.get("relations"), "transfer": stored.get("transfer")}
+    paths += relations_plots(workdir, analysis, out)
   return paths
+
+
+def sweep_plot(workdir: str, rows: Sequence[dict], out: str | None = None) -> str | None:
+  """Writes ``<workdir>/plots/sweep.png`` (``<out>/plots``): the runs of a sweep side by side; returns its path.
+
+  One panel per task with each run's test metric (validation as a hollow
+  marker), and one of Δm% on test (when the runs have baselines) or else the
+  validation score that selects models. The run a static grid chose is
+  starred. ``None`` when there are no finished runs.
+
+  Examples:
+    >>> import os, tempfile
+    >>> res = lambda a: {"tasks": ["t"], "metric": {"t": "acc"}, "test": {"t/acc": a}, "validation": {"t/acc": a},
+    ...   "val_score": a, "delta_m": 100 * (a - 0.5) / 0.5}
+    >>> r = lambda w, a: {"label": f"weighting={w}", "chosen": False, "results": res(a)}
+    >>> os.path.basename(sweep_plot(tempfile.mkdtemp(), [r("equal", 0.6), r("famo", 0.7)]))
+    'sweep.png'
+  """
+  rows = [r for r in rows if isinstance(r.get("results"), dict) and r["results"].get("test")]
+  if not rows:
+    return None
+  tasks = list(rows[0]["results"]["tasks"])
+  metric = rows[0]["results"]["metric"]
+  has_dm = all(r["results"].get("delta_m") is not None for r in rows)
+  panels = len(tasks) + 1
+  cols = min(panels, 4)
+  n = len(rows)
+  fig = Figure(figsize=(max(4.2, 0.5 * n + 1.5) * cols, 3.6 * math.ceil(panels / cols)), layout="constrained")
+  labels = [("★ " if r.get("chosen") else "") + r["label"] for r in rows]
+  x = np.arange(n)
+  for i, task in enumerate(tasks):
+    ax = fig.add_subplot(math.ceil(panels / cols), cols, i + 1)
+    key = f"{task}/{metric[task]}"
+    test = [r["results"]["test"].get(key, np.nan) for r in rows]
+    val = [r["results"].get("validation", {}).get(key, np.nan) for r in rows]
+    ax.plot(x, np.asarray(test, float), "o", ms=6, label="test")
+    ax.plot(x, np.asarray(val, float), "o", ms=6, mfc="none", label="validation")
+    ax.set_title(f"{task}: {metric[task]}", fontsize=9)
+    ax.set_xticks(x, labels, rotation=60, ha="right", fontsize=7)
+    ax.legend(fontsize=7)
+  ax = fig.add_subplot(math.ceil(panels / cols), cols, panels)
+  if has_dm:
+    values, what = [r["results"]["delta_m"] for r in rows], "Δm% (test) against single-task baselines"
+  else:
+    values, what = [r["results"].get("val_score", np.nan) for r in rows], "validation score (model selection)"
+  values = np.asarray(values, float)
+  ax.bar(x, values, color=["tab:green" if v >= 0 else "tab:red" for v in values] if has_dm else "tab:blue")
+  ax.axhline(0, color="black", lw=0.8)
+  ax.set_title(what, fontsize=9)
+  ax.set_xticks(x, labels, rotation=60, ha="right", fontsize=7)
+  fig.suptitle(f"sweep {os.path.basename(os.path.normpath(workdir))}: {n} runs", fontsize=10)
+  out_dir = os.path.join(out or workdir, "plots")
+  os.makedirs(out_dir, exist_ok=True)
+  path = os.path.join(out_dir, "sweep.png")
+  fig.savefig(path, dpi=90)
+  return path

@@ -4,6 +4,9 @@ Names resolve to code, with no tables kept here: a weighting method is a
 built-in of :func:`jmtl.weighting.methods`, a model a constructor of
 :mod:`jmtl.models`, an optimizer an attribute of :mod:`optax`, and a dotted
 path (``my_package.my_module.factory``) names a user's own, with no edit here.
+A named object's arguments are the config group of its last name part:
+``model.name = "my_pkg.nets.wide"`` reads ``model.wide``, ``weighting =
+"my_pkg.w.capped"`` reads ``weighting_args.capped`` (:func:`args_group`).
 """
 
 from __future__ import annotations
@@ -52,6 +55,16 @@ def resolve(name: str, namespace: dict[str, Callable], kind: str) -> Callable:
   raise ConfigError(f"unknown {kind} {name!r}; available: {', '.join(namespace)} (or a dotted path to your own)")
 
 
+def args_group(name: str) -> str:
+  """The config group that holds the arguments of the object ``name`` names: the last part of a dotted path.
+
+  Examples:
+    >>> args_group("mlp"), args_group("my_pkg.nets.wide")
+    ('mlp', 'wide')
+  """
+  return name.rpartition(".")[2]
+
+
 def model_constructors() -> dict[str, Callable]:
   """The constructors of :mod:`jmtl.models` (the public functions whose first argument is ``task_dims``).
 
@@ -83,6 +96,11 @@ def method_names(spec: str) -> list[str]:
 def make_weighting(config: ml_collections.ConfigDict, num_tasks: int) -> weighting_lib.WeightingTransform:
   """The weighting transform ``config.weighting`` names, with ``config.weighting_args[name]`` as arguments.
 
+  A name is a built-in method or a dotted path to a factory returning a
+  :class:`~jmtl.weighting.WeightingTransform`, whose arguments are
+  ``weighting_args.<last part>``. :func:`check_weighting` builds it without
+  the task count, before the data is read.
+
   Examples:
     >>> c = ml_collections.ConfigDict({"weighting": "static", "static_weights": (1.0, 3.0), "weighting_args": {}})
     >>> make_weighting(c, 2)
@@ -92,13 +110,33 @@ def make_weighting(config: ml_collections.ConfigDict, num_tasks: int) -> weighti
   return transforms[0] if len(transforms) == 1 else weighting_lib.chain(*transforms)
 
 
-def _one_weighting(name: str, config: ml_collections.ConfigDict, num_tasks: int):
+def check_weighting(config: ml_collections.ConfigDict) -> None:
+  """Builds every transform ``config.weighting`` names, with its arguments, before the task count is known.
+
+  Everything but the number of ``static_weights`` is checked (``static``
+  without weights is left to the run, or to a sweep's static grid).
+
+  Examples:
+    >>> c = ml_collections.ConfigDict({"weighting": "dwa", "static_weights": (), "weighting_args": {"dwa": {"t": 1}}})
+    >>> check_weighting(c)  # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    jmtl.run.config.ConfigError: weighting 'dwa' with arguments {'t': 1} (config field 'weighting_args.dwa'): ...
+  """
+  for name in method_names(config.weighting):
+    if name != "static" or tuple(config.static_weights):
+      _one_weighting(name, config, None)
+
+
+def _one_weighting(name: str, config: ml_collections.ConfigDict, num_tasks: int | None):
   fn = resolve(name, weighting_lib.methods(), "weighting method")
-  args = config.weighting_args.get(name) if "weighting_args" in config else None
+  group = args_group(name)
+  args = config.weighting_args.get(group) if "weighting_args" in config else None
+  if args is not None and not isinstance(args, ml_collections.ConfigDict):
+    raise ConfigError(f"config field 'weighting_args.{group}' must be a group of arguments, got {args!r}")
   kwargs = args.to_dict() if isinstance(args, ml_collections.ConfigDict) else {}
   if name == "static":
     weights = tuple(config.static_weights)
-    if len(weights) != num_tasks:
+    if num_tasks is not None and len(weights) != num_tasks:
       raise ConfigError(
         f"config field 'static_weights' has {len(weights)} weights for {num_tasks} tasks; "
         f"set e.g. --config.static_weights='{tuple([1.0] * num_tasks)}'"
@@ -106,17 +144,28 @@ def _one_weighting(name: str, config: ml_collections.ConfigDict, num_tasks: int)
     kwargs["weights"] = [float(w) for w in weights]
   if isinstance(kwargs.get("select"), str):  # a selector by name: last_layer, or a dotted path
     kwargs["select"] = resolve(kwargs["select"], {"last_layer": weighting_lib.last_layer}, "selector")
+  where = f"weighting {name!r} with arguments {kwargs}" + (
+    f" (config field 'weighting_args.{group}')" if kwargs else ""
+  )
   try:
-    return fn(**kwargs)
+    out = fn(**kwargs)
   except (TypeError, ValueError) as e:
-    raise ConfigError(f"weighting {name!r} with arguments {kwargs}: {e}") from e
+    raise ConfigError(f"{where}: {e}") from e
+  if not isinstance(out, weighting_lib.WeightingTransform):
+    raise ConfigError(f"{where} returned {type(out).__name__}, not a jmtl.weighting.WeightingTransform")
+  return out
 
 
 def make_model(config: ml_collections.ConfigDict, task_dims: Mapping[str, int]) -> models.MultiTaskModel:
   """The model ``config.model.name`` names, built from ``config.model[name]`` fields.
 
+  The name is a constructor of :mod:`jmtl.models` or a dotted path to a
+  user's ``factory(task_dims, **fields) -> MultiTaskModel``, whose fields are
+  ``config.model.<last part>`` (:func:`args_group`).
+
   ``config.model.dtype`` (optional) is the computation dtype of models that
-  take one (``"bfloat16"`` on accelerators; parameters stay float32). A
+  take one (``"bfloat16"`` on accelerators; parameters stay float32); a model
+  without a ``dtype`` argument accepts only float32. A
   constructor with a ``num_steps`` argument (a schedule laid out over the
   training length, as :func:`~jmtl.models.ltb`'s) gets ``config.num_steps``
   unless its group sets ``num_steps``.
@@ -128,22 +177,39 @@ def make_model(config: ml_collections.ConfigDict, task_dims: Mapping[str, int]) 
   """
   name = config.model.name
   constructor = resolve(name, model_constructors(), "model (config field 'model.name')")
-  fields = config.model.get(name)
+  group = _model_group(config)
+  fields = config.model.get(group)
   kwargs = fields.to_dict() if isinstance(fields, ml_collections.ConfigDict) else {}
   if "num_steps" in inspect.signature(constructor).parameters and "num_steps" not in kwargs and "num_steps" in config:
     kwargs["num_steps"] = config.num_steps
   dtype = config.model.get("dtype")
   if dtype is not None and "dtype" not in kwargs:
-    if "dtype" not in inspect.signature(constructor).parameters:
-      raise ConfigError(f"config field 'model.dtype' = {dtype!r}: model {name!r} takes no computation dtype")
     try:
-      kwargs["dtype"] = jnp.dtype(dtype)
+      dtype = jnp.dtype(dtype)
     except TypeError as e:
       raise ConfigError(f"config field 'model.dtype' = {dtype!r} is not a dtype (float32, bfloat16, ...)") from e
+    if "dtype" in inspect.signature(constructor).parameters:
+      kwargs["dtype"] = dtype
+    elif dtype != jnp.float32:  # float32, the default, is what a model without the argument computes in
+      raise ConfigError(f"config field 'model.dtype' = {dtype.name!r}: model {name!r} takes no computation dtype")
   try:
-    return constructor(dict(task_dims), **kwargs)
+    model = constructor(dict(task_dims), **kwargs)
   except (TypeError, ValueError) as e:
-    raise ConfigError(f"model {name!r} with fields model.{name} = {kwargs}: {e}") from e
+    raise ConfigError(f"model {name!r} with fields model.{group} = {kwargs}: {e}") from e
+  if not isinstance(model, models.MultiTaskModel):
+    raise ConfigError(
+      f"model {name!r} returned {type(model).__name__}, not a jmtl.models.MultiTaskModel "
+      "(wrap your own with jmtl.models.from_nnx, from_equinox, or build one: see the README)"
+    )
+  return model
+
+
+def _model_group(config: ml_collections.ConfigDict) -> str:
+  """``model.<group>``: the fields of ``config.model.name``'s constructor (its last name part)."""
+  group = args_group(config.model.name)
+  if group in ("name", "dtype"):
+    raise ConfigError(f"model {config.model.name!r}: its fields would be model.{group}, a reserved field; rename it")
+  return group
 
 
 def make_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransformation:
@@ -342,10 +408,10 @@ def check(config: ml_collections.ConfigDict) -> None:
     raise ConfigError(f"config field 'batch_size' ({config.batch_size}) must be a multiple of devices ({n})")
   if config.sharing.soft and config.model.name != "soft_mlp":
     raise ConfigError(f"config field 'sharing.soft' = {config.sharing.soft} needs model.name='soft_mlp'")
-  for name in method_names(config.weighting):
-    resolve(name, weighting_lib.methods(), "weighting method")
-  if not isinstance(config.model.get(config.model.name, ml_collections.ConfigDict()), ml_collections.ConfigDict):
-    raise ConfigError(f"config field 'model.{config.model.name}' must be a group of model arguments")
+  check_weighting(config)  # names and arguments, before any data is read
+  group = _model_group(config)
+  if not isinstance(config.model.get(group, ml_collections.ConfigDict()), ml_collections.ConfigDict):
+    raise ConfigError(f"config field 'model.{group}' must be a group of model arguments")
 
 
 def _check_watch_fields(config: ml_collections.ConfigDict) -> None:

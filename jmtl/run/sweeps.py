@@ -32,9 +32,11 @@ from collections.abc import Sequence
 
 import ml_collections
 
+import jmtl.parallel
 from jmtl.run import config as config_lib
 from jmtl.run import experiment
 from jmtl.run import inputs
+from jmtl.run import plots
 from jmtl.run import registry
 from jmtl.run import report
 from jmtl.run import trackers
@@ -198,6 +200,8 @@ def _run_points(path: str, grid, configs, *, folds: int, progress: bool, quiet: 
   _mark_static_winners(rows)
   data = workdir_lib.read_json(os.path.join(path, "sweep.json"), "sweep")
   workdir_lib.write_json(os.path.join(path, "sweep.json"), {**data, "rows": rows})
+  if configs[0].plots and jmtl.parallel.is_primary():
+    plots.sweep_plot(path, rows)  # plots/sweep.png: the runs side by side
   experiment._say(report.sweep_table(rows), quiet)
   return rows
 

@@ -110,6 +110,40 @@ def check_usable(workdir: str, create: bool = True) -> str:
   return path
 
 
+def check_readable(workdir: str) -> str:
+  """The absolute workdir of an existing run to read (``jmtl report``, ``jmtl eval``): it may be read-only.
+
+  Examples:
+    >>> check_readable("/nonexistent")
+    Traceback (most recent call last):
+    jmtl.run.config.ConfigError: workdir /nonexistent does not exist
+  """
+  path = os.path.abspath(os.path.expanduser(workdir))
+  if not os.path.isdir(path):
+    raise ConfigError(f"workdir {path} does not exist" if not os.path.exists(path) else f"{path} is not a directory")
+  if not os.access(path, os.R_OK | os.X_OK):
+    raise ConfigError(f"workdir {path} is not readable by this user")
+  return path
+
+
+def output_dir(path: str, out: str | None, what: str) -> str | None:
+  """Where a read-only command writes ``what``: ``out`` (created) if given, else the workdir ``path`` if writable,
+  else ``None`` (and one line on stderr says it was not written).
+
+  Examples:
+    >>> import tempfile
+    >>> d = tempfile.mkdtemp()
+    >>> output_dir(d, None, "plots") == d, output_dir(d, os.path.join(d, "out"), "plots") == os.path.join(d, "out")
+    (True, True)
+  """
+  if out is not None:
+    return check_usable(out)
+  if os.access(path, os.W_OK):
+    return path
+  print(f"jmtl: workdir {path} is read-only: {what} not written (give --out DIR to write them there)", file=sys.stderr)
+  return None
+
+
 def open_run(workdir: str, config: ml_collections.ConfigDict, *, write: bool = True) -> str:
   """Prepares ``workdir`` for a run of ``config``: new (writes config.json) or the same run (resumes).
 
@@ -180,7 +214,7 @@ def load_run_config(workdir: str) -> ml_collections.ConfigDict:
     >>> load_run_config(d).hidden
     (8, 8)
   """
-  path = check_usable(workdir, create=False)
+  path = check_readable(workdir)
   stored = os.path.join(path, CONFIG)
   if not os.path.exists(stored):
     raise ConfigError(f"workdir {path} holds no jmtl run (no {CONFIG})")
@@ -204,6 +238,10 @@ def locked(workdir: str) -> Iterator[str]:
   there too; on a filesystem mounted without shared locks (``nolock``,
   ``local_lock=flock``, some FUSE) it only excludes writers on the same host.
 
+  A directory this call created and that is empty when a :class:`ConfigError`
+  leaves the block (a wrong argument or bad data, found before anything was
+  written) is removed again: a user error leaves no empty workdir behind.
+
   Raises:
     ConfigError: when another process holds the lock (naming its pid and host).
 
@@ -212,7 +250,15 @@ def locked(workdir: str) -> Iterator[str]:
     >>> with locked(tempfile.mkdtemp()) as d:
     ...   sorted(os.listdir(d))
     ['jmtl.lock']
+    >>> new = os.path.join(tempfile.mkdtemp(), "run")
+    >>> with locked(new):
+    ...   raise ConfigError("a wrong field")
+    Traceback (most recent call last):
+    jmtl.run.config.ConfigError: a wrong field
+    >>> os.path.exists(new)
+    False
   """
+  created = not os.path.exists(os.path.abspath(os.path.expanduser(workdir)))
   path = check_usable(workdir)
   if path in _held:
     _held[path] += 1
@@ -224,13 +270,19 @@ def locked(workdir: str) -> Iterator[str]:
   lock = os.path.join(path, LOCK)
   fd = _acquire_once(path, lock)
   _held[path] = 1
+  user_error = False
   try:
     yield path
+  except ConfigError:
+    user_error = True
+    raise
   finally:
     del _held[path]
     if fd is not None:
       with contextlib.suppress(OSError):
         os.unlink(lock)  # while still held, so a waiting opener sees a new file (see _acquire)
+        if created and user_error:
+          os.rmdir(path)  # only if empty: nothing was written (fails, harmlessly, otherwise)
       os.close(fd)
 
 
