@@ -241,8 +241,12 @@ def _open_tune(path: str, stored: dict) -> None:
 
 
 def _check_study(study, stored: dict) -> None:
-  """A shared study holds one search: the same config (but ``baselines``), space, folds and objective."""
-  mine = {**stored, "config": {k: v for k, v in stored["config"].items() if k != "baselines"}}
+  """A shared study holds one search: the same config (but the machine's paths: ``baselines``,
+  ``dataset.data_dir``), space, folds and objective."""
+  config = {k: v for k, v in stored["config"].items() if k != "baselines"}
+  if isinstance(config.get("dataset"), dict):
+    config["dataset"] = {k: v for k, v in config["dataset"].items() if k != "data_dir"}
+  mine = {**stored, "config": config}
   have = study.user_attrs.get("jmtl")
   if have is None:
     study.set_user_attr("jmtl", mine)
