@@ -1,6 +1,7 @@
 """k-fold cross-validation (``--folds K``): the folds partition the training split, the scores are the mean and
 sample std over the fold runs' records, and the chosen point is retrained on the whole split and tested once."""
 
+import ast
 import json
 import os
 
@@ -92,3 +93,55 @@ def test_sweep_folds_scores_equal_a_hand_computation(tmp_path, data_dir, capsys)
   fold_config = workdir_lib.load_run_config(str(workdir / "runs" / stored["cv"][chosen]["label"] / "fold_0"))
   assert len(trials.fold_data(inputs.load_data(fold_config), fold_config.fold).sources["train"]) == 200
   assert len(inputs.load_data(config).sources["train"]) == DATA["num_train"]
+
+
+def test_tune_folds_value_is_the_mean_of_the_folds_delta_m(tmp_path, data_dir):
+  """A trial's value is the mean over its fold runs of the validation Δm% against the base config's baselines of the
+  same fold; the best trial is retrained on the whole training split."""
+  import optuna
+
+  workdir = tmp_path / "tune"
+  fields = dict(num_steps=20, log_every=10, eval_every=10, checkpoint_every=10, batch_size=32, plots="false")
+  argv = [
+    "tune",
+    "--config",
+    os.path.join(ROOT, "configs", "synthetic.py"),
+    f"--config.dataset.data_dir={data_dir}",
+    *(f"--config.dataset.options.{k}={v}" for k, v in DATA.items()),
+    "--config.model.mlp.hidden=(16,)",
+    *(f"--config.{k}={v}" for k, v in fields.items()),
+    "--space",
+    "static_weights=simplex",
+    "--trials",
+    "2",
+    "--folds",
+    "2",
+    "--no-prune",
+    "--workdir",
+    str(workdir),
+    "--no-progress",
+  ]
+  assert cli.main(argv) == 0
+  study = optuna.load_study(study_name="jmtl", storage=f"sqlite:///{workdir}/study.db")
+  store = workdir_lib.read_json(str(workdir / "baselines" / "baselines.json"), "baselines")
+  for trial in study.trials:
+    deltas = []
+    for i in range(2):
+      run = workdir / "trials" / trial.user_attrs["directory"] / f"fold_{i}"
+      config = workdir_lib.load_run_config(str(run))
+      weights = config.static_weights
+      assert config.weighting == "static" and sum(weights) == pytest.approx(2.0, abs=1e-5)
+      results = json.loads((run / "results.json").read_text())
+      base = store[config_lib.baseline_key(config)]["tasks"]  # the key leaves out the method and its weights
+      acc = [results["validation"][f"task_{t}/acc"] for t in range(2)]
+      deltas.append(
+        np.mean(
+          [100 * (a - base[f"task_{t}"]["validation"]) / base[f"task_{t}"]["validation"] for t, a in enumerate(acc)]
+        )
+      )
+    assert trial.value == pytest.approx(np.mean(deltas), abs=1e-9)
+    assert trial.user_attrs["std"] == pytest.approx(np.std(deltas, ddof=1), abs=1e-9)
+  final = workdir_lib.load_run_config(str(workdir / "final"))
+  best = ast.literal_eval(study.best_trial.user_attrs["overrides"]["static_weights"])
+  assert "fold" not in final and final.static_weights == pytest.approx(best)
+  assert json.loads((workdir / "final" / "results.json").read_text())["test"]  # the one run that read test

@@ -245,11 +245,7 @@ def run(argv: list[str]) -> None:
 
     cotrain.sequential_cpu_scheduler(config)  # before the first computation
   if args.command == "train":
-    from jmtl.run import trackers
-
-    with trackers.store_root(args.workdir):  # one MLflow store for the run and its baselines
-      trackers.finish(config, args.workdir, experiment.train(config, args.workdir, progress=progress))
-      trackers.finish_held()  # the single-task baselines it trained
+    experiment.train(config, args.workdir, progress=progress)
   elif args.command == "baselines":
     experiment.train_baselines(config, args.workdir, progress=progress)
   elif args.command == "group":

@@ -21,6 +21,7 @@ from jmtl.run import plots
 from jmtl.run import registry
 from jmtl.run import relations as run_relations
 from jmtl.run import report
+from jmtl.run import trackers
 from jmtl.run import workdir as workdir_lib
 from jmtl.run.checkpoints import Checkpoints
 from jmtl.run.config import ConfigError
@@ -41,7 +42,8 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, progress: bool = T
     -3.22
   """
   registry.check(config)
-  with workdir_lib.locked(workdir):  # also over what follows training (results.json, plots)
+  # One MLflow store for the run and the baselines it trains (a search's own store when within one).
+  with workdir_lib.locked(workdir), trackers.store_root(workdir):  # the lock also over what follows training
     teacher_tasks = run_cotrain.baseline_names(config)  # a student distilled from the baselines: those first
     if teacher_tasks is not None and baselines_lib.directory(config, workdir) is not None:
       workdir_lib.open_run(workdir, config)  # the run's directory first: <workdir>/baselines goes inside it
@@ -51,6 +53,8 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, progress: bool = T
     results = run_relations.finish(config, workdir, results)  # relations and negative transfer during training
     if config.plots and jmtl.parallel.is_primary():
       plots.write_all(os.path.abspath(workdir), results["tasks"], results["metric"])
+    trackers.finish(config, workdir, results)  # final metrics, table and plots to the run's trackers
+    trackers.finish_held()  # and to those of the single-task baselines it trained
   _say(report.run_table(results), quiet)
   return results
 

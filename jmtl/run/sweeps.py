@@ -170,15 +170,12 @@ def sweep(
 
 
 def train(config: ml_collections.ConfigDict, workdir: str, *, progress: bool = True) -> dict:
-  """One run of a search (:func:`jmtl.run.experiment.train`, quiet), its results added to its trackers.
+  """One run of a search: :func:`jmtl.run.experiment.train`, quiet (its trackers finished there too).
 
   Examples:
     >>> results = train(config, "/tmp/sw/runs/weighting=equal")  # doctest: +SKIP
   """
-  results = experiment.train(config, workdir, progress=progress, quiet=True)
-  trackers.finish(config, workdir, results)
-  trackers.finish_held()  # its single-task baselines, when it trained them
-  return results
+  return experiment.train(config, workdir, progress=progress, quiet=True)
 
 
 def _run_points(path: str, grid, configs, *, folds: int, progress: bool, quiet: bool):

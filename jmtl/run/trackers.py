@@ -91,8 +91,11 @@ def check(config) -> None:
 
 @contextlib.contextmanager
 def store_root(path: str) -> Iterator[str]:
-  """Runs trained within the block keep their MLflow records in ``<path>/mlflow.db`` (one store for a search)."""
-  _ROOT.append(os.path.abspath(path))
+  """Runs trained within the block keep their MLflow records in ``<path>/mlflow.db`` (one store for a search).
+
+  The outermost block wins: a run's own block within a search's keeps the search's store.
+  """
+  _ROOT.append(_ROOT[-1] if _ROOT else os.path.abspath(path))
   try:
     yield path
   finally:

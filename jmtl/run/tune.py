@@ -23,7 +23,8 @@ is added too, so workers started together draw different trials); the median
 rule (Golovin et al., "Google Vizier", KDD 2017, Optuna's ``MedianPruner``)
 on the objective of every validation record (every ``eval_every`` steps; fold
 ``i`` of ``--folds`` reports at step ``i * num_steps + step``), after
-``--prune_startup`` finished trials.
+``--prune_startup`` finished trials; never at the last validation of the last
+fold, when the trial has trained all it would.
 
 Objective (:class:`jmtl.run.trials.Objective`, ``--objective``): validation
 Δm% against the single-task baselines of the base config (trained once into
@@ -240,8 +241,12 @@ def _open_tune(path: str, stored: dict) -> None:
 
 
 def _check_study(study, stored: dict) -> None:
-  """A shared study holds one search: the same config (but ``baselines``), space, folds and objective."""
-  mine = {**stored, "config": {k: v for k, v in stored["config"].items() if k != "baselines"}}
+  """A shared study holds one search: the same config (but the machine's paths: ``baselines``,
+  ``dataset.data_dir``), space, folds and objective."""
+  config = {k: v for k, v in stored["config"].items() if k != "baselines"}
+  if isinstance(config.get("dataset"), dict):
+    config["dataset"] = {k: v for k, v in config["dataset"].items() if k != "data_dir"}
+  mine = {**stored, "config": config}
   have = study.user_attrs.get("jmtl")
   if have is None:
     study.set_user_attr("jmtl", mine)
@@ -363,7 +368,8 @@ class _Search:
     def report_validation(step, values, run_tasks):
       value = goal.value(values, run_tasks, self.reference(fold[0]))
       trial.report(worst if value is None else value, fold[0] * c.num_steps + step)
-      if prune and trial.should_prune():
+      last = step >= c.num_steps and fold[0] == max(self.folds, 1) - 1  # all trained: pruning saves nothing
+      if prune and not last and trial.should_prune():
         raise optuna.TrialPruned(f"pruned at step {step}" + (f" of fold {fold[0]}" if self.folds else ""))
 
     try:
