@@ -66,3 +66,38 @@ def three_task_batch(seed: int, masks=None) -> dict:
   if masks is not None:
     batch["masks"] = masks
   return batch
+
+
+def run_records(workdir, kinds=None) -> list[dict]:
+  """The records of a run's ``metrics.jsonl`` without the wall-clock ``examples_per_s`` (the only field two runs
+  of one command may differ in); only those of ``kinds`` when given."""
+  import os
+
+  from jmtl.run import logs
+
+  return [
+    {k: v for k, v in r.items() if k != "examples_per_s"}
+    for r in logs.read_jsonl(os.path.join(workdir, "metrics.jsonl"))
+    if kinds is None or r["kind"] in kinds
+  ]
+
+
+def run_until_sigterm(argv, monkeypatch, step) -> int:
+  """Runs ``jmtl`` in-process with ``argv``, sending SIGTERM after the train record of ``step``; the exit code."""
+  import os
+  import signal
+
+  from jmtl.run import cli
+  from jmtl.run import logs
+
+  write = logs.MetricsLog.write
+
+  def terminating_write(self, at, kind, values):
+    out = write(self, at, kind, values)
+    if at == step and kind == "train":
+      os.kill(os.getpid(), signal.SIGTERM)
+    return out
+
+  with monkeypatch.context() as m:
+    m.setattr(logs.MetricsLog, "write", terminating_write)
+    return cli.main(argv)

@@ -5,41 +5,20 @@ same user model and data is in the results. Also: any TFDS name as ``dataset.nam
 """
 
 import json
-import os
 import signal
 
 import numpy as np
 import pytest
 
 from jmtl.run import cli
-from jmtl.run import logs
 from jmtl.run.config import ConfigError
 from tests import byo_user
+from tests._helpers import run_records
+from tests._helpers import run_until_sigterm
 
 CONFIG = "tests.byo_user"  # a module path: its get_config()
-
-
-def _records(workdir):
-  # Train and validation records (the cut run also tracks transfer against the baselines, there from the start).
-  return [
-    {k: v for k, v in r.items() if k != "examples_per_s"}
-    for r in logs.read_jsonl(os.path.join(workdir, "metrics.jsonl"))
-    if r["kind"] in ("train", "validation")
-  ]
-
-
-def _run_until_sigterm(argv, monkeypatch, step):
-  write = logs.MetricsLog.write
-
-  def terminating_write(self, at, kind, values):
-    out = write(self, at, kind, values)
-    if at == step and kind == "train":
-      os.kill(os.getpid(), signal.SIGTERM)
-    return out
-
-  with monkeypatch.context() as m:
-    m.setattr(logs.MetricsLog, "write", terminating_write)
-    return cli.main(argv)
+# Train and validation records (the cut run also tracks transfer against the baselines, there from the start).
+KINDS = ("train", "validation")
 
 
 def test_user_model_dataset_and_weighting_train_by_import_path_resume_and_report_delta_m(tmp_path, monkeypatch):
@@ -55,19 +34,19 @@ def test_user_model_dataset_and_weighting_train_by_import_path_resume_and_report
   expected = 100 / 2 * sum((a["test"][f"{t}/acc"] - stl[t]) / stl[t] for t in a["tasks"])
   assert a["delta_m"] == pytest.approx(expected, abs=1e-6)
   # The user's weighting got its argument from weighting_args.tilted: weights (3, 1) * 2 / 4.
-  train = [r for r in _records(full) if r["kind"] == "train"]
+  train = [r for r in run_records(full, KINDS) if r["kind"] == "train"]
   assert train and all(
     r["weight/first"] == pytest.approx(1.5) and r["weight/second"] == pytest.approx(0.5) for r in train
   )
 
   # Interrupted at step 30 (a checkpoint at 20) and resumed: the same metrics as the uninterrupted run.
   shared = [f"--config.baselines={full / 'baselines'}"]
-  assert _run_until_sigterm([*argv, str(cut), *shared], monkeypatch, 30) == 128 + signal.SIGTERM
+  assert run_until_sigterm([*argv, str(cut), *shared], monkeypatch, 30) == 128 + signal.SIGTERM
   assert cli.main([*argv, str(cut), *shared]) == 0
   b = json.loads((cut / "results.json").read_text())
   for key in ("validation", "test", "selected_step", "delta_m"):
     assert a[key] == b[key], key
-  assert _records(full) == _records(cut)
+  assert run_records(full, KINDS) == run_records(cut, KINDS)
 
 
 def test_user_parts_with_bad_arguments_fail_before_the_data_loads(tmp_path, monkeypatch, capsys):

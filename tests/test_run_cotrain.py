@@ -2,7 +2,6 @@
 and reports its members, their mean and the ensemble; a student distilled from the single-task baselines."""
 
 import json
-import os
 import signal
 
 import jax
@@ -11,7 +10,8 @@ import pytest
 
 import jmtl
 from jmtl.run import cli
-from jmtl.run import logs
+from tests._helpers import run_records
+from tests._helpers import run_until_sigterm
 from tests._helpers import synthetic_train_args
 
 DATA = dict(num_tasks=2, num_train=256, num_validation=128, num_test=128)
@@ -31,27 +31,6 @@ def args(data_dir, workdir, **fields):
   return [*synthetic_train_args(data_dir, DATA, **fields), "--workdir", str(workdir)]
 
 
-def _records(workdir):
-  return [
-    {k: v for k, v in r.items() if k != "examples_per_s"}
-    for r in logs.read_jsonl(os.path.join(workdir, "metrics.jsonl"))
-  ]
-
-
-def _run_until_sigterm(argv, monkeypatch, step):
-  write = logs.MetricsLog.write
-
-  def terminating_write(self, at, kind, values):
-    out = write(self, at, kind, values)
-    if at == step and kind == "train":
-      os.kill(os.getpid(), signal.SIGTERM)
-    return out
-
-  with monkeypatch.context() as m:
-    m.setattr(logs.MetricsLog, "write", terminating_write)
-    return cli.main(argv)
-
-
 CO = {"cotrain.members": 3, "cotrain.beta": 0.5, "weighting": "famo"}  # famo: per-member weighting state too
 
 
@@ -67,23 +46,23 @@ def test_mutual_ensemble_resumes_after_sigterm_like_an_uninterrupted_run(
   tmp_path, data_dir, ensemble, monkeypatch, capsys
 ):
 
-  assert _run_until_sigterm(args(data_dir, tmp_path / "cut", **CO), monkeypatch, 30) == 128 + signal.SIGTERM
+  assert run_until_sigterm(args(data_dir, tmp_path / "cut", **CO), monkeypatch, 30) == 128 + signal.SIGTERM
   assert "interrupted by SIGTERM at step 30" in capsys.readouterr().err
   assert cli.main(args(data_dir, tmp_path / "cut", **CO)) == 0
   a = json.loads((ensemble / "results.json").read_text())
   b = json.loads((tmp_path / "cut" / "results.json").read_text())
   for key in ("validation", "test", "selected_step", "num_skipped", "val_score", "cotrain"):
     assert a[key] == b[key], key
-  assert _records(ensemble) == _records(tmp_path / "cut")
+  assert run_records(ensemble) == run_records(tmp_path / "cut")
   rows = a["cotrain"]["rows"]
   assert sorted(rows) == ["ensemble", "member 0", "member 1", "member 2", "member mean"]
   assert rows["ensemble"]["test"]["task_0/acc"] == a["test"]["task_0/acc"]
   members = [rows[f"member {i}"]["test"]["task_1/acc"] for i in range(3)]
   assert abs(rows["member mean"]["test"]["task_1/acc"] - sum(members) / 3) < 1e-9
   assert len(set(members)) > 1 or members[0] != rows["ensemble"]["test"]["task_1/acc"]  # distinct models
-  record = next(r for r in _records(ensemble) if r["kind"] == "train")
+  record = next(r for r in run_records(ensemble) if r["kind"] == "train")
   assert {"member0/loss/task_0", "member2/loss/task_1"} <= set(record)
-  validation = next(r for r in _records(ensemble) if r["kind"] == "validation")
+  validation = next(r for r in run_records(ensemble) if r["kind"] == "validation")
   assert {"member1/task_0/acc", "member_mean/task_0/acc", "task_0/acc"} <= set(validation)
   assert "member mean" in capsys.readouterr().out  # the table's co-training rows
 

@@ -10,7 +10,8 @@ import time
 import pytest
 
 from jmtl.run import cli
-from jmtl.run import logs
+from tests._helpers import run_records
+from tests._helpers import run_until_sigterm
 from tests._helpers import synthetic_train_args
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -61,28 +62,6 @@ def args(data_dir, workdir, steps=300):
   ]
 
 
-def _records(workdir):
-  drop = ("examples_per_s",)  # wall-clock, the only field allowed to differ
-  return [
-    {k: v for k, v in r.items() if k not in drop} for r in logs.read_jsonl(os.path.join(workdir, "metrics.jsonl"))
-  ]
-
-
-def _run_until_sigterm(argv, monkeypatch, step):
-  """Runs ``jmtl`` in-process, SIGTERM after the train record of ``step``; returns the exit code."""
-  write = logs.MetricsLog.write
-
-  def terminating_write(self, at, kind, values):
-    out = write(self, at, kind, values)
-    if at == step and kind == "train":
-      os.kill(os.getpid(), signal.SIGTERM)
-    return out
-
-  with monkeypatch.context() as m:
-    m.setattr(logs.MetricsLog, "write", terminating_write)
-    return cli.main(argv)
-
-
 def test_sigkill_then_rerun_ends_exactly_like_an_uninterrupted_run(tmp_path, data_dir):
   env = {**os.environ, "PYTHONPATH": ROOT, "PAUSE_AT": "150", "MARKER": str(tmp_path / "paused")}
   full, killed = tmp_path / "full", tmp_path / "killed"
@@ -96,7 +75,7 @@ def test_sigkill_then_rerun_ends_exactly_like_an_uninterrupted_run(tmp_path, dat
   victim.send_signal(signal.SIGKILL)
   assert victim.wait() == -signal.SIGKILL
   assert sorted(os.listdir(killed / "checkpoints")) == ["100"]
-  assert max(r["step"] for r in _records(killed)) == 150  # records past the checkpoint, to be redone
+  assert max(r["step"] for r in run_records(killed)) == 150  # records past the checkpoint, to be redone
   assert not (killed / "results.json").exists()
 
   resumed = subprocess.run([sys.executable, "-m", "jmtl.run", *args(data_dir, killed)], env=env, cwd=ROOT, check=False)
@@ -106,11 +85,11 @@ def test_sigkill_then_rerun_ends_exactly_like_an_uninterrupted_run(tmp_path, dat
   b = json.loads((killed / "results.json").read_text())
   for key in ("validation", "test", "selected_step", "num_skipped", "val_score"):
     assert a[key] == b[key], key
-  assert _records(full) == _records(killed)
+  assert run_records(full) == run_records(killed)
 
 
 def test_sigterm_saves_a_checkpoint_and_the_same_command_resumes(tmp_path, data_dir, monkeypatch, capsys):
-  assert _run_until_sigterm(args(data_dir, tmp_path, steps=60), monkeypatch, 25) == 128 + signal.SIGTERM
+  assert run_until_sigterm(args(data_dir, tmp_path, steps=60), monkeypatch, 25) == 128 + signal.SIGTERM
   assert "interrupted by SIGTERM at step 25; checkpoint saved" in capsys.readouterr().err
   assert sorted(os.listdir(tmp_path / "checkpoints")) == ["25"]
   assert cli.main(args(data_dir, tmp_path, steps=60)) == 0
@@ -144,13 +123,13 @@ def test_batch_norm_model_resumes_exactly(tmp_path, monkeypatch):
     "--workdir",
   ]
   assert cli.main([*argv, str(tmp_path / "full")]) == 0
-  assert _run_until_sigterm([*argv, str(tmp_path / "cut")], monkeypatch, 30) == 128 + signal.SIGTERM
+  assert run_until_sigterm([*argv, str(tmp_path / "cut")], monkeypatch, 30) == 128 + signal.SIGTERM
   assert cli.main([*argv, str(tmp_path / "cut")]) == 0
   a = json.loads((tmp_path / "full" / "results.json").read_text())
   b = json.loads((tmp_path / "cut" / "results.json").read_text())
   for key in ("validation", "test", "selected_step", "val_score"):
     assert a[key] == b[key], key
-  assert _records(tmp_path / "full") == _records(tmp_path / "cut")
+  assert run_records(tmp_path / "full") == run_records(tmp_path / "cut")
   # jmtl eval restores the kept parameters *and* their batch statistics.
   assert cli.main(["eval", "--workdir", str(tmp_path / "full")]) == 0
   assert json.loads((tmp_path / "full" / "eval.json").read_text())["test"] == a["test"]
@@ -160,7 +139,7 @@ def test_data_parallel_run_matches_one_device_and_resumes(tmp_path, data_dir, mo
   """--config.devices=4: a batch split over 4 devices gives the one-device metrics, interrupted or not."""
   assert cli.main(args(data_dir, tmp_path / "one", steps=60)) == 0
   four = [*args(data_dir, tmp_path / "four", steps=60), "--config.devices=4"]
-  assert _run_until_sigterm(four, monkeypatch, 25) == 128 + signal.SIGTERM
+  assert run_until_sigterm(four, monkeypatch, 25) == 128 + signal.SIGTERM
   assert cli.main(four) == 0
   a = json.loads((tmp_path / "one" / "results.json").read_text())
   b = json.loads((tmp_path / "four" / "results.json").read_text())
@@ -179,9 +158,9 @@ def test_a_run_fed_validation_batches_resumes_exactly(tmp_path, data_dir, monkey
     a if a != "--config.weighting=famo" else "--config.weighting=auto_lambda" for a in args(data_dir, w, 60)
   ]
   assert cli.main(argv(tmp_path / "full")) == 0
-  assert _run_until_sigterm(argv(tmp_path / "cut"), monkeypatch, 25) == 128 + signal.SIGTERM
+  assert run_until_sigterm(argv(tmp_path / "cut"), monkeypatch, 25) == 128 + signal.SIGTERM
   assert cli.main(argv(tmp_path / "cut")) == 0
-  a, b = _records(tmp_path / "full"), _records(tmp_path / "cut")
+  a, b = run_records(tmp_path / "full"), run_records(tmp_path / "cut")
   assert a == b
   weights = [r["weight/task_0"] for r in a if r["kind"] == "train"]
   assert weights[-1] != weights[0]  # λ learned from the validation batches
